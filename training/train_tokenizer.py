@@ -1,0 +1,197 @@
+"""Train an EvoTok tokenizer.
+
+One CPU process (as in CI and the bundled default):
+    python training/train_tokenizer.py --config training/configs/tokenizer_small.yaml
+Many GPUs or nodes (DDP through accelerate; FSDP/DeepSpeed via `accelerate config`):
+    accelerate launch --multi_gpu --num_processes 8 training/train_tokenizer.py --config training/configs/tokenizer_reference.yaml
+Continue an interrupted run exactly (model, optimizers, EMA codebooks, RNG, data position):
+    python training/train_tokenizer.py --config ... --resume
+Override any config value from the command line: ``--set train.steps=100 train.batch_size=8``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from accelerate import Accelerator, DistributedDataParallelKwargs  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from evotok.analysis import evaluate_depths  # noqa: E402
+from evotok.config import PRESETS  # noqa: E402
+from evotok.data.mixture import build_mixture  # noqa: E402
+from evotok.losses import (LossWeights, PatchDiscriminator, generator_loss,  # noqa: E402
+                           hinge_discriminator_loss, sample_pixel_depths)
+from evotok.model import EvoTok  # noqa: E402
+from evotok.teacher import load_teacher  # noqa: E402
+from training.common import (Logger, batch_indices, copy_config, iterate_batches, load_config,  # noqa: E402
+                             load_training_state, rng_state, save_training_state, set_rng_state,
+                             set_seed, to_float_dict)
+
+STATE_FILE = "training_state.pt"
+
+
+def build_tokenizer(model_cfg: dict) -> EvoTok:
+    cfg = dict(model_cfg)
+    preset = PRESETS[cfg.pop("preset", "small")]
+    config = preset(**cfg)
+    return EvoTok(config, load_pretrained_encoder=config.encoder == "hf")
+
+
+def eval_images(data_cfg: dict, count: int) -> torch.Tensor:
+    """A fixed held-out batch (the same every evaluation) for the per-depth figures."""
+    held_out = build_mixture({**data_cfg, "split": "heldout", "seed": data_cfg.get("seed", 0) + 1})
+    return torch.stack([held_out[i]["image"] for i in range(count)])
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--resume", action="store_true", help="continue the run in train.output_dir")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config values")
+    args = parser.parse_args(argv)
+    config = load_config(args.config, args.set)
+    train_cfg, data_cfg = config["train"], config["data"]
+    run_dir = Path(train_cfg["output_dir"])
+
+    accelerator = Accelerator(
+        mixed_precision=train_cfg.get("mixed_precision", "no") if torch.cuda.is_available() else "no",
+        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
+    )
+    if not torch.cuda.is_available() and train_cfg.get("cpu_threads"):
+        torch.set_num_threads(int(train_cfg["cpu_threads"]))
+    set_seed(int(train_cfg.get("seed", 0)) + accelerator.process_index)
+
+    tokenizer = build_tokenizer(config["model"])
+    teacher = load_teacher(config["teacher"]).to(accelerator.device) if config.get("teacher") else None
+    weights = LossWeights(**config.get("loss", {}))
+    disc_cfg = config.get("discriminator", {})
+    discriminator = PatchDiscriminator(disc_cfg.get("channels", 64), disc_cfg.get("layers", 3)) if weights.gan > 0 else None
+
+    betas = tuple(train_cfg.get("betas", (0.9, 0.95)))
+    opt = torch.optim.Adam([p for p in tokenizer.parameters() if p.requires_grad], lr=float(train_cfg["lr"]), betas=betas)
+    opt_d = torch.optim.Adam(discriminator.parameters(), lr=float(disc_cfg.get("lr", train_cfg["lr"])), betas=betas) if discriminator else None
+
+    step = 0
+    if args.resume and (run_dir / STATE_FILE).exists():
+        state = load_training_state(run_dir / STATE_FILE)
+        tokenizer.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        if discriminator is not None:
+            discriminator.load_state_dict(state["discriminator"])
+            opt_d.load_state_dict(state["optimizer_d"])
+        step = state["step"]
+        set_rng_state(state["rng"][min(accelerator.process_index, len(state["rng"]) - 1)])
+        accelerator.print(f"resumed {run_dir} at step {step}")
+    elif args.resume:
+        accelerator.print(f"--resume: no state in {run_dir}, starting fresh")
+    if accelerator.is_main_process:
+        copy_config(args.config, run_dir)
+
+    tokenizer, opt = accelerator.prepare(tokenizer, opt)
+    if discriminator is not None:
+        discriminator, opt_d = accelerator.prepare(discriminator, opt_d)
+    model = accelerator.unwrap_model(tokenizer)
+
+    dataset = build_mixture({**data_cfg, "split": "train"})
+    batch_size = int(train_cfg["batch_size"])
+    batches = iterate_batches(dataset, step, batch_size, accelerator.process_index, accelerator.num_processes,
+                              int(train_cfg.get("num_workers", 0)))
+    held_out = eval_images(data_cfg, int(config.get("eval", {}).get("num_images", 32))).to(accelerator.device)
+    logger = Logger(run_dir, accelerator.is_main_process, bool(train_cfg.get("tensorboard", False)))
+    total_steps = int(train_cfg["steps"])
+    log_every, eval_every, save_every = (int(train_cfg.get(k, d)) for k, d in
+                                         (("log_every", 10), ("eval_every", 500), ("save_every", 500)))
+
+    def save(final: bool = False) -> None:
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            state = {
+                "model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                "discriminator": accelerator.unwrap_model(discriminator).state_dict() if discriminator else None,
+                "optimizer_d": opt_d.state_dict() if opt_d else None,
+                "rng": [rng_state()], "config": config,
+            }
+            save_training_state(run_dir / STATE_FILE, state)
+            model.save_pretrained(run_dir / "final" if final else run_dir / "latest")
+        accelerator.wait_for_everyone()
+
+    history: list[dict] = []
+    started = time.time()
+    bar = tqdm(total=total_steps, initial=step, disable=not accelerator.is_main_process, desc="tokenizer")
+    tokenizer.train()
+    while step < total_steps:
+        batch = next(batches)
+        images = batch["image"].to(accelerator.device, non_blocking=True)
+        # seeded by (seed, step, rank) so resume needs no generator state
+        depth_rng = torch.Generator().manual_seed(
+            (int(train_cfg.get("seed", 0)) * 1_000_003 + step) * 1024 + accelerator.process_index)
+        depths = sample_pixel_depths(images.shape[0], model.config.pixel_depth,
+                                     float(train_cfg.get("pixel_depth_dropout", 0.0)),
+                                     train_cfg.get("max_train_depth"), depth_rng, accelerator.device)
+        with torch.no_grad():
+            target = teacher.image_features(images) if teacher is not None else None
+        with accelerator.autocast():
+            output = tokenizer(images, depths)
+            loss, terms = generator_loss(output, images, target, weights, step, discriminator)
+        opt.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        if train_cfg.get("grad_clip"):
+            accelerator.clip_grad_norm_(tokenizer.parameters(), float(train_cfg["grad_clip"]))
+        opt.step()
+
+        if discriminator is not None and step >= weights.gan_start_step:
+            with accelerator.autocast():
+                d_loss = hinge_discriminator_loss(discriminator(images), discriminator(output.reconstruction.detach()))
+            opt_d.zero_grad(set_to_none=True)
+            accelerator.backward(d_loss)
+            opt_d.step()
+            terms["discriminator"] = d_loss.detach()
+        step += 1
+        bar.update(1)
+
+        if step % log_every == 0 or step == total_steps:
+            stats = model.quantizer.codebook_stats()
+            usage = float(torch.as_tensor(stats["usage"]).float().mean())
+            values = {**to_float_dict(terms), "codebook_usage": usage}
+            bar.set_postfix(loss=f"{values['total']:.4f}", rec=f"{values['reconstruction']:.4f}",
+                            sem=f"{values.get('semantic', 0):.3f}", usage=f"{usage:.2f}")
+            logger.scalars(values, step, "train/")
+            history.append({"step": step, **values})
+        if step % eval_every == 0 or step == total_steps:
+            tokenizer.eval()
+            report = evaluate_depths(model, held_out, teacher)
+            tokenizer.train()
+            logger.scalars({f"psnr_depth{d}": v for d, v in zip(report.depths, report.psnr)}, step, "eval/")
+            if report.semantic_cosine:
+                logger.scalars({f"cos_depth{d}": v for d, v in zip(report.depths, report.semantic_cosine)}, step, "eval/")
+            if accelerator.is_main_process:
+                psnrs = " ".join(f"{v:.1f}" for v in report.psnr)
+                bar.write(f"step {step}: PSNR by depth [{psnrs}] dB" + (
+                    f"; semantic cos at depth {model.config.semantic_depth}: {report.semantic_cosine[-1]:.3f}"
+                    if report.semantic_cosine else ""))
+                with open(run_dir / "eval.jsonl", "a") as f:
+                    f.write(json.dumps({"step": step, **report.as_dict()}) + "\n")
+        if step % save_every == 0 and step < total_steps:
+            save()
+    bar.close()
+    elapsed = time.time() - started
+    save(final=True)
+    logger.close()
+    summary = {"steps": step, "seconds": elapsed, "history": history,
+               "config": dataclasses.asdict(model.config)}
+    if accelerator.is_main_process:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    accelerator.end_training()
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -194,7 +194,8 @@ def _decode(
         notes.append(f"used the first of {n_frames} frames")
     if img.format == "JPEG" and max(img.size) > 2 * max_side:
         # Let libjpeg decode at a reduced scale: much cheaper than decoding full size.
-        img.draft("RGB", (max_side, max_side))
+        scale = max_side / max(img.size)
+        img.draft("RGB", (int(img.size[0] * scale) + 1, int(img.size[1] * scale) + 1))
     try:
         img.load()
     except Exception as exc:  # truncated data surfaces here as OSError

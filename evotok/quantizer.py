@@ -234,7 +234,7 @@ class ResidualQuantizer(nn.Module):
             counts, sums = packed[:, 0].view(stages, size), packed[:, 1:]
         self._ema_step(counts, sums.view(stages, size, dim))
         if self.restart:
-            self._restart_dead_codes(stage_inputs)
+            self.restart_dead_codes(stage_inputs, due=self.step % self.restart_every == 0)
 
     def current_decay(self) -> Tensor:
         """EMA decay for the next update (a 0-dim tensor, see the decay warm-up)."""
@@ -252,19 +252,30 @@ class ResidualQuantizer(nn.Module):
         self.embed.copy_(torch.where(smoothed > 0, self.embed_sum / smoothed.clamp_min(1e-30), self.embed))
         self.step.add_(1)
 
-    def _restart_dead_codes(self, stage_inputs: Tensor) -> None:
-        """Replace codes with EMA count < ``dead_threshold`` by random residuals of their stage.
+    @torch.no_grad()
+    def restart_dead_codes(self, stage_inputs: Tensor, due: Tensor | bool = True) -> Tensor:
+        """Replace codes with EMA count < ``dead_threshold`` by random rows of ``stage_inputs``.
 
-        Sync-free: a candidate is drawn for every code (on rank 0, then broadcast) and applied
-        only where the code is dead and this update is a restart step."""
-        candidates, valid = self._restart_candidates(stage_inputs)
-        due = (self.step % self.restart_every == 0) & valid
-        dead = (self.cluster_size < self.dead_threshold) & due
+        ``stage_inputs`` (``D×N×d``) holds each stage's input residuals ``r_0 .. r_{D-1}``; a
+        dead code of stage ``i`` gets a row of ``stage_inputs[i]`` and restarts its statistics
+        as ``dead_threshold`` observations at that vector. ``due`` (a bool or 0-dim bool tensor)
+        gates the whole restart without a host sync: a candidate is drawn for every code (on
+        rank 0, then broadcast) and applied only where the code is dead and ``due`` holds.
+        Returns the dead mask ``D×K`` that was applied. Called by the training forward every
+        ``restart_every`` updates.
+        """
+        if stage_inputs.dim() != 3 or stage_inputs.shape[0] != self.num_stages or stage_inputs.shape[2] != self.dim:
+            raise ValueError(
+                f"stage_inputs must have shape ({self.num_stages}, N, {self.dim}), got {tuple(stage_inputs.shape)}"
+            )
+        candidates, valid = self._restart_candidates(stage_inputs.float())
+        dead = (self.cluster_size < self.dead_threshold) & valid & due
         self.restarted.copy_(dead.sum(-1))
         dead_vec = dead.unsqueeze(-1)
         self.embed.copy_(torch.where(dead_vec, candidates, self.embed))
         self.embed_sum.copy_(torch.where(dead_vec, candidates * self.dead_threshold, self.embed_sum))
         self.cluster_size.masked_fill_(dead, self.dead_threshold)
+        return dead
 
     def _restart_candidates(self, stage_inputs: Tensor) -> tuple[Tensor, Tensor]:
         """One residual per code ``D×K×d`` and a validity flag, identical on all ranks.

@@ -90,8 +90,9 @@ def iterate_batches(dataset, start_step: int, batch_size: int, rank: int, world_
                 yield list(batch_indices(step, batch_size, rank, world_size))
                 step += 1
 
-    loader = DataLoader(dataset, batch_sampler=Steps(None), num_workers=num_workers,
-                        persistent_workers=num_workers > 0)
+    # Its own generator: a loader draws a worker seed from the global RNG, which would shift a resumed run.
+    loader = DataLoader(dataset, batch_sampler=Steps(), num_workers=num_workers,
+                        persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(start_step))
     yield from loader
 
 

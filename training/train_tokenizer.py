@@ -30,7 +30,7 @@ from evotok.data.mixture import build_mixture  # noqa: E402
 from evotok.losses import (LossWeights, PatchDiscriminator, generator_loss,  # noqa: E402
                            hinge_discriminator_loss, sample_pixel_depths)
 from evotok.model import EvoTok  # noqa: E402
-from evotok.teacher import load_teacher  # noqa: E402
+from evotok.teacher import TinySigLIPConfig, TinySigLIPTeacher, load_teacher  # noqa: E402
 from training.common import (Logger, batch_indices, copy_config, iterate_batches, load_config,  # noqa: E402
                              load_training_state, rng_state, save_training_state, set_rng_state,
                              set_seed, to_float_dict)
@@ -43,6 +43,18 @@ def build_tokenizer(model_cfg: dict) -> EvoTok:
     preset = PRESETS[cfg.pop("preset", "small")]
     config = preset(**cfg)
     return EvoTok(config, load_pretrained_encoder=config.encoder == "hf")
+
+
+def build_teacher(spec):
+    """A teacher folder / hub id, or ``{"random": {TinySigLIPConfig fields}}`` (an untrained,
+    frozen ViT: a valid distillation target for tests and smoke runs), or nothing."""
+    if not spec:
+        return None
+    if isinstance(spec, dict) and "random" in spec:
+        teacher = TinySigLIPTeacher(TinySigLIPConfig(**spec["random"]))
+    else:
+        teacher = load_teacher(spec)
+    return teacher.eval().requires_grad_(False)
 
 
 def eval_images(data_cfg: dict, count: int) -> torch.Tensor:
@@ -70,7 +82,9 @@ def main(argv: list[str] | None = None) -> dict:
     set_seed(int(train_cfg.get("seed", 0)) + accelerator.process_index)
 
     tokenizer = build_tokenizer(config["model"])
-    teacher = load_teacher(config["teacher"]).to(accelerator.device) if config.get("teacher") else None
+    teacher = build_teacher(config.get("teacher"))
+    if teacher is not None:
+        teacher = teacher.to(accelerator.device)
     weights = LossWeights(**config.get("loss", {}))
     disc_cfg = config.get("discriminator", {})
     discriminator = PatchDiscriminator(disc_cfg.get("channels", 64), disc_cfg.get("layers", 3)) if weights.gan > 0 else None

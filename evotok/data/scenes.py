@@ -330,57 +330,70 @@ def _boxes_apart(a: SceneObject, b: SceneObject, gap: float = GAP) -> bool:
 
 
 def _background_array(background: Mapping[str, Any], side: int) -> np.ndarray:
-    """Render a background description to a ``side × side × 3`` float array (0..255)."""
+    """Render a background description to a ``side × side × 3`` uint8 array."""
     kind = background.get("kind", "solid")
     colours = [np.asarray(c, dtype=np.float32) for c in background.get("colours", [(128, 128, 128)])]
     c0 = colours[0]
     c1 = colours[1] if len(colours) > 1 else c0
+    u0, u1 = (np.clip(np.round(c), 0, 255).astype(np.uint8) for c in (c0, c1))
     t = (np.arange(side, dtype=np.float32) + 0.5) / side
     if kind == "solid":
-        return np.broadcast_to(c0, (side, side, 3)).copy()
+        return np.broadcast_to(u0, (side, side, 3))
     if kind in ("vertical_gradient", "horizontal_gradient"):
-        ramp = t[:, None, None] if kind == "vertical_gradient" else t[None, :, None]
-        return np.broadcast_to(c0 * (1 - ramp) + c1 * ramp, (side, side, 3)).copy()
+        ramp = np.round(c0 * (1 - t[:, None]) + c1 * t[:, None]).astype(np.uint8)  # side × 3
+        shape = (side, side, 3)
+        return np.broadcast_to(ramp[:, None, :] if kind == "vertical_gradient" else ramp[None, :, :], shape)
     if kind in ("stripes", "checker"):
         period = float(background.get("period", 0.125))
-        yy, xx = np.meshgrid(t, t, indexing="ij")
         if kind == "checker":
-            mask = (np.floor(xx / period) + np.floor(yy / period)) % 2 == 1
+            cells = np.floor(t / period).astype(np.int64)
+            mask = (cells[:, None] + cells[None, :]) % 2 == 1
         else:
             orientation = background.get("orientation", "vertical")
-            coord = {"vertical": xx, "horizontal": yy}.get(orientation, (xx + yy) / math.sqrt(2))
-            mask = np.floor(coord / (period / 2)) % 2 == 1
-        return np.where(mask[..., None], c1, c0)
+            band = np.floor(t / (period / 2)).astype(np.int64) % 2 == 1
+            if orientation == "vertical":
+                mask = np.broadcast_to(band[None, :], (side, side))
+            elif orientation == "horizontal":
+                mask = np.broadcast_to(band[:, None], (side, side))
+            else:
+                diag = (t[:, None] + t[None, :]) / math.sqrt(2)
+                mask = np.floor(diag / (period / 2)).astype(np.int64) % 2 == 1
+        return np.where(mask[..., None], u1, u0)
     if kind == "noise":
         grid = int(background.get("grid", 8))
         amplitude = float(background.get("amplitude", 18.0))
         rng = np.random.default_rng(int(background.get("noise_seed", 0)))
         coarse = rng.uniform(0, 255, size=(grid, grid)).astype(np.uint8)
-        smooth = np.asarray(
-            Image.fromarray(coarse).resize((side, side), Image.Resampling.BICUBIC), dtype=np.float32
-        )
-        offset = (smooth / 255.0 - 0.5) * 2 * amplitude
-        return np.clip(c0 + offset[..., None], 0, 255)
+        smooth = np.asarray(Image.fromarray(coarse).resize((side, side), Image.Resampling.BICUBIC))
+        offset = (smooth.astype(np.float32) * (2 * amplitude / 255.0) - amplitude)[..., None]
+        return np.clip(np.round(c0 + offset), 0, 255).astype(np.uint8)
     raise ValueError(f"unknown background kind {kind!r}; expected one of {BACKGROUND_KINDS}")
+
+
+def default_supersample(resolution: int) -> int:
+    """Drawing scale for anti-aliasing: 4× for small images, less where pixels are cheap to spare."""
+    return 4 if resolution <= 64 else 3 if resolution <= 128 else 2
 
 
 def render_scene(
     objects: Sequence[SceneObject | Mapping[str, Any]],
     background: Mapping[str, Any] | None = None,
     resolution: int = 64,
-    supersample: int = 4,
+    supersample: int | None = None,
 ) -> Image.Image:
     """Draw ``objects`` on ``background`` at ``resolution`` (anti-aliased by supersampling).
 
     ``objects`` are ``SceneObject``s or dicts with shape, colour, size and centre (as in a
     scene's attributes). ``background`` is a dict like ``{"kind": "solid", "colours": [[r, g, b]]}``
-    (default: plain mid grey).
+    (default: plain mid grey). ``supersample`` defaults to ``default_supersample(resolution)``.
     """
+    if supersample is None:
+        supersample = default_supersample(resolution)
     if resolution <= 0 or supersample <= 0:
         raise ValueError("resolution and supersample must be positive")
     background = background or {"kind": "solid", "colours": [(128, 128, 128)]}
     side = resolution * supersample
-    canvas = Image.fromarray(np.round(_background_array(background, side)).astype(np.uint8))
+    canvas = Image.fromarray(np.ascontiguousarray(_background_array(background, side)))
     draw = ImageDraw.Draw(canvas)
     for raw in objects:
         obj = SceneObject.from_any(raw)
@@ -478,7 +491,8 @@ class SceneWorld:
         split: "train" (never uses ``HELDOUT_PAIRS``) or "heldout" (uses only them).
         length: the reported ``len`` (indices must be below it).
         scene_weights: sampling weights of the scene types (default ``SCENE_TYPES``).
-        supersample: drawing is done this many times larger, then averaged down (anti-aliasing).
+        supersample: drawing is done this many times larger, then averaged down (anti-aliasing);
+            default ``default_supersample(resolution)``.
     """
 
     source_name = "scenes"
@@ -490,7 +504,7 @@ class SceneWorld:
         split: str = "train",
         length: int = 10**9,
         scene_weights: Mapping[str, float] | None = None,
-        supersample: int = 4,
+        supersample: int | None = None,
     ) -> None:
         if resolution < 8:
             raise ValueError(f"resolution must be at least 8 pixels, got {resolution}")
@@ -498,7 +512,7 @@ class SceneWorld:
         self.seed = int(seed)
         self.split = validate_split(split)
         self.length = int(length)
-        self.supersample = int(supersample)
+        self.supersample = default_supersample(resolution) if supersample is None else int(supersample)
         weights = dict(SCENE_TYPES if scene_weights is None else scene_weights)
         unknown = set(weights) - set(SCENE_TYPES)
         if unknown:

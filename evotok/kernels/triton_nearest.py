@@ -52,12 +52,12 @@ def _nearest_kernel(
     codes_per_split,
     stride_x,
     stride_c,
-    DIM: "tl.constexpr",
-    BLOCK_N: "tl.constexpr",
-    BLOCK_K: "tl.constexpr",
-    BLOCK_D: "tl.constexpr",
-    DOT_PRECISION: "tl.constexpr",
-    CAST_BF16: "tl.constexpr",
+    DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    CAST_BF16: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)

@@ -1,0 +1,91 @@
+"""The multimodal model's configuration: its typed fields *are* the saved ``config.json``."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class MLLMConfig:
+    """Every architectural choice of an :class:`~evotok.mllm.model.EvoTokMLLM`.
+
+    Image tokenizer (frozen, not saved with the model):
+        image_tokenizer: folder or hub id of the EvoTok checkpoint the model reads and writes.
+            A relative path is looked up beside the saved model folder first, then from the
+            working directory. ``image_tokenizer_sha256`` is a digest of its weights, checked on
+            load so that a model never silently runs on a tokenizer it was not trained with.
+        grid_size, pixel_depth, semantic_depth, codebook_size, code_dim, semantic_dim: copied
+            from the tokenizer when the model is first built (shapes of what crosses over).
+    Language model:
+        lm_name_or_path: a transformers causal LM by hub id or folder (full scale, e.g.
+            ``Qwen/Qwen2.5-7B-Instruct``); its weights are only read when the model is first built.
+        lm_config: the LM's transformers config as a dict (``model_type`` included); filled in on
+            first build, and what rebuilds the LM when a saved model is loaded.
+        base_vocab_size: the LM's vocabulary before EvoTok's special tokens were added; stage 1
+            of training updates only the embedding rows from here on (``None``: a from-scratch LM).
+    Adapters:
+        projector_hidden: width of the MLP that maps semantic features into the LM
+            (``None``: the LM's hidden size).
+        depth_layers, depth_width, depth_heads: the depth transformer that samples the
+            ``pixel_depth`` codes of one grid position stage after stage.
+    Prompts:
+        max_prompt_tokens: longest prompt or question accepted, in text tokens.
+        max_answer_tokens: longest answer ``answer`` produces unless asked otherwise.
+    """
+
+    image_tokenizer: str = "assets/tokenizer"
+    image_tokenizer_sha256: str | None = None
+    grid_size: int = 8
+    pixel_depth: int = 4
+    semantic_depth: int = 8
+    codebook_size: int = 1024
+    code_dim: int = 32
+    semantic_dim: int = 192
+
+    lm_name_or_path: str | None = None
+    lm_config: dict[str, Any] | None = None
+    base_vocab_size: int | None = None
+
+    projector_hidden: int | None = None
+    depth_layers: int = 2
+    depth_width: int = 256
+    depth_heads: int = 4
+
+    max_prompt_tokens: int = 64
+    max_answer_tokens: int = 32
+
+    def __post_init__(self) -> None:
+        for name in ("grid_size", "pixel_depth", "semantic_depth", "codebook_size", "code_dim", "semantic_dim",
+                     "depth_layers", "depth_width", "depth_heads", "max_prompt_tokens", "max_answer_tokens"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.depth_width % self.depth_heads:
+            raise ValueError(f"depth_width {self.depth_width} is not divisible by depth_heads {self.depth_heads}")
+        if self.lm_config is None and not self.lm_name_or_path:
+            raise ValueError("give lm_config (a transformers config dict) or lm_name_or_path (hub id or folder)")
+        if self.lm_config is not None and "model_type" not in self.lm_config:
+            raise ValueError("lm_config needs a 'model_type' entry (e.g. 'qwen2')")
+
+    @property
+    def num_cells(self) -> int:
+        return self.grid_size * self.grid_size
+
+    @property
+    def hidden_size(self) -> int:
+        if self.lm_config is None:
+            raise ValueError("the LM config is not known yet; build the model first")
+        return int(self.lm_config["hidden_size"])
+
+
+def qwen2_lm_config(vocab_size: int, hidden_size: int = 256, layers: int = 4, heads: int = 4, kv_heads: int = 2,
+                    intermediate_size: int = 768, max_positions: int = 1024, **overrides: Any) -> dict[str, Any]:
+    """A small Qwen2-architecture LM trained from scratch (the bundled default's sizes by default)."""
+    config = {
+        "model_type": "qwen2", "vocab_size": int(vocab_size), "hidden_size": hidden_size,
+        "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
+        "intermediate_size": intermediate_size, "max_position_embeddings": max_positions,
+        "tie_word_embeddings": True, "attention_dropout": 0.0, "rms_norm_eps": 1e-6, "use_cache": True,
+    }
+    config.update(overrides)
+    return config
+

@@ -1,0 +1,61 @@
+"""The depth transformer: from the LM's hidden state at one grid position, the ``L`` codes of
+that position one stage after another (RQ-Transformer style).
+
+Input at stage ``j``: ``c + stage_pos[j] + code_emb[j-1](k_{j-1})`` (no code term at ``j = 0``),
+where ``c = proj(hidden) + cell_pos[target cell]``. A few causal layers over the ``L`` stages, then
+one output head per stage (each stage has its own codebook).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class DepthTransformer(nn.Module):
+    def __init__(self, lm_hidden: int, depth: int, codebook_size: int, num_cells: int,
+                 width: int = 256, layers: int = 2, heads: int = 4):
+        super().__init__()
+        self.depth, self.codebook_size = depth, codebook_size
+        self.cond = nn.Sequential(nn.LayerNorm(lm_hidden), nn.Linear(lm_hidden, width))
+        self.cell_pos = nn.Embedding(num_cells, width)
+        self.stage_pos = nn.Parameter(torch.zeros(depth, width))
+        self.code_emb = nn.ModuleList(nn.Embedding(codebook_size, width) for _ in range(depth - 1))
+        layer = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(width)
+        self.head_weight = nn.Parameter(torch.zeros(depth, width, codebook_size))
+        self.head_bias = nn.Parameter(torch.zeros(depth, codebook_size))
+        nn.init.trunc_normal_(self.stage_pos, std=0.02)
+        nn.init.trunc_normal_(self.head_weight, std=0.02)
+        for emb in [self.cell_pos, *self.code_emb]:
+            nn.init.trunc_normal_(emb.weight, std=0.02)
+        mask = torch.triu(torch.full((depth, depth), float("-inf")), diagonal=1)
+        self.register_buffer("causal_mask", mask, persistent=False)
+
+    def _inputs(self, hidden: torch.Tensor, cells: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """``N H``, ``N``, ``N j`` (j < depth codes known) -> ``N (j+1) width`` stage inputs."""
+        c = self.cond(hidden) + self.cell_pos(cells)
+        steps = [c + self.stage_pos[0]]
+        for j in range(codes.shape[1]):
+            steps.append(c + self.stage_pos[j + 1] + self.code_emb[j](codes[:, j]))
+        return torch.stack(steps, dim=1)
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[1]
+        return self.norm(self.blocks(x, mask=self.causal_mask[:n, :n], is_causal=True))
+
+    def forward(self, hidden: torch.Tensor, cells: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced logits of every stage: ``N H``, ``N``, ``N L`` -> ``N L K``."""
+        if codes.shape[1] != self.depth:
+            raise ValueError(f"expected {self.depth} codes per position, got {codes.shape[1]}")
+        out = self._run(self._inputs(hidden, cells, codes[:, :-1]))
+        return torch.einsum("nlw,lwk->nlk", out, self.head_weight) + self.head_bias
+
+    def next_logits(self, hidden: torch.Tensor, cells: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
+        """Logits of stage ``j = prefix.shape[1]`` given the codes of stages ``< j``: ``N K``."""
+        j = prefix.shape[1]
+        if j >= self.depth:
+            raise ValueError(f"all {self.depth} stages are already known")
+        out = self._run(self._inputs(hidden, cells, prefix))[:, -1]
+        return out @ self.head_weight[j] + self.head_bias[j]

@@ -1,0 +1,241 @@
+"""Train the bundled semantic teacher: a small ViT with SigLIP's sigmoid image-text loss.
+
+Images come from the offline data mixture (scenes, clip art, Fashion-MNIST, photo crops); each is
+paired with either its own caption or one of the simple statements that are true of it ("a photo
+of a trouser", "a photo of a red circle", "a photo of three blue stars", "a photo of a red circle
+left of a blue star"), so that zero-shot prompts later match the teacher's text side. Texts are
+embedded by the frozen all-MiniLM-L6-v2 and a learned projection.
+
+    python training/train_teacher.py --config training/configs/teacher_tiny.yaml --out assets/teacher
+Continue an interrupted run exactly (model, optimizer, step, RNG; the data position is the step):
+    python training/train_teacher.py --config training/configs/teacher_tiny.yaml --resume
+Override config values: ``--set train.steps=100 train.batch_size=32``. On a CUDA machine the same
+command trains on the GPU. Afterwards ``training/eval_teacher.py --teacher OUT --card`` measures it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tqdm.auto import tqdm  # noqa: E402
+
+from evotok.data.base import Sample, item_rng  # noqa: E402
+from evotok.data.mixture import MixtureDataset, build_sources  # noqa: E402
+from evotok.data.scenes import SceneWorld  # noqa: E402
+from evotok.images import ImageError, pil_to_tensor  # noqa: E402
+from evotok.probe import fill_template, scene_statements  # noqa: E402
+from evotok.teacher import TinySigLIPConfig, TinySigLIPTeacher, match_targets  # noqa: E402
+from evotok.text_encoder import SentenceEncoder  # noqa: E402
+from training.common import (Logger, copy_config, iterate_batches, load_config, load_training_state,  # noqa: E402
+                             rng_state, save_training_state, set_rng_state, set_seed)
+from training.eval_teacher import scene_zero_shot  # noqa: E402
+
+STATE_FILE = "training_state.pt"
+TEXT_SEPARATOR = "\n"  # captions never contain it; joins a sample's true texts into one string
+
+
+def true_texts(sample: Sample) -> list[str]:
+    """The sample's caption and the simple statements that are also true of it."""
+    texts = [sample.caption]
+    label = sample.label or ""
+    if sample.source == "scenes" and sample.attributes:
+        texts += scene_statements(sample.attributes)
+    elif sample.source == "fashion_mnist" and label:
+        texts += [fill_template("a photo of {}", label), label]
+    elif sample.source == "clipart" and label:
+        texts += [f"a clip art of {label}", f"a clip art from the {label} category"]
+    elif sample.source == "photos" and label:
+        from evotok.data.sources import PHOTO_DESCRIPTIONS
+
+        if label in PHOTO_DESCRIPTIONS:
+            texts.append(f"a photo of {PHOTO_DESCRIPTIONS[label]}")
+    return list(dict.fromkeys(texts))
+
+
+class CaptionedImages(Dataset):
+    """Mixture item ``i`` with one training text and all texts true of it.
+
+    ``{"image": 3×R×R in [-1, 1], "text": str, "true_texts": "\\n"-joined str, "source": str}``.
+    The text is the caption with probability ``caption_prob``, else a random true statement;
+    the choice is seeded by ``(seed, i)``, so resuming at a step sees the same texts.
+    """
+
+    def __init__(self, mixture: MixtureDataset, caption_prob: float = 0.5, seed: int = 0) -> None:
+        if not 0.0 <= caption_prob <= 1.0:
+            raise ValueError(f"caption_prob must be in [0, 1], got {caption_prob}")
+        self.mixture = mixture
+        self.caption_prob = caption_prob
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.mixture)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample = self._sample(index)
+        texts = true_texts(sample)
+        rng = item_rng(self.seed, index, 0x7EAC)
+        if len(texts) == 1 or rng.uniform() < self.caption_prob:
+            text = sample.caption
+        else:
+            text = texts[1 + int(rng.integers(len(texts) - 1))]
+        return {"image": pil_to_tensor(sample.image, self.mixture.resolution), "text": text,
+                "true_texts": TEXT_SEPARATOR.join(texts), "source": sample.source}
+
+
+    def _sample(self, index: int) -> Sample:
+        """The mixture's sample; an unreadable image (e.g. a clip-art decompression bomb) is
+        replaced by another item chosen deterministically, so resume stays exact."""
+        for attempt in range(4):
+            try:
+                return self.mixture.sample((index + attempt * 1_000_003) % len(self.mixture))
+            except ImageError as err:
+                error = err
+        raise error
+
+
+def build_dataset(data_cfg: dict, split: str = "train") -> CaptionedImages:
+    """The mixture of ``data.mixture`` (see ``evotok.data.build_mixture``), with optional
+    ``data.scene_weights`` (scene-type mix) and ``data.caption_prob``."""
+    mix = dict(data_cfg.get("mixture", {}))
+    resolution, seed = int(mix.get("resolution", 64)), int(mix.get("seed", 0))
+    weights = dict(mix.get("weights") or {"scenes": 1.0})
+    sources = build_sources([n for n, w in weights.items() if w > 0], resolution=resolution, seed=seed, split=split,
+                            roots=mix.get("roots"), skip_missing=bool(mix.get("skip_missing", False)))
+    if data_cfg.get("scene_weights") and "scenes" in sources:
+        sources["scenes"] = SceneWorld(resolution=resolution, seed=seed, split=split,
+                                       scene_weights=data_cfg["scene_weights"])
+    weights = {n: w for n, w in weights.items() if n in sources}
+    mixture = MixtureDataset(sources, weights, resolution=resolution, seed=seed)
+    return CaptionedImages(mixture, float(data_cfg.get("caption_prob", 0.5)), seed)
+
+
+def learning_rate(step: int, train_cfg: dict) -> float:
+    """Linear warm-up, then cosine decay to ``min_lr`` (``schedule: constant`` keeps ``lr``)."""
+    lr, warmup, total = float(train_cfg["lr"]), int(train_cfg.get("warmup_steps", 0)), int(train_cfg["steps"])
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    if train_cfg.get("schedule", "cosine") == "constant":
+        return lr
+    min_lr = float(train_cfg.get("min_lr", 0.0))
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: TinySigLIPTeacher, train_cfg: dict) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases, norms, position embeddings and the logit scale/bias."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        (decay if param.ndim >= 2 and "pos_embed" not in name and "probe" not in name else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": float(train_cfg.get("weight_decay", 0.0))},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=float(train_cfg["lr"]), betas=tuple(train_cfg.get("betas", (0.9, 0.98))))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--resume", action="store_true", help="continue the run in train.output_dir")
+    parser.add_argument("--out", default=None, help="where to save the trained teacher (default: RUN/final)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config values")
+    args = parser.parse_args(argv)
+    config = load_config(args.config, args.set)
+    train_cfg, data_cfg = config["train"], config.get("data", {})
+    run_dir = Path(train_cfg["output_dir"])
+    out_dir = Path(args.out) if args.out else run_dir / "final"
+    device = torch.device("cuda" if torch.cuda.is_available() and train_cfg.get("device", "auto") != "cpu" else "cpu")
+    if device.type == "cpu" and train_cfg.get("cpu_threads"):
+        torch.set_num_threads(int(train_cfg["cpu_threads"]))
+    seed = int(train_cfg.get("seed", 0))
+    set_seed(seed)
+
+    sentences = SentenceEncoder(cache_size=int(train_cfg.get("text_cache_size", 65536)), device=device)
+    model = TinySigLIPTeacher(TinySigLIPConfig(**config.get("model", {})), text_encoder=sentences).to(device)
+    opt = make_optimizer(model, train_cfg)
+    step, elapsed_before, history = 0, 0.0, []
+    if args.resume and (run_dir / STATE_FILE).exists():
+        state = load_training_state(run_dir / STATE_FILE)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        step, elapsed_before, history = state["step"], state.get("seconds", 0.0), state.get("history", [])
+        set_rng_state(state["rng"])
+        print(f"resumed {run_dir} at step {step}")
+    elif args.resume:
+        print(f"--resume: no state in {run_dir}, starting fresh")
+    copy_config(args.config, run_dir)
+
+    dataset = build_dataset(data_cfg, "train")
+    batch_size, total_steps = int(train_cfg["batch_size"]), int(train_cfg["steps"])
+    batches = iterate_batches(dataset, step, batch_size, 0, 1, int(train_cfg.get("num_workers", 0)))
+    eval_cfg = config.get("eval", {})
+    eval_world = SceneWorld(resolution=int(data_cfg.get("mixture", {}).get("resolution", 64)),
+                            seed=int(eval_cfg.get("seed", 1234)), split="heldout")
+    logger = Logger(run_dir, True, bool(train_cfg.get("tensorboard", False)))
+    log_every, eval_every, save_every = (int(train_cfg.get(k, d)) for k, d in
+                                         (("log_every", 10), ("eval_every", 250), ("save_every", 100)))
+    clip = float(train_cfg.get("grad_clip", 0.0))
+
+    def save() -> None:
+        save_training_state(run_dir / STATE_FILE, {
+            "model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "rng": rng_state(),
+            "seconds": elapsed_before + time.time() - started, "history": history, "config": config})
+
+    started = time.time()
+    bar = tqdm(total=total_steps, initial=step, desc="teacher", dynamic_ncols=True)
+    model.train()
+    while step < total_steps:
+        batch = next(batches)
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(step, train_cfg)
+        texts = batch["text"]
+        targets = match_targets([t.split(TEXT_SEPARATOR) for t in batch["true_texts"]], texts)
+        loss = model.loss(batch["image"].to(device), texts, targets)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+        step += 1
+        bar.update(1)
+        if step % log_every == 0 or step == total_steps:
+            values = {"loss": loss.item(), "lr": opt.param_groups[0]["lr"], "logit_scale": model.logit_scale.item(),
+                      "logit_bias": model.logit_bias.item(), "positives": targets.sum().item() / len(texts)}
+            bar.set_postfix(loss=f"{values['loss']:.3f}", t=f"{values['logit_scale']:.1f}",
+                            b=f"{values['logit_bias']:.1f}")
+            logger.scalars(values, step, "train/")
+            history.append({"step": step, **values})
+        if eval_every and (step % eval_every == 0 or step == total_steps):
+            scores = scene_zero_shot(model, eval_world, int(eval_cfg.get("scenes", 300)))
+            model.train()
+            logger.scalars(scores, step, "eval/")
+            history.append({"step": step, **{f"eval/{k}": v for k, v in scores.items()}})
+            bar.write(f"step {step}: held-out scene zero-shot " +
+                      " ".join(f"{k} {v:.3f}" for k, v in scores.items()))
+        if save_every and step % save_every == 0 and step < total_steps:
+            save()
+    bar.close()
+    seconds = elapsed_before + time.time() - started
+    save()
+    model.save_pretrained(out_dir)
+    summary = {"steps": step, "seconds": round(seconds, 1), "batch_size": batch_size,
+               "images_seen": step * batch_size,
+               "final_loss": next((h["loss"] for h in reversed(history) if "loss" in h), None),
+               "device": str(device), "threads": torch.get_num_threads(), "config": config, "history": history}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out_dir / "training.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2))
+    logger.close()
+    print(f"saved the teacher to {out_dir} after {step} steps ({seconds / 60:.1f} min)")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

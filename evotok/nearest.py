@@ -14,10 +14,10 @@ Semantics shared by every backend:
   expansion also loses precision when ``x`` and the codes share a large common offset compared
   with the distances between them (centre such data first).
 * ``precision="fp32"`` is full fp32 arithmetic. ``"tf32"`` and ``"tf32x3"`` let CUDA use tensor
-  cores with TF32 inputs (one or three passes); on CPU they are plain fp32. ``"bf16"`` rounds the
-  inputs (``x`` and the codes, not the norms) to bfloat16 and accumulates in fp32 on every
-  device, so chosen codes can differ from the fp32 search wherever distances are close; measure
-  the effect with ``training/bench_quantizer.py``.
+  cores with TF32 inputs (one or three passes); on CPU they are plain fp32. ``"bf16"`` is the
+  exact search of ``x`` and the codes rounded to bfloat16 (the norms are those of the rounded
+  codes, products accumulate in fp32) on every device, so chosen codes can differ from the fp32
+  search wherever distances are close; measure the effect with ``training/bench_quantizer.py``.
 * Empty input (``N = 0``) returns an empty ``LongTensor``.
 
 Backends: the fused Triton kernel on CUDA when ``triton`` imports (``evotok.kernels``), else a
@@ -110,14 +110,18 @@ def nearest_code(
 
     x = x.detach().float()
     codebook = codebook.detach().float()
-    norms = squared_norms(codebook) if codebook_sq_norms is None else codebook_sq_norms.detach().float()
+    if precision == "bf16":  # search the rounded inputs exactly; norms of the rounded codes
+        x, codebook = _round_bf16(x), _round_bf16(codebook)
+        norms = squared_norms(codebook)
+    elif codebook_sq_norms is None:
+        norms = squared_norms(codebook)
+    else:
+        norms = codebook_sq_norms.detach().float()
 
     if backend == "triton" or (backend == "auto" and x.is_cuda and _triton_ready()):
         from evotok.kernels.triton_nearest import nearest_code_triton
 
         return nearest_code_triton(x, codebook, norms, precision=precision)
-    if precision == "bf16":
-        x, codebook = _round_bf16(x), _round_bf16(codebook)
     if x.is_cuda:
         with _cuda_matmul_precision(precision):
             return _cuda_search(x, codebook, norms, chunk_size)

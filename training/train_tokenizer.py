@@ -27,7 +27,7 @@ from tqdm.auto import tqdm  # noqa: E402
 from evotok.analysis import evaluate_depths  # noqa: E402
 from evotok.config import PRESETS  # noqa: E402
 from evotok.data.mixture import build_mixture  # noqa: E402
-from evotok.losses import (LossWeights, PatchDiscriminator, generator_loss,  # noqa: E402
+from evotok.losses import (FeatureDistance, LossWeights, PatchDiscriminator, generator_loss,  # noqa: E402
                            hinge_discriminator_loss, sample_pixel_depths)
 from evotok.model import EvoTok  # noqa: E402
 from evotok.teacher import TinySigLIPConfig, TinySigLIPTeacher, load_teacher  # noqa: E402
@@ -55,6 +55,20 @@ def build_teacher(spec):
     else:
         teacher = load_teacher(spec)
     return teacher.eval().requires_grad_(False)
+
+
+def build_perceptual(spec: str | None):
+    """``"package.module:factory"`` returning a network whose forward gives a list of feature maps.
+
+    No pretrained perceptual network (VGG/LPIPS) can be obtained offline, so none ships: bring your own.
+    """
+    if not spec:
+        return None
+    import importlib
+
+    module_name, _, attr = spec.partition(":")
+    factory = getattr(importlib.import_module(module_name), attr)
+    return FeatureDistance(factory())
 
 
 def eval_images(data_cfg: dict, count: int) -> torch.Tensor:
@@ -86,6 +100,11 @@ def main(argv: list[str] | None = None) -> dict:
     if teacher is not None:
         teacher = teacher.to(accelerator.device)
     weights = LossWeights(**config.get("loss", {}))
+    perceptual = build_perceptual(config.get("perceptual_net"))
+    if weights.perceptual > 0 and perceptual is None:
+        raise ValueError("loss.perceptual > 0 needs perceptual_net: 'module:factory' (none ships offline)")
+    if perceptual is not None:
+        perceptual = perceptual.to(accelerator.device)
     disc_cfg = config.get("discriminator", {})
     discriminator = PatchDiscriminator(disc_cfg.get("channels", 64), disc_cfg.get("layers", 3)) if weights.gan > 0 else None
 
@@ -154,7 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
             target = teacher.image_features(images) if teacher is not None else None
         with accelerator.autocast():
             output = tokenizer(images, depths)
-            loss, terms = generator_loss(output, images, target, weights, step, discriminator)
+            loss, terms = generator_loss(output, images, target, weights, step, discriminator, perceptual)
         opt.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         if train_cfg.get("grad_clip"):

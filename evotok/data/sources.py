@@ -398,7 +398,7 @@ def _matplotlib(name: str) -> Callable[[], np.ndarray]:
     return load
 
 
-# name -> (what the photograph shows, loader)
+# photo name -> what it shows (used in captions); the loaders are below
 PHOTO_DESCRIPTIONS: dict[str, str] = {
     "astronaut": "an astronaut in a spacesuit in front of a flag",
     "chelsea": "a tabby cat",

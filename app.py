@@ -1,0 +1,101 @@
+"""Start the EvoTok demo (Gradio): ``python app.py [--checkpoint FOLDER_OR_HUB_ID] [--port 7860]``.
+
+Runs offline on the bundled tokenizer (``assets/tokenizer``) and its teacher by default. Host and
+port also come from ``GRADIO_SERVER_NAME`` / ``GRADIO_SERVER_PORT`` (as on Hugging Face Spaces).
+"""
+from __future__ import annotations
+
+import os
+
+# Offline by default, before any hub library is imported (an online lookup retries for ~50 s).
+for _key, _value in {"HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "TRANSFORMERS_OFFLINE": "1",
+                     "GRADIO_ANALYTICS_ENABLED": "False"}.items():
+    os.environ.setdefault(_key, _value)
+
+import argparse  # noqa: E402
+import logging  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_CHECKPOINT = ROOT / "assets" / "tokenizer"
+DEFAULT_EXAMPLES = ROOT / "assets" / "examples"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    env = os.environ
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT),
+                        help="tokenizer folder or Hugging Face Hub id (default: the bundled assets/tokenizer)")
+    parser.add_argument("--teacher", default=None,
+                        help="teacher folder or hub id (default: the one the tokenizer's config names; 'none' to disable)")
+    parser.add_argument("--host", default=env.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+                        help="interface to listen on (default 127.0.0.1, or $GRADIO_SERVER_NAME)")
+    parser.add_argument("--port", type=int, default=int(env.get("GRADIO_SERVER_PORT", "7860")),
+                        help="port (default 7860, or $GRADIO_SERVER_PORT)")
+    parser.add_argument("--examples", default=str(DEFAULT_EXAMPLES), help="folder of example images")
+    parser.add_argument("--cache-dir", default=env.get("EVOTOK_CACHE_DIR", str(Path.home() / ".cache" / "evotok" / "app")),
+                        help="where UMAP features and embeddings are cached (default ~/.cache/evotok/app or $EVOTOK_CACHE_DIR)")
+    parser.add_argument("--umap-per-source", type=int, default=100, help="held-out images per source in the UMAP view")
+    parser.add_argument("--concurrency", type=int, default=2, help="model calls running at once")
+    parser.add_argument("--max-queue", type=int, default=32, help="requests waiting at most (then 'queue full')")
+    parser.add_argument("--max-file-size", default="50mb", help="largest upload accepted")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--device", default="cpu", help="torch device for the models")
+    parser.add_argument("--no-warmup", action="store_true", help="skip the warm-up call after start-up")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    started = time.perf_counter()
+
+    import torch
+
+    from app import Callbacks, build_demo, find_examples
+    from evotok.explore import Explorer
+    from evotok.hub import CheckpointError
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.checkpoint == str(DEFAULT_CHECKPOINT) and not DEFAULT_CHECKPOINT.is_dir():
+        print(f"error: the bundled tokenizer is missing ({DEFAULT_CHECKPOINT}). Pass --checkpoint FOLDER_OR_HUB_ID, "
+              "or train one with training/train_tokenizer.py.", file=sys.stderr)
+        return 2
+    try:
+        explorer = Explorer.load(args.checkpoint, args.teacher, search_dirs=[ROOT], device=args.device)
+    except (CheckpointError, OSError, ValueError) as err:
+        print(f"error: could not load the models: {err}", file=sys.stderr)
+        return 2
+    callbacks = Callbacks(explorer, cache_dir=args.cache_dir, umap_per_source=args.umap_per_source)
+    demo = build_demo(callbacks, find_examples(args.examples), concurrency=args.concurrency, max_queue=args.max_queue)
+    logging.getLogger("evotok.app").info("models and page ready in %.1f s", time.perf_counter() - started)
+    demo.launch(server_name=args.host, server_port=args.port, max_file_size=args.max_file_size,
+                prevent_thread_lock=True, show_error=True, footer_links=["api"], css=app_css(),
+                state_session_capacity=256)
+    if not args.no_warmup:
+        warm_up(explorer)
+    demo.block_thread()
+    return 0
+
+
+def app_css() -> str:
+    from app.layout import CSS
+
+    return CSS
+
+
+def warm_up(explorer) -> None:
+    """One throw-away explorer call so the first visitor does not pay for lazy loading (text encoder)."""
+    import torch
+
+    try:
+        explorer.explore(torch.zeros(3, explorer.config.image_size, explorer.config.image_size))
+    except Exception:  # never fatal: the page works without it
+        logging.getLogger("evotok.app").exception("warm-up call failed")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,282 @@
+"""Training data of the multimodal model: cached tokenizer codes and mixed chat / text-to-image
+examples.
+
+The image tokenizer is frozen, so each image of a source is encoded once: an :class:`ImagePool`
+holds the full-depth codes of the first ``count`` items of a source plus their texts (caption,
+label, question/answer pairs), built in resumable chunks. A :class:`ChatDataset` item ``i`` is a
+pure function of ``(seed, i)`` (task, image, turns, prompt dropout), so the data position of a
+run is its step, as everywhere in EvoTok.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from ..data.base import item_rng
+from .chat import IGNORE, encode_chat, encode_generation
+from .text_tokenizer import TextTokenizer
+
+# task name -> (pool it draws images from, kind)
+TASKS: dict[str, tuple[str | None, str]] = {
+    "scene_t2i": ("scenes", "generate"),
+    "scene_qa": ("scenes", "chat"),
+    "clipart_t2i": ("clipart", "generate"),
+    "clipart_qa": ("clipart", "chat"),
+    "fashion_t2i": ("fashion_mnist", "generate"),
+    "fashion_qa": ("fashion_mnist", "chat"),
+    "text": (None, "text"),
+}
+DESCRIBE_QUESTIONS = ("Describe the image.", "Write a caption for this image.", "What does the picture show?")
+LABEL_QUESTIONS = {
+    "clipart": ("What category is this clip art from?", "Which category does this picture belong to?",
+                "What kind of clip art is this?"),
+    "fashion_mnist": ("What is this?", "What kind of clothing is this?", "What item is shown?",
+                      "Which piece of clothing is in the picture?"),
+}
+
+
+def text_only_pairs() -> list[tuple[str, str]]:
+    """Questions without an image, so the chat also answers when no image is given."""
+    from ..data.scenes import COLOURS, SHAPES
+    from ..data.sources import FASHION_MNIST_CLASSES
+
+    def listing(words: Sequence[str]) -> str:
+        return ", ".join(words[:-1]) + " and " + words[-1]
+
+    shapes, colours, clothes = listing(list(SHAPES)), listing(list(COLOURS)), listing(list(FASHION_MNIST_CLASSES))
+    can = "I can answer questions about an image and draw simple pictures from a short description"
+    return [
+        ("What shapes do you know?", shapes), ("Which shapes can you draw?", shapes),
+        ("What colours do you know?", colours), ("Which colors can you draw?", colours),
+        ("What kinds of clothing do you know?", clothes),
+        ("What can you do?", can), ("Who are you?", "a small model trained on scenes, clip art and clothes. " + can),
+        ("Hello", "hello! show me an image and ask about it, or ask me to draw something"),
+        ("Hi", "hello! show me an image and ask about it, or ask me to draw something"),
+    ]
+
+
+# ---------------------------------------------------------------------------- pools
+@dataclass
+class ImagePool:
+    """Codes ``N h w D`` (int16/int32) and one text record per image of a source."""
+
+    name: str
+    codes: np.ndarray
+    records: list[dict[str, Any]]
+    meta: dict[str, Any]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def texts(self) -> Iterator[str]:
+        for r in self.records:
+            yield r["caption"]
+            if r.get("label"):
+                yield r["label"]
+            for q, a in r.get("qa", []):
+                yield q
+                yield a
+
+
+def _record(sample) -> dict[str, Any]:
+    attrs = sample.attributes or {}
+    record = {"caption": sample.caption, "label": sample.label, "qa": [list(p) for p in sample.qa]}
+    if "qa_categories" in attrs:
+        record["qa_categories"] = list(attrs["qa_categories"])
+        record["scene_type"] = attrs.get("scene_type")
+    return record
+
+
+def build_pool(folder: str | os.PathLike, name: str, source, count: int, resolution: int, tokenizer: torch.nn.Module,
+               batch_size: int = 64, chunk_size: int = 1024, digest: str = "",
+               progress: Callable[[int], None] | None = None) -> ImagePool:
+    """Encode the first ``count`` items of ``source`` (fewer if it is shorter) into ``folder``.
+
+    Chunks already on disk are kept, so an interrupted build continues where it stopped; each
+    chunk is written to a temporary file and renamed. ``progress(n)`` is told of each finished chunk.
+    """
+    from ..images import pil_to_tensor
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    count = min(int(count), len(source))
+    meta = {"name": name, "count": count, "resolution": resolution, "chunk_size": chunk_size, "tokenizer": digest,
+            "split": getattr(source, "split", None), "seed": getattr(source, "seed", None)}
+    meta_file = folder / "meta.json"
+    if meta_file.is_file() and json.loads(meta_file.read_text()) != meta:
+        raise ValueError(f"{folder} holds a different pool ({meta_file.read_text()}); remove it or use another cache folder")
+    meta_file.write_text(json.dumps(meta))
+    device = next(tokenizer.parameters()).device
+    dtype = np.int16 if tokenizer.config.codebook_size <= 32768 else np.int32
+    for start in range(0, count, chunk_size):
+        path = folder / f"chunk_{start // chunk_size:05d}.npz"
+        stop = min(start + chunk_size, count)
+        if not path.is_file():
+            samples = [source[i] for i in range(start, stop)]
+            codes = []
+            for k in range(0, len(samples), batch_size):
+                images = torch.stack([pil_to_tensor(s.image, resolution) for s in samples[k:k + batch_size]])
+                codes.append(tokenizer.encode(images.to(device)).cpu().numpy().astype(dtype))
+            records = json.dumps([_record(s) for s in samples])
+            fd, tmp = tempfile.mkstemp(prefix=".chunk.", suffix=".npz", dir=folder)
+            os.close(fd)
+            try:
+                np.savez(tmp, codes=np.concatenate(codes), records=np.array(records))
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+        if progress is not None:
+            progress(stop - start)
+    return load_pool(folder)
+
+
+def load_pool(folder: str | os.PathLike) -> ImagePool:
+    folder = Path(folder)
+    meta = json.loads((folder / "meta.json").read_text())
+    chunks = (meta["count"] + meta["chunk_size"] - 1) // meta["chunk_size"]
+    codes, records = [], []
+    for k in range(chunks):
+        path = folder / f"chunk_{k:05d}.npz"
+        if not path.is_file():
+            raise FileNotFoundError(f"pool {folder} is incomplete: {path.name} is missing (rebuild it)")
+        with np.load(path, allow_pickle=False) as data:
+            codes.append(data["codes"])
+            records.extend(json.loads(str(data["records"])))
+    return ImagePool(meta["name"], np.concatenate(codes), records, meta)
+
+
+# ---------------------------------------------------------------------------- examples
+class ChatDataset(torch.utils.data.Dataset):
+    """Item ``i``: one training sequence of a task drawn by ``task_weights``.
+
+    Returns ``{"task", "input_ids", "labels", "image_mask", "gen_mask", "image_codes", "gen_codes"}``
+    (lists and numpy arrays; :func:`collate` makes tensors). Text-to-image prompts are dropped
+    to the empty prompt with probability ``cfg_dropout`` (the unconditional branch of guidance).
+    """
+
+    def __init__(self, pools: Mapping[str, ImagePool], task_weights: Mapping[str, float], text_tokenizer: TextTokenizer,
+                 num_cells: int, pixel_depth: int, seed: int = 0, cfg_dropout: float = 0.1, describe_prob: float = 0.2,
+                 max_turns: int = 3, max_prompt_tokens: int | None = 64, length: int = 10**9):
+        unknown = sorted(set(task_weights) - set(TASKS))
+        if unknown:
+            raise ValueError(f"unknown tasks {unknown}; expected some of {sorted(TASKS)}")
+        self.tasks = [t for t, w in task_weights.items() if w > 0]
+        if not self.tasks:
+            raise ValueError("every task weight is zero")
+        missing = sorted({TASKS[t][0] for t in self.tasks if TASKS[t][0] is not None} - set(pools))
+        if missing:
+            raise ValueError(f"tasks need image pools {missing} that were not built")
+        p = np.array([task_weights[t] for t in self.tasks], dtype=np.float64)
+        self.cdf = np.cumsum(p / p.sum())
+        self.pools, self.tok = dict(pools), text_tokenizer
+        self.num_cells, self.pixel_depth, self.seed = num_cells, pixel_depth, int(seed)
+        self.cfg_dropout, self.describe_prob, self.max_turns = cfg_dropout, describe_prob, max_turns
+        self.max_prompt_tokens, self.length = max_prompt_tokens, int(length)
+        self.text_pairs = text_only_pairs()
+
+    def __len__(self) -> int:
+        return self.length
+
+    def task_of(self, rng: np.random.Generator) -> str:
+        return self.tasks[min(int(np.searchsorted(self.cdf, rng.uniform(), side="right")), len(self.tasks) - 1)]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        rng = item_rng(self.seed, int(index), 0x4D4C)
+        task = self.task_of(rng)
+        source, kind = TASKS[task]
+        item: dict[str, Any] = {"task": task, "image_codes": None, "gen_codes": None}
+        if kind == "text":
+            q, a = self.text_pairs[int(rng.integers(len(self.text_pairs)))]
+            encoded = encode_chat(self.tok, [(q, a)], 0, self.max_prompt_tokens, truncate=True)
+        else:
+            pool = self.pools[source]
+            j = int(rng.integers(len(pool)))
+            record, codes = pool.records[j], pool.codes[j]
+            if kind == "generate":
+                prompt = "" if rng.uniform() < self.cfg_dropout else record["caption"]
+                encoded = encode_generation(self.tok, prompt, self.num_cells, self.max_prompt_tokens, truncate=True)
+                item["gen_codes"] = codes[..., : self.pixel_depth]
+            else:
+                turns = self.conversation(source, record, rng)
+                encoded = encode_chat(self.tok, turns, self.num_cells, self.max_prompt_tokens, truncate=True)
+                item["image_codes"] = codes
+        item.update(input_ids=encoded.input_ids, labels=encoded.labels, image_mask=encoded.image_mask,
+                    gen_mask=encoded.gen_mask)
+        return item
+
+    def conversation(self, source: str, record: Mapping[str, Any], rng: np.random.Generator) -> list[tuple[str, str]]:
+        """1..max_turns (question, answer) turns about one image."""
+        pairs = [tuple(p) for p in record.get("qa", [])]
+        if record.get("label") and source in LABEL_QUESTIONS:
+            questions = LABEL_QUESTIONS[source]
+            pairs.append((questions[int(rng.integers(len(questions)))], record["label"]))
+        describe = (DESCRIBE_QUESTIONS[int(rng.integers(len(DESCRIBE_QUESTIONS)))], record["caption"])
+        if not pairs or rng.uniform() < self.describe_prob:
+            pairs.append(describe)
+            first = [len(pairs) - 1]
+        else:
+            first = []
+        order = first + [int(k) for k in rng.permutation(len(pairs)) if int(k) not in first]
+        turns = int(rng.integers(1, self.max_turns + 1))
+        chosen = order[:turns]
+        rng.shuffle(chosen)
+        return [pairs[k] for k in chosen]
+
+
+def collate(items: Sequence[Mapping[str, Any]], pad_id: int) -> dict[str, Any]:
+    """Right-pad a list of :class:`ChatDataset` items into one mixed batch of tensors."""
+    length = max(len(it["input_ids"]) for it in items)
+
+    def pad(key: str, value) -> torch.Tensor:
+        return torch.tensor([list(it[key]) + [value] * (length - len(it[key])) for it in items])
+
+    batch: dict[str, Any] = {
+        "input_ids": pad("input_ids", pad_id),
+        "labels": pad("labels", IGNORE),
+        "image_mask": pad("image_mask", False),
+        "gen_mask": pad("gen_mask", False),
+        "attention_mask": torch.tensor([[1] * len(it["input_ids"]) + [0] * (length - len(it["input_ids"]))
+                                        for it in items]),
+        "tasks": [it["task"] for it in items],
+    }
+    for key in ("image_codes", "gen_codes"):
+        arrays = [it[key] for it in items if it[key] is not None]
+        batch[key] = torch.from_numpy(np.stack(arrays).astype(np.int64)) if arrays else None
+    return batch
+
+
+def heldout_questions(pool: ImagePool, count: int) -> list[tuple[int, str, str, str]]:
+    """(image index, question, answer, category) for the first ``count`` scene questions of a pool,
+    one per image, cycling through each image's questions so every category is asked."""
+    out = []
+    for j, record in enumerate(pool.records):
+        qa, cats = record.get("qa", []), record.get("qa_categories") or ["label"] * len(record.get("qa", []))
+        if not qa:
+            continue
+        k = j % len(qa)
+        out.append((j, qa[k][0], qa[k][1], cats[k]))
+        if len(out) >= count:
+            break
+    return out
+
+
+def corpus_texts(pools: Mapping[str, ImagePool]) -> list[str]:
+    """Everything the text tokenizer is trained on: captions, labels, questions, answers of the
+    pools, the fixed question templates and the text-only chat."""
+    texts: list[str] = []
+    for pool in pools.values():
+        texts.extend(pool.texts())
+    texts.extend(DESCRIBE_QUESTIONS)
+    for questions in LABEL_QUESTIONS.values():
+        texts.extend(questions)
+    for q, a in text_only_pairs():
+        texts.extend((q, a))
+    return texts

@@ -1,0 +1,240 @@
+"""Sampling for the multimodal model: image codes position by position (classifier-free guidance
+at every depth, temperature, top-k, top-p, a seeded generator, the LM's KV cache) and text answers
+token by token (streamed)."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+
+import torch
+
+from .chat import encode_chat, encode_generation
+
+if TYPE_CHECKING:
+    from .model import EvoTokMLLM
+
+
+# ---------------------------------------------------------------------------- sampling
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None,
+                   guidance_scale: float | None = None) -> None:
+    if temperature < 0:
+        raise ValueError(f"temperature must be ≥ 0 (0 = greedy), got {temperature}")
+    if top_k is not None and (int(top_k) != top_k or top_k < 0):
+        raise ValueError(f"top_k must be a non-negative integer (0 or None = off), got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
+    if guidance_scale is not None and guidance_scale < 0:
+        raise ValueError(f"guidance_scale must be ≥ 0, got {guidance_scale}")
+
+
+def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                  top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One index per row of ``N K`` logits: greedy at temperature 0, else from the top-k/top-p
+    filtered softmax (the most likely index always survives the filters)."""
+    logits = logits.float()
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, int(top_k), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > top_p  # mass before this token already exceeds top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(int(seed))
+    return generator
+
+
+def left_pad(seqs: Sequence[Sequence], pad, device: torch.device, dtype=torch.long) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad lists to one tensor; the attention mask is 0 on padding."""
+    length = max(len(s) for s in seqs)
+    values = torch.tensor([[pad] * (length - len(s)) + list(s) for s in seqs], dtype=dtype, device=device)
+    mask = torch.tensor([[0] * (length - len(s)) + [1] * len(s) for s in seqs], dtype=torch.long, device=device)
+    return values, mask
+
+
+def positions_of(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that start at 0 on each row's first real token (left padding)."""
+    return (mask.cumsum(-1) - 1).clamp_min(0)
+
+
+class _Stepper:
+    """Runs the LM one position at a time, with its KV cache or (for checking) without it."""
+
+    def __init__(self, model: "EvoTokMLLM", embeds: torch.Tensor, mask: torch.Tensor, use_cache: bool):
+        self.model, self.use_cache = model, use_cache
+        self.mask, self.positions, self.embeds = mask, positions_of(mask), embeds
+        hidden, self.cache = model.backbone(embeds, mask, self.positions, use_cache=use_cache)
+        self.last = hidden[:, -1]
+
+    def step(self, embed: torch.Tensor) -> torch.Tensor:
+        """Append one input embedding per row (``B H``); returns the new last hidden state."""
+        self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], 1)
+        new_pos = self.positions[:, -1:] + 1
+        self.positions = torch.cat([self.positions, new_pos], 1)
+        if self.use_cache:
+            hidden, self.cache = self.model.backbone(embed[:, None], self.mask, new_pos, cache=self.cache,
+                                                     use_cache=True)
+        else:
+            self.embeds = torch.cat([self.embeds, embed[:, None]], 1)
+            hidden, _ = self.model.backbone(self.embeds, self.mask, self.positions)
+        self.last = hidden[:, -1]
+        return self.last
+
+
+# ---------------------------------------------------------------------------- images
+@torch.no_grad()
+def generate_image_codes(model: "EvoTokMLLM", prompts: Sequence[str], guidance_scale: float | None = 3.0,
+                         temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                         seed: int | None = None, callback: Callable[[int, torch.Tensor], None] | None = None,
+                         use_cache: bool = True, logits_trace: list | None = None) -> torch.Tensor:
+    """Codes ``b h w L`` for ``prompts``; see :meth:`EvoTokMLLM.generate_image`.
+
+    With guidance the batch holds ``b`` conditional rows then ``b`` unconditional (empty prompt)
+    rows; both branches receive the same sampled codes. ``logits_trace`` (a list) collects the
+    mixed logits of every sampling step (for tests).
+    """
+    check_sampling(temperature, top_k, top_p, guidance_scale)
+    if not prompts:
+        raise ValueError("give at least one prompt (an empty string means unconditional generation)")
+    cfg, tok, device = model.config, model.text, model.device
+    n, depth, grid = cfg.num_cells, cfg.pixel_depth, cfg.grid_size
+    guided = guidance_scale is not None
+    b = len(prompts)
+    seqs = [encode_generation(tok, p, n, cfg.max_prompt_tokens, include_grid=False).input_ids for p in prompts]
+    if guided:
+        seqs += [encode_generation(tok, "", n, include_grid=False).input_ids] * b
+    ids, mask = left_pad(seqs, tok.ids["pad"], device)
+    stepper = _Stepper(model, model.embed_inputs(ids), mask, use_cache)
+    generator = make_generator(seed, device)
+
+    codes = torch.zeros(b, n, depth, dtype=torch.long, device=device)
+    for cell in range(n):
+        hidden = stepper.last
+        cells = torch.full((hidden.shape[0],), cell, dtype=torch.long, device=device)
+        prefix = torch.zeros(b, 0, dtype=torch.long, device=device)
+        for _ in range(depth):
+            logits = model.depth.next_logits(hidden, cells, torch.cat([prefix, prefix]) if guided else prefix)
+            if guided:
+                cond, uncond = logits[:b].float(), logits[b:].float()
+                logits = uncond + guidance_scale * (cond - uncond)
+            if logits_trace is not None:
+                logits_trace.append(logits.float().cpu())
+            prefix = torch.cat([prefix, sample_logits(logits, temperature, top_k, top_p, generator)[:, None]], 1)
+        codes[:, cell] = prefix
+        if cell + 1 < n:
+            latent = model.code_latents(prefix)
+            embed = model.latent_in(latent.to(stepper.last.dtype)) + model.grid_pos[cell]
+            stepper.step(torch.cat([embed, embed]) if guided else embed)
+        if callback is not None and (cell + 1) % grid == 0:
+            callback((cell + 1) // grid, codes.view(b, grid, grid, depth).clone())
+    return codes.view(b, grid, grid, depth)
+
+
+# ---------------------------------------------------------------------------- text
+def _banned_ids(model: "EvoTokMLLM") -> list[int]:
+    ids = model.text.ids
+    return [v for k, v in ids.items() if k not in ("end", "eos")]
+
+
+def _image_batch(model: "EvoTokMLLM", image: torch.Tensor) -> torch.Tensor:
+    if not isinstance(image, torch.Tensor):
+        raise TypeError(f"image must be a tensor 3×H×W in [-1, 1] (see evotok.images.pil_to_tensor), got {type(image).__name__}")
+    if image.ndim == 3:
+        image = image[None]
+    if image.ndim != 4 or image.shape[0] != 1:
+        raise ValueError(f"answer takes one image, 3×H×W or 1×3×H×W; got {tuple(image.shape)}")
+    return image
+
+
+@torch.no_grad()
+def stream_answer(model: "EvoTokMLLM", image: torch.Tensor | None, question: str,
+                  history: Sequence[tuple[str, str]] = (), max_new_tokens: int = 32, temperature: float = 0.0,
+                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                  use_cache: bool = True) -> Iterator[str]:
+    """Text pieces of the answer as they are produced; see :meth:`EvoTokMLLM.answer`.
+
+    All checks (empty or too-long question, bad image) run before the first piece is asked for.
+    """
+    check_sampling(temperature, top_k, top_p)
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
+    cfg, tok, device = model.config, model.text, model.device
+    turns = [(str(q), str(a)) for q, a in history] + [(question, None)]
+    n_image = cfg.num_cells if image is not None else 0
+    encoded = encode_chat(tok, turns, n_image, cfg.max_prompt_tokens)
+    features = model.image_features(model.encode_images(_image_batch(model, image))) if image is not None else None
+    ids = torch.tensor([encoded.input_ids], device=device)
+    image_mask = torch.tensor([encoded.image_mask], device=device)
+    embeds = model.embed_inputs(ids, image_mask, features)
+    return _stream(model, embeds, max_new_tokens, temperature, top_k, top_p, seed, use_cache)
+
+
+@torch.no_grad()
+def _stream(model: "EvoTokMLLM", embeds: torch.Tensor, max_new_tokens: int, temperature: float,
+            top_k: int | None, top_p: float | None, seed: int | None, use_cache: bool) -> Iterator[str]:
+    tok, device = model.text, model.device
+    stop = {tok.ids["end"], tok.ids["eos"]}
+    banned = _banned_ids(model)
+    generator = make_generator(seed, device)
+    stepper = _Stepper(model, embeds, torch.ones(embeds.shape[:2], dtype=torch.long, device=device), use_cache)
+    out: list[int] = []
+    shown = ""
+    for _ in range(max_new_tokens):
+        logits = model.text_logits(stepper.last)
+        logits[:, banned] = float("-inf")
+        token = int(sample_logits(logits, temperature, top_k, top_p, generator)[0])
+        if token in stop:
+            break
+        out.append(token)
+        text = tok.decode(out)
+        if not text.endswith("\ufffd") and text.startswith(shown) and len(text) > len(shown):
+            yield text[len(shown):]
+            shown = text
+        stepper.step(model.lm.get_input_embeddings()(torch.tensor([token], device=device)))
+    text = tok.decode(out)
+    if text.startswith(shown) and len(text) > len(shown):
+        yield text[len(shown):]
+
+
+@torch.no_grad()
+def batch_answers(model: "EvoTokMLLM", images: torch.Tensor | None, questions: Sequence[str],
+                  max_new_tokens: int = 32, image_codes: torch.Tensor | None = None) -> list[str]:
+    """Greedy single-turn answers for a batch (left-padded, KV-cached)."""
+    cfg, tok, device = model.config, model.text, model.device
+    if image_codes is None and images is not None:
+        image_codes = model.encode_images(images)
+    has_image = image_codes is not None
+    if has_image and image_codes.shape[0] != len(questions):
+        raise ValueError(f"{image_codes.shape[0]} images for {len(questions)} questions")
+    encoded = [encode_chat(tok, [(q, None)], cfg.num_cells if has_image else 0, cfg.max_prompt_tokens)
+               for q in questions]
+    ids, mask = left_pad([e.input_ids for e in encoded], tok.ids["pad"], device)
+    image_mask, _ = left_pad([e.image_mask for e in encoded], False, device, torch.bool)
+    features = model.image_features(image_codes.to(device)) if has_image else None
+    stepper = _Stepper(model, model.embed_inputs(ids, image_mask, features), mask, True)
+    stop = torch.tensor(sorted({tok.ids["end"], tok.ids["eos"]}), device=device)
+    banned = _banned_ids(model)
+    done = torch.zeros(len(questions), dtype=torch.bool, device=device)
+    answers: list[list[int]] = [[] for _ in questions]
+    for _ in range(max_new_tokens):
+        logits = model.text_logits(stepper.last)
+        logits[:, banned] = float("-inf")
+        token = logits.argmax(-1)
+        done |= torch.isin(token, stop)
+        if bool(done.all()):
+            break
+        for i in torch.nonzero(~done).flatten().tolist():
+            answers[i].append(int(token[i]))
+        stepper.step(model.lm.get_input_embeddings()(token))
+    return [tok.decode(a).strip() for a in answers]

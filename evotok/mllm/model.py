@@ -1,0 +1,399 @@
+"""EvoTokMLLM: one causal language model that reads and writes EvoTok codes.
+
+* Understanding: the frozen tokenizer's semantic features (one vector per grid cell, at the
+  semantic depth) go through an MLP projector into the LM's input embeddings at the ``<image>``
+  placeholders.
+* Generation: after ``<boi>`` the LM runs over the grid in raster order; at each position its last
+  hidden state conditions a small depth transformer that samples the ``pixel_depth`` codes of the
+  next cell stage by stage; the LM's input for a cell is a projection of the code prefix sum
+  ``codes_to_latent(codes, pixel_depth)``, so the LM never needs a vocabulary of image codes.
+
+The tokenizer is attached, not owned: it is frozen, its weights stay in its own checkpoint, and
+the saved model records which one it was trained with (path and a digest of its weights).
+"""
+from __future__ import annotations
+
+import hashlib
+import inspect
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..hub import CheckpointError, PretrainedMixin, resolve_checkpoint
+from .chat import IGNORE
+from .config import MLLMConfig
+from .depth_transformer import DepthTransformer
+from .text_tokenizer import TextTokenizer
+
+TEXT_TOKENIZER_DIR = "text_tokenizer"
+
+
+@dataclass
+class MLLMOutput:
+    """Losses of one training forward pass (``depth_loss_per_stage``: one value per code stage)."""
+
+    loss: torch.Tensor
+    lm_loss: torch.Tensor
+    depth_loss: torch.Tensor
+    depth_loss_per_stage: torch.Tensor
+    lm_tokens: int
+    depth_positions: int
+
+
+def build_lm(lm_config: dict[str, Any]) -> nn.Module:
+    """A transformers causal LM from its config dict (random weights, no download)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = dict(lm_config)
+    model_type = cfg.pop("model_type")
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **cfg))
+
+
+def tokenizer_digest(tokenizer: nn.Module) -> str:
+    """sha256 of a tokenizer's weights: identifies the checkpoint a model was trained with."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(tokenizer.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu", torch.float32 if tensor.is_floating_point() else tensor.dtype)
+                      .contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+class EvoTokMLLM(nn.Module, PretrainedMixin):
+    """Chat about images and generate images from text with one set of weights.
+
+    >>> model = EvoTokMLLM.from_pretrained("assets/mllm")       # also loads its image tokenizer
+    >>> codes = model.generate_image("a red star", guidance_scale=3.0, seed=0)   # b h w pixel_depth
+    >>> images = model.decode_codes(codes)                       # b 3 H W in [-1, 1]
+    >>> "".join(model.answer(image, "What colour is the star?"))  # streamed text pieces
+    """
+
+    config_class = MLLMConfig
+    model_type = "evotok_mllm"
+
+    def __init__(self, config: MLLMConfig, text_tokenizer: TextTokenizer | None = None, lm: nn.Module | None = None):
+        super().__init__()
+        if config.lm_config is None:
+            raise ValueError("MLLMConfig.lm_config is empty; build a new model with EvoTokMLLM.build")
+        self.config = config
+        self.lm = lm if lm is not None else build_lm(config.lm_config)
+        hidden = config.hidden_size
+        width = config.projector_hidden or hidden
+        self.projector = nn.Sequential(nn.LayerNorm(config.semantic_dim), nn.Linear(config.semantic_dim, width),
+                                       nn.GELU(), nn.Linear(width, hidden))
+        self.latent_in = nn.Sequential(nn.Linear(config.code_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+        self.grid_pos = nn.Parameter(torch.zeros(config.num_cells, hidden))
+        nn.init.trunc_normal_(self.grid_pos, std=0.02)
+        self.depth = DepthTransformer(hidden, config.pixel_depth, config.codebook_size, config.num_cells,
+                                      config.depth_width, config.depth_layers, config.depth_heads)
+        self.text_tokenizer = text_tokenizer
+        self.__dict__["image_tokenizer"] = None  # attached, never a submodule: not saved, not trained
+        self._embedding_hook = None
+        self._cache_arg = "cache" if "cache" in inspect.signature(self.lm.base_model.forward).parameters \
+            else "past_key_values"
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def build(cls, image_tokenizer: nn.Module, text_tokenizer: TextTokenizer, *, image_tokenizer_path: str,
+              lm_config: dict[str, Any] | None = None, lm_name_or_path: str | None = None,
+              **config_overrides: Any) -> "EvoTokMLLM":
+        """A new model around a frozen EvoTok tokenizer.
+
+        Either ``lm_config`` (e.g. :func:`~evotok.mllm.config.qwen2_lm_config`, trained from
+        scratch; its vocabulary is sized to ``text_tokenizer``) or ``lm_name_or_path`` (a
+        pretrained transformers causal LM whose embeddings are grown for the new special tokens).
+        """
+        from transformers import AutoModelForCausalLM
+
+        if (lm_config is None) == (lm_name_or_path is None):
+            raise ValueError("give exactly one of lm_config (train from scratch) or lm_name_or_path (pretrained LM)")
+        base_vocab = None
+        if lm_name_or_path is not None:
+            lm = AutoModelForCausalLM.from_pretrained(str(lm_name_or_path))
+            base_vocab = int(lm.get_input_embeddings().num_embeddings)
+            if len(text_tokenizer) > base_vocab:
+                lm.resize_token_embeddings(len(text_tokenizer))
+            lm_config = lm.config.to_dict()
+        else:
+            lm_config = {**lm_config, "vocab_size": max(int(lm_config.get("vocab_size", 0)), len(text_tokenizer))}
+            lm = build_lm(lm_config)
+        tcfg = image_tokenizer.config
+        semantic_dim = _semantic_dim(image_tokenizer)
+        config = MLLMConfig(
+            image_tokenizer=str(image_tokenizer_path), image_tokenizer_sha256=tokenizer_digest(image_tokenizer),
+            grid_size=tcfg.grid_size, pixel_depth=tcfg.pixel_depth, semantic_depth=tcfg.semantic_depth,
+            codebook_size=tcfg.codebook_size, code_dim=tcfg.code_dim, semantic_dim=semantic_dim,
+            lm_name_or_path=str(lm_name_or_path) if lm_name_or_path else None, lm_config=lm_config,
+            base_vocab_size=base_vocab, **config_overrides,
+        )
+        model = cls(config, text_tokenizer=text_tokenizer, lm=lm)
+        model.attach_image_tokenizer(image_tokenizer)
+        return model
+
+    def attach_image_tokenizer(self, tokenizer: nn.Module, check: bool = True) -> None:
+        """Use ``tokenizer`` (frozen, eval mode) for encoding, semantic features, latents and decoding."""
+        tcfg, cfg = tokenizer.config, self.config
+        mismatched = [f"{name}: model {mine} vs tokenizer {theirs}" for name, mine, theirs in (
+            ("grid_size", cfg.grid_size, tcfg.grid_size), ("pixel_depth", cfg.pixel_depth, tcfg.pixel_depth),
+            ("semantic_depth", cfg.semantic_depth, tcfg.semantic_depth),
+            ("codebook_size", cfg.codebook_size, tcfg.codebook_size), ("code_dim", cfg.code_dim, tcfg.code_dim),
+            ("semantic_dim", cfg.semantic_dim, _semantic_dim(tokenizer))) if mine != theirs]
+        if mismatched:
+            raise CheckpointError("the image tokenizer does not fit this multimodal model: " + "; ".join(mismatched))
+        if check and cfg.image_tokenizer_sha256 and tokenizer_digest(tokenizer) != cfg.image_tokenizer_sha256:
+            raise CheckpointError(
+                f"the image tokenizer's weights differ from the ones this model was trained with "
+                f"({cfg.image_tokenizer!r}, sha256 {cfg.image_tokenizer_sha256[:12]}…); pass the right tokenizer "
+                f"or check_image_tokenizer=False to use it anyway")
+        tokenizer.eval()
+        for p in tokenizer.parameters():
+            p.requires_grad_(False)
+        device = self.grid_pos.device
+        self.__dict__["image_tokenizer"] = tokenizer.to(device)
+
+    def _apply(self, fn, recurse: bool = True):  # .to()/.cuda() move the attached tokenizer too
+        super()._apply(fn, recurse)
+        tok = self.__dict__.get("image_tokenizer")
+        if tok is not None:
+            tok._apply(fn, recurse)
+        return self
+
+    @property
+    def tokenizer(self) -> nn.Module:
+        tok = self.__dict__.get("image_tokenizer")
+        if tok is None:
+            raise RuntimeError("no image tokenizer attached; use EvoTokMLLM.from_pretrained or attach_image_tokenizer")
+        return tok
+
+    @property
+    def text(self) -> TextTokenizer:
+        if self.text_tokenizer is None:
+            raise RuntimeError("no text tokenizer attached to this model")
+        return self.text_tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return self.grid_pos.device
+
+    # ------------------------------------------------------------------ saving
+    def _save_extra(self, folder: Path) -> None:
+        self.text.save(folder / TEXT_TOKENIZER_DIR)
+
+    def _load_extra(self, folder: Path) -> None:
+        tok = TextTokenizer.load(folder / TEXT_TOKENIZER_DIR)
+        vocab = self.lm.get_input_embeddings().num_embeddings
+        if len(tok) > vocab:
+            raise CheckpointError(f"{folder}: the text tokenizer has {len(tok)} tokens but the LM only {vocab} embeddings")
+        self.text_tokenizer = tok
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, map_location: str | torch.device = "cpu",
+                        image_tokenizer: nn.Module | str | os.PathLike | None = None,
+                        check_image_tokenizer: bool = True, **hub_kwargs: Any) -> "EvoTokMLLM":
+        """Load a saved model and the image tokenizer it records (or ``image_tokenizer``: a model or path)."""
+        from ..model import EvoTok
+
+        folder = resolve_checkpoint(name_or_path, **hub_kwargs)
+        model = super().from_pretrained(folder, map_location=map_location)
+        if not isinstance(image_tokenizer, nn.Module):
+            where = image_tokenizer if image_tokenizer is not None else _find_tokenizer(model.config.image_tokenizer, folder)
+            try:
+                image_tokenizer = EvoTok.from_pretrained(where, map_location=map_location)
+            except CheckpointError as err:
+                raise CheckpointError(f"cannot load the image tokenizer {str(where)!r} recorded by {folder}: {err}. "
+                                      "Pass image_tokenizer=<folder> to point at it.") from err
+        model.attach_image_tokenizer(image_tokenizer, check=check_image_tokenizer)
+        return model
+
+    # ------------------------------------------------------------------ training
+    def set_trainable(self, train_lm: bool) -> None:
+        """Stage 1 (``train_lm=False``): projector, depth transformer, grid/latent adapters and the
+        new token embeddings learn, the LM is frozen. Stage 2 (``True``): everything learns.
+
+        With a from-scratch LM (``base_vocab_size`` is None) every embedding row is "new".
+        """
+        for p in self.lm.parameters():
+            p.requires_grad_(train_lm)
+        if self._embedding_hook is not None:
+            self._embedding_hook.remove()
+            self._embedding_hook = None
+        if train_lm:
+            return
+        emb = self.lm.get_input_embeddings().weight
+        emb.requires_grad_(True)
+        base = self.config.base_vocab_size or 0
+        if base:
+            keep = torch.zeros(emb.shape[0], 1, device=emb.device, dtype=emb.dtype)
+            keep[base:] = 1
+            self._embedding_hook = emb.register_hook(lambda grad: grad * keep.to(grad.device, grad.dtype))
+
+    def image_features(self, image_codes: torch.Tensor) -> torch.Tensor:
+        """Frozen semantic features at the semantic depth: codes ``b h w D`` -> ``b (h w) C``."""
+        with torch.no_grad():
+            return self.tokenizer.semantic_features(image_codes, depth=self.config.semantic_depth)
+
+    def code_latents(self, codes: torch.Tensor) -> torch.Tensor:
+        """Prefix sum of the pixel-depth codes: ``... pixel_depth`` -> ``... code_dim``."""
+        with torch.no_grad():
+            return self.tokenizer.quantizer.codes_to_latent(codes, depth=self.config.pixel_depth)
+
+    def embed_inputs(self, input_ids: torch.Tensor, image_mask: torch.Tensor | None = None,
+                     image_features: torch.Tensor | None = None, gen_mask: torch.Tensor | None = None,
+                     gen_codes: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with projected image features spliced in at ``<image>`` positions and
+        projected code latents at generated grid cells (both in raster order, one per cell)."""
+        embeds = self.lm.get_input_embeddings()(input_ids)
+        n = self.config.num_cells
+        if image_mask is not None and bool(image_mask.any()):
+            if image_features is None:
+                raise ValueError("the sequence has <image> placeholders but no image features were given")
+            values = (self.projector(image_features.to(embeds.dtype)) + self.grid_pos).flatten(0, 1)
+            embeds = _splice(embeds, image_mask, values, "<image> placeholders", n)
+        if gen_mask is not None and bool(gen_mask.any()):
+            if gen_codes is None:
+                raise ValueError("the sequence has generated grid cells but no codes were given")
+            latents = self.code_latents(gen_codes[..., : self.config.pixel_depth]).flatten(1, 2)
+            values = (self.latent_in(latents.to(embeds.dtype)) + self.grid_pos).flatten(0, 1)
+            embeds = _splice(embeds, gen_mask, values, "generated grid cells", n)
+        return embeds
+
+    def backbone(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 position_ids: torch.Tensor | None = None, cache: Any = None, use_cache: bool = False):
+        """The LM body (no head): ``(last_hidden_state, cache)``."""
+        kwargs = {self._cache_arg: cache} if cache is not None else {}
+        out = self.lm.base_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                 position_ids=position_ids, use_cache=use_cache, **kwargs)
+        return out.last_hidden_state, (getattr(out, self._cache_arg, None) if use_cache else None)
+
+    def text_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm.get_output_embeddings()(hidden)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                image_mask: torch.Tensor | None = None, image_features: torch.Tensor | None = None,
+                image_codes: torch.Tensor | None = None, gen_mask: torch.Tensor | None = None,
+                gen_codes: torch.Tensor | None = None, depth_loss_weight: float = 1.0) -> MLLMOutput:
+        """Joint loss of a mixed batch (see :func:`evotok.mllm.data.collate`): LM cross-entropy on
+        answer tokens plus the depth transformer's cross-entropy over the codes of every cell."""
+        if image_features is None and image_codes is not None and image_codes.numel():
+            image_features = self.image_features(image_codes)
+        embeds = self.embed_inputs(input_ids, image_mask, image_features, gen_mask, gen_codes)
+        hidden, _ = self.backbone(embeds, attention_mask)
+
+        targets = labels[:, 1:]
+        supervised = targets != IGNORE
+        lm_tokens = int(supervised.sum())
+        if lm_tokens:
+            logits = self.text_logits(hidden[:, :-1][supervised])
+            lm_loss = F.cross_entropy(logits.float(), targets[supervised])
+        else:
+            lm_loss = hidden.sum() * 0.0
+
+        depth = self.config.pixel_depth
+        if gen_mask is not None and bool(gen_mask.any()):
+            source = torch.zeros_like(gen_mask)
+            source[:, :-1] = gen_mask[:, 1:]  # the hidden state *before* a cell predicts that cell
+            h = hidden[source]
+            codes = gen_codes[..., :depth].reshape(-1, depth).long()
+            cells = torch.arange(self.config.num_cells, device=h.device).repeat(codes.shape[0] // self.config.num_cells)
+            logits = self.depth(h, cells, codes)
+            per_stage = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), codes.reshape(-1),
+                                        reduction="none").view(-1, depth).mean(0)
+            depth_loss = per_stage.mean()
+            positions = codes.shape[0]
+        else:
+            per_stage = hidden.new_zeros(depth)
+            depth_loss = hidden.sum() * 0.0
+            positions = 0
+        return MLLMOutput(lm_loss + depth_loss_weight * depth_loss, lm_loss, depth_loss, per_stage.detach(),
+                          lm_tokens, positions)
+
+    # ------------------------------------------------------------------ inference
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """``b 3 H W`` in [-1, 1] -> full-depth codes ``b h w D``."""
+        return self.tokenizer.encode(images.to(self.device))
+
+    @torch.no_grad()
+    def decode_codes(self, codes: torch.Tensor, depth: int | None = None) -> torch.Tensor:
+        """Render generated codes (``b h w ≤pixel_depth``) with the tokenizer's pixel decoder."""
+        depth = codes.shape[-1] if depth is None else depth
+        return self.tokenizer.decode(codes.to(self.device), depth=depth)
+
+    def generate_image(self, prompt: str | Sequence[str], guidance_scale: float | None = 3.0,
+                       temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                       seed: int | None = None, callback: Callable[[int, torch.Tensor], None] | None = None,
+                       use_cache: bool = True) -> torch.Tensor:
+        """Text to image codes ``b h w pixel_depth`` (decode with :meth:`decode_codes`).
+
+        ``guidance_scale=None`` runs the conditional branch alone; any number runs the
+        unconditional (empty-prompt) branch beside it and mixes logits at every depth;
+        1.0 gives the same image as ``None``. ``seed`` fixes the image exactly.
+        ``callback(rows_done, codes)`` is called after each finished grid row (unfinished rows are 0).
+        """
+        from .generate import generate_image_codes
+
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        return generate_image_codes(self, prompts, guidance_scale=guidance_scale, temperature=temperature,
+                                    top_k=top_k, top_p=top_p, seed=seed, callback=callback, use_cache=use_cache)
+
+    def answer(self, image: torch.Tensor | None, question: str, history: Sequence[tuple[str, str]] = (),
+               max_new_tokens: int | None = None, stream: bool = True, temperature: float = 0.0,
+               top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+               use_cache: bool = True) -> Iterator[str] | str:
+        """Answer ``question`` about ``image`` (``3 H W`` or ``1 3 H W`` in [-1, 1], or None for text only).
+
+        ``history``: earlier (question, answer) turns about the same image. With ``stream`` the
+        answer comes as an iterator of text pieces, otherwise as one string. Greedy by default.
+        """
+        from .generate import stream_answer
+
+        pieces = stream_answer(self, image, question, history,
+                               max_new_tokens or self.config.max_answer_tokens, temperature, top_k, top_p, seed,
+                               use_cache)
+        if stream:
+            return pieces
+        return "".join(pieces)
+
+    def answer_batch(self, images: torch.Tensor | None, questions: Sequence[str], max_new_tokens: int | None = None,
+                     image_codes: torch.Tensor | None = None) -> list[str]:
+        """Greedy single-turn answers for a batch (benchmarks and evaluation); ``image_codes``
+        (``b h w D``) may replace ``images`` to skip encoding."""
+        from .generate import batch_answers
+
+        return batch_answers(self, images, questions, max_new_tokens or self.config.max_answer_tokens, image_codes)
+
+    def known_words(self) -> list[str]:
+        """Words the model met in training (the app warns about others)."""
+        return self.text.known_words()
+
+    def unknown_words(self, prompt: str) -> list[str]:
+        return self.text.unknown_words(prompt)
+
+
+def _splice(embeds: torch.Tensor, mask: torch.Tensor, values: torch.Tensor, what: str, per_image: int) -> torch.Tensor:
+    count = int(mask.sum())
+    if count != values.shape[0]:
+        raise ValueError(f"{count} {what} in the batch but {values.shape[0]} embeddings to put there "
+                         f"({per_image} per image expected)")
+    return embeds.masked_scatter(mask.unsqueeze(-1), values)
+
+
+def _semantic_dim(tokenizer: nn.Module) -> int:
+    return int(getattr(tokenizer.config, "teacher_dim"))
+
+
+def _find_tokenizer(ref: str, folder: Path) -> str:
+    """A recorded tokenizer path, looked up beside the model folder and each folder above it,
+    then as given (relative to the working directory, or a hub id)."""
+    path = Path(ref).expanduser()
+    if path.is_absolute():
+        return str(path)
+    for base in (folder, *folder.resolve().parents):
+        if (base / path).is_dir():
+            return str(base / path)
+    return ref

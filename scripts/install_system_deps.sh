@@ -3,10 +3,11 @@
 # that are already installed are left alone, and nothing is fetched when all are present.
 #   openclipart-png        public-domain clip art (evotok.data.ClipArtSource)
 #   dataset-fashion-mnist  Fashion-MNIST IDX files (evotok.data.FashionMNISTSource)
+#   chromium               Debian's browser, driven by Playwright in the browser test (never downloaded)
 # Usage: bash scripts/install_system_deps.sh   (as root, or with sudo available)
 set -euo pipefail
 
-PACKAGES=(openclipart-png dataset-fashion-mnist)
+PACKAGES=(openclipart-png dataset-fashion-mnist chromium)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do

@@ -19,8 +19,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def clustered(n: int, dim: int, clusters: int = 20, seed: int = 0) -> torch.Tensor:
+    """``n`` samples of one fixed mixture of ``clusters`` Gaussians; ``seed`` picks the samples."""
+    centres = 2.0 * torch.randn(clusters, dim, generator=torch.Generator().manual_seed(1234))
     gen = torch.Generator().manual_seed(seed)
-    centres = 2.0 * torch.randn(clusters, dim, generator=gen)
     return centres[torch.randint(clusters, (n,), generator=gen)] + 0.5 * torch.randn(n, dim, generator=gen)
 
 

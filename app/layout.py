@@ -57,7 +57,7 @@ def build_demo(callbacks: Callbacks, examples: Sequence[str] = (), concurrency: 
         with gr.Tab("Stage explorer"):
             with gr.Row(equal_height=False):
                 with gr.Column(scale=1, min_width=280):
-                    image_in = UploadedImage(label="Your image (any format PIL reads)", sources=["upload", "clipboard"],
+                    image_in = UploadedImage(type="filepath", image_mode=None, label="Your image (any format PIL reads)", sources=["upload", "clipboard"],
                                              height=260, elem_id="evotok-input")
                     labels_in = gr.Textbox(value=", ".join(DEFAULT_LABELS), lines=4, max_lines=8,
                                            label="Probe labels (comma-separated; empty = defaults)")

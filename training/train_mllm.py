@@ -1,0 +1,255 @@
+"""Train the multimodal model (chat about images + text to image) on a frozen EvoTok tokenizer.
+
+Stage 1 (adapters and new embeddings; a from-scratch LM trains whole), then stage 2 (everything):
+    python training/train_mllm.py --config training/configs/mllm_stage1.yaml
+    python training/train_mllm.py --config training/configs/mllm_stage2.yaml
+Many GPUs (DDP through accelerate; FSDP/DeepSpeed via `accelerate config`):
+    accelerate launch --multi_gpu --num_processes 8 training/train_mllm.py --config ...
+Continue an interrupted run exactly (model, optimizer, schedule, RNG, data position):
+    python training/train_mllm.py --config ... --resume
+Override any config value: ``--set train.steps=100 train.batch_size=8``.
+
+The frozen tokenizer's codes are computed once per image into ``data.cache_dir`` (resumable
+chunks), so training steps touch only the language model, the projector and the depth transformer.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from accelerate import Accelerator, DistributedDataParallelKwargs  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from evotok.data.mixture import build_sources  # noqa: E402
+from evotok.mllm import EvoTokMLLM, TextTokenizer, qwen2_lm_config  # noqa: E402
+from evotok.mllm.data import (TASKS, ChatDataset, build_pool, collate, corpus_texts, heldout_questions,  # noqa: E402
+                              load_pool)
+from evotok.mllm.model import tokenizer_digest  # noqa: E402
+from evotok.model import EvoTok  # noqa: E402
+from training.common import (Logger, batch_indices, copy_config, load_config, load_training_state,  # noqa: E402
+                             rng_state, save_training_state, set_rng_state, set_seed, to_float_dict)
+
+STATE_FILE = "training_state.pt"
+TENSOR_KEYS = ("input_ids", "attention_mask", "labels", "image_mask", "gen_mask", "image_codes", "gen_codes")
+
+
+def build_pools(tokenizer: EvoTok, data_cfg: dict, split: str, counts: dict[str, int], accelerator: Accelerator) -> dict:
+    """Encode (main process, once; cached on disk) and load the image pools of ``split``."""
+    resolution = tokenizer.config.image_size
+    seed = int(data_cfg.get("seed", 0)) + (1 if split == "heldout" else 0)
+    digest = tokenizer_digest(tokenizer)
+    cache = Path(data_cfg.get("cache_dir", "runs/mllm_cache"))
+    folders = {name: cache / f"{name}-{split}-{resolution}px-seed{seed}-n{count}-{digest[:12]}"
+               for name, count in counts.items() if count}
+    if accelerator.is_main_process:
+        sources = build_sources(list(folders), resolution=resolution, seed=seed, split=split,
+                                roots=data_cfg.get("roots"))
+        for name, folder in folders.items():
+            count = min(int(counts[name]), len(sources[name]))
+            with tqdm(total=count, desc=f"encoding {name}/{split}", leave=False) as bar:
+                build_pool(folder, name, sources[name], count, resolution, tokenizer,
+                           batch_size=int(data_cfg.get("encode_batch_size", 64)), digest=digest, progress=bar.update)
+    accelerator.wait_for_everyone()
+    return {name: load_pool(folder) for name, folder in folders.items()}
+
+
+def build_model(config: dict, tokenizer: EvoTok, pools: dict, run_dir: Path, resume: bool) -> EvoTokMLLM:
+    model_cfg, text_cfg = config["model"], config.get("text_tokenizer", {})
+    if model_cfg.get("init_from"):  # stage 2: continue from a saved stage-1 model
+        return EvoTokMLLM.from_pretrained(model_cfg["init_from"], image_tokenizer=tokenizer)
+    text_dir = run_dir / "text_tokenizer"
+    if text_cfg.get("path"):
+        text_tok = TextTokenizer.load(text_cfg["path"])
+    elif resume and text_dir.is_dir():
+        text_tok = TextTokenizer.load(text_dir)
+    else:
+        text_tok = TextTokenizer.train(corpus_texts(pools), int(text_cfg.get("vocab_size", 3000)),
+                                       int(text_cfg.get("min_frequency", 2)))
+    text_tok.save(text_dir)
+    adapters = {k: model_cfg[k] for k in ("projector_hidden", "depth_layers", "depth_width", "depth_heads",
+                                          "max_prompt_tokens", "max_answer_tokens") if k in model_cfg}
+    if model_cfg.get("lm_name_or_path"):
+        return EvoTokMLLM.build(tokenizer, text_tok, image_tokenizer_path=model_cfg["image_tokenizer"],
+                                lm_name_or_path=model_cfg["lm_name_or_path"], **adapters)
+    lm_config = qwen2_lm_config(len(text_tok), **model_cfg.get("lm", {}))
+    return EvoTokMLLM.build(tokenizer, text_tok, image_tokenizer_path=model_cfg["image_tokenizer"],
+                            lm_config=lm_config, **adapters)
+
+
+def make_dataset(pools: dict, data_cfg: dict, model: EvoTokMLLM, seed: int, tasks: dict | None = None) -> ChatDataset:
+    return ChatDataset(pools, tasks or data_cfg["tasks"], model.text, model.config.num_cells, model.config.pixel_depth,
+                       seed=seed, cfg_dropout=float(data_cfg.get("cfg_dropout", 0.1)),
+                       describe_prob=float(data_cfg.get("describe_prob", 0.2)),
+                       max_turns=int(data_cfg.get("max_turns", 3)), max_prompt_tokens=model.config.max_prompt_tokens)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: (batch[k].to(device) if batch[k] is not None else None) for k in TENSOR_KEYS}
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warm-up, then cosine decay to ``min_ratio`` of the peak."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def evaluate(model: EvoTokMLLM, eval_batch: dict, questions: list, heldout_scenes, device: torch.device,
+             batch_size: int) -> dict[str, float]:
+    """Held-out losses on a fixed mixed batch and greedy answer accuracy on held-out scene questions."""
+    was_training = model.training
+    model.eval()
+    out = model(**to_device(eval_batch, device))
+    report = {"lm_loss": float(out.lm_loss), "depth_loss": float(out.depth_loss)}
+    if questions:
+        correct: dict[str, list[int]] = {}
+        for start in range(0, len(questions), batch_size):
+            chunk = questions[start:start + batch_size]
+            codes = torch.from_numpy(heldout_scenes.codes[[j for j, *_ in chunk]].astype("int64"))
+            answers = model.answer_batch(None, [q for _, q, _, _ in chunk], max_new_tokens=8, image_codes=codes)
+            for (_, _, truth, category), answer in zip(chunk, answers):
+                correct.setdefault(category, []).append(int(answer.strip().lower() == truth.lower()))
+        every = [c for v in correct.values() for c in v]
+        report["answer_accuracy"] = sum(every) / len(every)
+        report.update({f"accuracy_{k}": sum(v) / len(v) for k, v in sorted(correct.items())})
+    model.train(was_training)
+    return report
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--resume", action="store_true", help="continue the run in train.output_dir")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config values")
+    args = parser.parse_args(argv)
+    config = load_config(args.config, args.set)
+    train_cfg, data_cfg, eval_cfg = config["train"], config["data"], config.get("eval", {})
+    run_dir = Path(train_cfg["output_dir"])
+    seed = int(train_cfg.get("seed", 0))
+
+    accelerator = Accelerator(
+        mixed_precision=train_cfg.get("mixed_precision", "no") if torch.cuda.is_available() else "no",
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+    if not torch.cuda.is_available() and train_cfg.get("cpu_threads"):
+        torch.set_num_threads(int(train_cfg["cpu_threads"]))
+    set_seed(seed + accelerator.process_index)
+
+    tokenizer = EvoTok.from_pretrained(config["model"]["image_tokenizer"]).to(accelerator.device)
+    pools = build_pools(tokenizer, data_cfg, "train", data_cfg["pools"], accelerator)
+    heldout = build_pools(tokenizer, data_cfg, "heldout", data_cfg.get("heldout_pools", {}), accelerator)
+
+    resuming = args.resume and (run_dir / STATE_FILE).exists()
+    model = build_model(config, tokenizer, pools, run_dir, resuming)
+    model.set_trainable(bool(train_cfg.get("train_lm", True)))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=float(train_cfg["lr"]), betas=tuple(train_cfg.get("betas", (0.9, 0.95))),
+                            weight_decay=float(train_cfg.get("weight_decay", 0.0)))
+    total_steps = int(train_cfg["steps"])
+    warmup, min_ratio = int(train_cfg.get("warmup_steps", 0)), float(train_cfg.get("min_lr", train_cfg["lr"])) / float(train_cfg["lr"])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup, total_steps, min_ratio))
+
+    step = 0
+    if resuming:
+        state = load_training_state(run_dir / STATE_FILE)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        step = state["step"]
+        set_rng_state(state["rng"][min(accelerator.process_index, len(state["rng"]) - 1)])
+        accelerator.print(f"resumed {run_dir} at step {step}")
+    elif args.resume:
+        accelerator.print(f"--resume: no state in {run_dir}, starting fresh")
+    if accelerator.is_main_process:
+        copy_config(args.config, run_dir)
+
+    wrapped, opt = accelerator.prepare(model, opt)
+    model = accelerator.unwrap_model(wrapped)
+    device = accelerator.device
+    pad_id = model.text.ids["pad"]
+    dataset = make_dataset(pools, data_cfg, model, seed)
+    batch_size = int(train_cfg["batch_size"])
+
+    eval_batch, questions, heldout_scenes = None, [], heldout.get("scenes")
+    if heldout:
+        eval_tasks = {t: w for t, w in data_cfg["tasks"].items() if TASKS[t][0] in heldout}
+        if eval_tasks:
+            held_ds = make_dataset(heldout, data_cfg, model, seed + 10_000, eval_tasks)
+            eval_batch = collate([held_ds[i] for i in range(int(eval_cfg.get("batch_size", 32)))], pad_id)
+        if heldout_scenes is not None:
+            questions = heldout_questions(heldout_scenes, int(eval_cfg.get("questions", 128)))
+
+    logger = Logger(run_dir, accelerator.is_main_process, bool(train_cfg.get("tensorboard", False)))
+    log_every, eval_every, save_every = (int(train_cfg.get(k, d)) for k, d in
+                                         (("log_every", 10), ("eval_every", 500), ("save_every", 500)))
+    depth_weight = float(train_cfg.get("depth_loss_weight", 1.0))
+
+    def save(final: bool = False) -> None:
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                     "step": step, "rng": [rng_state()], "config": config}
+            save_training_state(run_dir / STATE_FILE, state)
+            model.save_pretrained(run_dir / ("final" if final else "latest"))
+        accelerator.wait_for_everyone()
+
+    history: list[dict] = []
+    evals: list[dict] = []
+    started = time.time()
+    bar = tqdm(total=total_steps, initial=step, disable=not accelerator.is_main_process, desc="mllm")
+    wrapped.train()
+    while step < total_steps:
+        items = [dataset[i] for i in batch_indices(step, batch_size, accelerator.process_index, accelerator.num_processes)]
+        batch = to_device(collate(items, pad_id), device)
+        with accelerator.autocast():
+            out = wrapped(**batch, depth_loss_weight=depth_weight)
+        opt.zero_grad(set_to_none=True)
+        accelerator.backward(out.loss)
+        if train_cfg.get("grad_clip"):
+            accelerator.clip_grad_norm_(params, float(train_cfg["grad_clip"]))
+        opt.step()
+        sched.step()
+        step += 1
+        bar.update(1)
+
+        if step % log_every == 0 or step == total_steps:
+            values = to_float_dict({"loss": out.loss.detach(), "lm_loss": out.lm_loss.detach(),
+                                    "depth_loss": out.depth_loss.detach(), "lr": sched.get_last_lr()[0]})
+            values.update({f"depth_loss_stage{j + 1}": float(v) for j, v in enumerate(out.depth_loss_per_stage)})
+            bar.set_postfix(lm=f"{values['lm_loss']:.3f}", depth=f"{values['depth_loss']:.3f}")
+            logger.scalars(values, step, "train/")
+            history.append({"step": step, **values})
+        if eval_batch is not None and (step % eval_every == 0 or step == total_steps):
+            report = evaluate(model, eval_batch, questions, heldout_scenes, device, int(eval_cfg.get("answer_batch_size", 64)))
+            logger.scalars(report, step, "eval/")
+            evals.append({"step": step, **report})
+            if accelerator.is_main_process:
+                acc = f"; held-out answer accuracy {report['answer_accuracy']:.3f}" if "answer_accuracy" in report else ""
+                bar.write(f"step {step}: held-out lm {report['lm_loss']:.3f} depth {report['depth_loss']:.3f}{acc}")
+                with open(run_dir / "eval.jsonl", "a") as f:
+                    f.write(json.dumps({"step": step, **report}) + "\n")
+        if step % save_every == 0 and step < total_steps:
+            save()
+    bar.close()
+    elapsed = time.time() - started
+    save(final=True)
+    logger.close()
+    summary = {"steps": step, "seconds": elapsed, "history": history, "eval": evals}
+    if accelerator.is_main_process:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    accelerator.end_training()
+    return summary
+
+
+if __name__ == "__main__":
+    main()

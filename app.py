@@ -1,7 +1,9 @@
 """Start the EvoTok demo (Gradio): ``python app.py [--checkpoint FOLDER_OR_HUB_ID] [--port 7860]``.
 
 Runs offline on the bundled tokenizer (``assets/tokenizer``) and its teacher by default. Host and
-port also come from ``GRADIO_SERVER_NAME`` / ``GRADIO_SERVER_PORT`` (as on Hugging Face Spaces).
+port also come from ``GRADIO_SERVER_NAME`` / ``GRADIO_SERVER_PORT`` (as on Hugging Face Spaces);
+``EVOTOK_CHECKPOINT``, ``EVOTOK_TEACHER`` and ``EVOTOK_CACHE_DIR`` stand in for the flags of the
+same names (a Space has variables, not command lines).
 """
 from __future__ import annotations
 
@@ -26,10 +28,12 @@ DEFAULT_EXAMPLES = ROOT / "assets" / "examples"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     env = os.environ
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT),
-                        help="tokenizer folder or Hugging Face Hub id (default: the bundled assets/tokenizer)")
-    parser.add_argument("--teacher", default=None,
-                        help="teacher folder or hub id (default: the one the tokenizer's config names; 'none' to disable)")
+    parser.add_argument("--checkpoint", default=env.get("EVOTOK_CHECKPOINT", str(DEFAULT_CHECKPOINT)),
+                        help="tokenizer folder or Hugging Face Hub id (default: the bundled assets/tokenizer, "
+                             "or $EVOTOK_CHECKPOINT)")
+    parser.add_argument("--teacher", default=env.get("EVOTOK_TEACHER"),
+                        help="teacher folder or hub id (default: the one the tokenizer's config names, or "
+                             "$EVOTOK_TEACHER; 'none' to disable)")
     parser.add_argument("--host", default=env.get("GRADIO_SERVER_NAME", "127.0.0.1"),
                         help="interface to listen on (default 127.0.0.1, or $GRADIO_SERVER_NAME)")
     parser.add_argument("--port", type=int, default=int(env.get("GRADIO_SERVER_PORT", "7860")),
@@ -51,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     started = time.perf_counter()
+    problem = check_checkpoint_argument(args.checkpoint)
+    if problem:  # before the slow imports: a wrong path fails in a fraction of a second
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
 
     import torch
 
@@ -60,10 +68,6 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.checkpoint == str(DEFAULT_CHECKPOINT) and not DEFAULT_CHECKPOINT.is_dir():
-        print(f"error: the bundled tokenizer is missing ({DEFAULT_CHECKPOINT}). Pass --checkpoint FOLDER_OR_HUB_ID, "
-              "or train one with training/train_tokenizer.py.", file=sys.stderr)
-        return 2
     try:
         explorer = Explorer.load(args.checkpoint, args.teacher, search_dirs=[ROOT], device=args.device)
     except (CheckpointError, OSError, ValueError) as err:
@@ -79,6 +83,20 @@ def main(argv: list[str] | None = None) -> int:
         warm_up(explorer)
     demo.block_thread()
     return 0
+
+
+def check_checkpoint_argument(checkpoint: str) -> str:
+    """A message when ``checkpoint`` is clearly a local folder that is not there ('' otherwise).
+
+    Hub ids look like ``owner/name``; anything absolute or starting with ``.`` or ``~`` is a path.
+    """
+    path = Path(checkpoint).expanduser()
+    if checkpoint == str(DEFAULT_CHECKPOINT) and not path.is_dir():
+        return (f"the bundled tokenizer is missing ({DEFAULT_CHECKPOINT}). Pass --checkpoint FOLDER_OR_HUB_ID, "
+                "or train one with training/train_tokenizer.py.")
+    if (path.is_absolute() or checkpoint.startswith((".", "~"))) and not path.is_dir():
+        return f"could not load the models: no checkpoint folder at {path}"
+    return ""
 
 
 def app_css() -> str:

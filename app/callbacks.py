@@ -24,7 +24,7 @@ from PIL import Image
 from evotok.explore import (Explorer, codebook_figure, codes_figure, codes_to_json, metrics_figure, probe_figure,
                             probe_rows, umap_figure, upscale_for_display)
 from evotok.hub import CheckpointError
-from evotok.images import ImageError
+from evotok.images import ImageError, tensor_to_pil
 
 log = logging.getLogger("evotok.app")
 
@@ -102,8 +102,8 @@ class Callbacks:
         headers, rows = probe_rows(result)
         codes_file = self.outputs.write_json("evotok-codes", codes_to_json(result, self.explorer.source))
         state = {
-            "images": [np.asarray(img) for img in (tensor_image(r) for r in result.reconstructions)],
-            "captions": [result.caption(d) for d in result.depths],
+            "images": [np.asarray(tensor_to_pil(r)) for r in result.reconstructions],
+            "captions": [result.caption(d, long=True) for d in result.depths],
         }
         return (
             result.input_image(self.display_side),
@@ -147,12 +147,6 @@ class Callbacks:
         if samples.notes:
             note += " " + " ".join(samples.notes)
         return umap_figure(embedding, samples, int(depth), kind, colour_by), note
-
-
-def tensor_image(tensor) -> Image.Image:
-    from evotok.images import tensor_to_pil
-
-    return tensor_to_pil(tensor)
 
 
 def _counts(items: list[str]) -> dict[str, int]:

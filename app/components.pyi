@@ -18,15 +18,11 @@ class UploadedImage(gr.Image):
     ``type="filepath"``, so a non-image, a truncated file or a decompression bomb would fail
     inside Gradio with a generic error. Here nothing is decoded: the callback decodes with
     ``evotok.images.load_image_safely`` and reports problems in words. ``is_template`` makes the
-    browser use the ordinary image widget.
+    browser use the ordinary image widget. (No ``__init__`` override: Gradio reads the
+    component's properties from the constructor signature.)
     """
 
     is_template = True
-
-    def __init__(self, *args, **kwargs) -> None:
-        kwargs.setdefault("type", "filepath")
-        kwargs.setdefault("image_mode", None)
-        super().__init__(*args, **kwargs)
 
     def preprocess(self, payload):  # noqa: D401 - Gradio's hook
         if payload is None:

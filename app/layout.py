@@ -1,6 +1,7 @@
 """The page: a stage-explorer tab and a codebook tab, wired to ``app.callbacks``."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -60,7 +61,7 @@ def build_demo(callbacks: Callbacks, examples: Sequence[str] = (), concurrency: 
                     image_in = UploadedImage(type="filepath", image_mode=None, label="Your image (any format PIL reads)", sources=["upload", "clipboard"],
                                              height=260, elem_id="evotok-input")
                     labels_in = gr.Textbox(value=", ".join(DEFAULT_LABELS), lines=4, max_lines=8,
-                                           label="Probe labels (comma-separated; empty = defaults)")
+                                           label="Probe labels (comma-separated; empty = defaults)", elem_id="evotok-labels")
                     run = gr.Button("Explore the stages", variant="primary", elem_id="evotok-run")
                     example_block = None
                     if examples:
@@ -77,13 +78,14 @@ def build_demo(callbacks: Callbacks, examples: Sequence[str] = (), concurrency: 
                                       info=f"pixel depth {config.pixel_depth}, semantic depth {config.semantic_depth}",
                                       elem_id="evotok-depth")
                     status = gr.Markdown("Upload an image or click an example.", elem_id="evotok-status")
-            gallery = gr.Gallery(label="Reconstruction after each stage", columns=min(stages, 8), height="auto",
+            gallery = gr.Gallery(label="Reconstruction after each stage", columns=min(stages, 8), rows=math.ceil(stages / 8), height=24 + 170 * math.ceil(stages / 8),
                                  object_fit="contain", format="png", elem_id="evotok-gallery", preview=False)
             metrics_plot = gr.Plot(label="Pixels and semantics against depth", elem_id="evotok-metrics")
             with gr.Row(equal_height=False):
-                probe_plot = gr.Plot(label="Zero-shot probe by depth", elem_id="evotok-probe-plot")
-                probe_table = gr.Dataframe(label="Top labels at each depth", interactive=False, wrap=True,
-                                           elem_id="evotok-probe-table")
+                probe_plot = gr.Plot(label="Zero-shot probe by depth", elem_id="evotok-probe-plot", scale=3)
+                probe_table = gr.Dataframe(label="Top labels at each depth (teacher = on the real image)",
+                                           interactive=False, wrap=True, elem_id="evotok-probe-table", scale=2,
+                                           max_height=600, column_widths=["22%", "63%", "15%"])
             codes_plot = gr.Plot(label="Codes", elem_id="evotok-codes")
             codes_file = gr.File(label="Download the codes (JSON: codes[row][col][stage])", interactive=False,
                                  elem_id="evotok-codes-file")
@@ -92,7 +94,7 @@ def build_demo(callbacks: Callbacks, examples: Sequence[str] = (), concurrency: 
 
         with gr.Tab("Codebook"):
             stats_md = gr.Markdown()
-            stats_plot = gr.Plot(label="Codebook health per stage")
+            stats_plot = gr.Plot(label="Codebook health per stage", elem_id="evotok-codebook")
             refresh = gr.Button("Refresh statistics", size="sm")
             gr.Markdown("### Stage features of held-out images (UMAP)\nComputed on request (scenes, clip art and "
                         "Fashion-MNIST held-out images) and cached on disk; the first fit in a fresh process takes "
@@ -103,19 +105,19 @@ def build_demo(callbacks: Callbacks, examples: Sequence[str] = (), concurrency: 
                                      label="Features")
                 umap_colour = gr.Radio(["label", "source"], value="label", label="Colour by")
             umap_run = gr.Button("Compute UMAP", variant="primary")
-            umap_plot = gr.Plot(label="UMAP")
+            umap_plot = gr.Plot(label="UMAP", elem_id="evotok-umap")
             umap_note = gr.Markdown()
 
         outputs = [input_view, gallery, metrics_plot, probe_plot, probe_table, codes_plot, codes_file, status, state]
         run.click(callbacks.explore, [image_in, labels_in], outputs, api_name="explore", concurrency_id="model",
                   concurrency_limit=concurrency
-                  ).then(callbacks.show_depth, [state, depth], depth_view, api_visibility="private",
+                  ).success(callbacks.show_depth, [state, depth], depth_view, api_visibility="private",
                          concurrency_limit=None, show_progress="hidden")
         if example_block is not None:
             example_block.load_input_event.then(
                 callbacks.explore, [image_in, labels_in], outputs, api_visibility="private", concurrency_id="model",
                 concurrency_limit=concurrency
-            ).then(callbacks.show_depth, [state, depth], depth_view, api_visibility="private",
+            ).success(callbacks.show_depth, [state, depth], depth_view, api_visibility="private",
                    concurrency_limit=None, show_progress="hidden")
         depth.change(callbacks.show_depth, [state, depth], depth_view, api_visibility="private",
                      concurrency_limit=None, show_progress="hidden")

@@ -50,6 +50,7 @@ MAX_LABELS = 100
 MAX_LABEL_CHARS = 80
 FEATURE_KINDS = ("semantic", "latent")
 ProgressFn = Callable[[float, str], None]
+_SHORT_ROLES = {"pixel depth": "Lpix", "semantic depth": "Lsem", "off-distribution": "off-dist."}
 
 
 def _no_progress(fraction: float, message: str) -> None:
@@ -220,11 +221,11 @@ class ExploreResult:
             tags.append("off-distribution")
         return tags
 
-    def caption(self, depth: int) -> str:
+    def caption(self, depth: int, long: bool = False) -> str:
+        """``depth 4 · 27.1 dB · Lpix`` (``long``: the roles spelled out)."""
         i = self.depths.index(depth)
-        tags = self.roles(depth)
-        text = f"depth {depth} · {self.psnr[i]:.1f} dB"
-        return text + (" · " + " · ".join(tags) if tags else "")
+        tags = self.roles(depth) if long else [_SHORT_ROLES[t] for t in self.roles(depth)]
+        return " · ".join([f"depth {depth}", f"{self.psnr[i]:.1f} dB", *tags])
 
     def reconstruction_image(self, depth: int, min_side: int = 256) -> Image.Image:
         return upscale_for_display(tensor_to_pil(self.reconstructions[self.depths.index(depth)]), min_side)
@@ -633,16 +634,17 @@ _PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#
             "#31a354", "#756bb1", "#636363", "#6baed6", "#fd8d3c", "#74c476", "#9e9ac8", "#969696"]
 
 
-def _mark_depths(fig: go.Figure, result_or_depths: Any, cols: Sequence[int], rows: int = 1) -> None:
-    r = result_or_depths
-    last = len(r.depths)
+def _mark_depths(fig: go.Figure, result: "ExploreResult", cols: Sequence[int]) -> None:
+    """Dashed lines at the pixel and semantic depths, grey band over off-distribution depths."""
+    last = len(result.depths)
     for col in cols:
-        for depth, name, colour in ((r.pixel_depth, "L<sub>pix</sub>", "#d62728"), (r.semantic_depth, "L<sub>sem</sub>", "#9467bd")):
-            fig.add_vline(x=depth, line=dict(color=colour, dash="dash", width=1.5), row=rows, col=col,
-                          annotation_text=name, annotation_position="top", annotation_font_color=colour)
-        if r.max_train_depth < last:
-            fig.add_vrect(x0=r.max_train_depth + 0.5, x1=last + 0.5, fillcolor="#888", opacity=0.12, line_width=0,
-                          row=rows, col=col)
+        for depth, name, colour in ((result.pixel_depth, "L<sub>pix</sub>", "#d62728"),
+                                    (result.semantic_depth, "L<sub>sem</sub>", "#9467bd")):
+            fig.add_vline(x=depth, line=dict(color=colour, dash="dash", width=1.5), row=1, col=col,
+                          annotation_text=name, annotation_position="bottom left", annotation_font_color=colour)
+        if result.max_train_depth < last:
+            fig.add_vrect(x0=result.max_train_depth + 0.5, x1=last + 0.5, fillcolor="#888", opacity=0.15,
+                          line_width=0, row=1, col=col)
 
 
 def metrics_figure(result: ExploreResult) -> go.Figure:
@@ -659,9 +661,9 @@ def metrics_figure(result: ExploreResult) -> go.Figure:
     else:
         fig.add_annotation(text="no teacher loaded", showarrow=False, xref="x3 domain", yref="y3 domain", x=0.5, y=0.5)
     _mark_depths(fig, result, cols=(1, 2))
-    if result.max_train_depth < len(result.depths):
-        fig.add_annotation(text="grey: off-distribution for the pixel decoder", showarrow=False, xref="paper",
-                           yref="paper", x=0.0, y=-0.2, xanchor="left", font=dict(size=11, color="#666"))
+    if result.max_train_depth < len(result.depths):  # a legend entry for the grey band
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name="off-distribution for the pixel decoder",
+                                 marker=dict(symbol="square", size=12, color="rgba(136,136,136,0.35)")), row=1, col=1)
     fig.update_xaxes(title_text="depth (stages)", dtick=1, range=[0.5, len(result.depths) + 0.5])
     fig.update_yaxes(title_text="PSNR (dB)", row=1, col=1, secondary_y=False)
     fig.update_yaxes(title_text="SSIM", row=1, col=1, secondary_y=True, showgrid=False)
@@ -671,17 +673,16 @@ def metrics_figure(result: ExploreResult) -> go.Figure:
 
 
 def probe_rows(result: ExploreResult, k: int = 3) -> tuple[list[str], list[list[str]]]:
-    """Headers and rows of the probe table: top ``k`` labels at every depth, then the teacher."""
-    headers = ["depth", *[f"#{i + 1}" for i in range(k)], "cosine"]
+    """Headers and rows of the probe table: top ``k`` labels at every depth, then the teacher's."""
+    headers = ["depth", f"top {k} labels", "cos"]
     if result.probe is None:
         return headers, []
     rows = []
     for i, depth in enumerate(result.depths):
-        tags = result.roles(depth)
-        name = f"{depth}" + (f" ({', '.join(tags)})" if tags else "")
-        tops = [f"{label} {p:.0%}" for label, p in result.probe.top(i, k)]
-        rows.append([name, *tops, f"{result.semantic_cosine[i]:.3f}"])
-    rows.append(["teacher (real image)", *[f"{label} {p:.0%}" for label, p in result.probe.top(None, k)], "1.000"])
+        name = " · ".join([str(depth), *[_SHORT_ROLES[t] for t in result.roles(depth)]])
+        tops = ", ".join(f"{label} {p:.0%}" for label, p in result.probe.top(i, k))
+        rows.append([name, tops, f"{result.semantic_cosine[i]:.3f}"])
+    rows.append(["teacher", ", ".join(f"{label} {p:.0%}" for label, p in result.probe.top(None, k)), "1.000"])
     return headers, rows
 
 
@@ -741,16 +742,17 @@ def codebook_figure(stats: dict[str, list[float]], codebook_size: int) -> go.Fig
     stages = list(range(1, len(stats["usage"]) + 1))
     fig = make_subplots(rows=1, cols=3, horizontal_spacing=0.08,
                         subplot_titles=("usage (codes alive)", "perplexity", "dead codes"))
-    fig.add_trace(go.Bar(x=stages, y=[100 * u for u in stats["usage"]], name="usage %", marker_color="#1f77b4",
-                         hovertemplate="stage %{x}: %{y:.1f}%<extra></extra>"), row=1, col=1)
-    fig.add_trace(go.Bar(x=stages, y=stats["perplexity"], name="perplexity", marker_color="#2ca02c",
-                         hovertemplate="stage %{x}: %{y:,.0f}<extra></extra>"), row=1, col=2)
-    fig.add_trace(go.Bar(x=stages, y=stats["dead_codes"], name="dead codes", marker_color="#d62728",
-                         hovertemplate="stage %{x}: %{y:,.0f}<extra></extra>"), row=1, col=3)
+    usage = [100 * u for u in stats["usage"]]
+    for col, values, name, colour, fmt in ((1, usage, "usage %", "#1f77b4", "{:.0f}%"),
+                                           (2, stats["perplexity"], "perplexity", "#2ca02c", "{:,.0f}"),
+                                           (3, stats["dead_codes"], "dead codes", "#d62728", "{:,.0f}")):
+        fig.add_trace(go.Bar(x=stages, y=values, name=name, marker_color=colour, text=[fmt.format(v) for v in values],
+                             textposition="outside", cliponaxis=False, textfont=dict(size=10),
+                             hovertemplate=f"stage %{{x}}: %{{text}}<extra>{name}</extra>"), row=1, col=col)
     fig.add_hline(y=codebook_size, line=dict(dash="dot", color="#666"), row=1, col=2,
                   annotation_text=f"K = {codebook_size:,}", annotation_position="bottom right")
     fig.update_xaxes(title_text="stage", dtick=1)
-    fig.update_yaxes(title_text="% of codes", range=[0, 100], row=1, col=1)
+    fig.update_yaxes(title_text="% of codes", range=[0, 112], row=1, col=1)
     fig.update_yaxes(rangemode="tozero", row=1, col=3)
     fig.update_layout(height=340, showlegend=False, **_LAYOUT)
     return fig

@@ -13,8 +13,9 @@ Semantics shared by every backend:
   distances agree to within a few ulps of ``||x||² + ||c||²`` may be ranked either way. The
   expansion also loses precision when ``x`` and the codes share a large common offset compared
   with the distances between them (centre such data first).
-* ``precision="fp32"`` is full fp32 arithmetic. ``"tf32"`` and ``"tf32x3"`` let CUDA use tensor
-  cores with TF32 inputs (one or three passes); on CPU they are plain fp32. ``"bf16"`` is the
+* ``precision="fp32"`` is full fp32 arithmetic. ``"tf32"`` and ``"tf32x3"`` let the Triton
+  kernel use tensor cores with TF32 inputs (one or three passes); on CPU they are plain fp32, and
+  the torch CUDA fallback follows torch's global TF32 setting for every precision but bf16. ``"bf16"`` is the
   exact search of ``x`` and the codes rounded to bfloat16 (the norms are those of the rounded
   codes, products accumulate in fp32) on every device, so chosen codes can differ from the fp32
   search wherever distances are close; measure the effect with ``training/bench_quantizer.py``.
@@ -27,8 +28,10 @@ two cores, see ``_cpu_search``).
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
+import os
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import Tensor
@@ -42,6 +45,8 @@ _CPU_TILE_ELEMENTS = 1 << 20
 _CPU_MIN_ROWS = 32
 _CPU_MAX_ROWS = 4096
 _CPU_CODE_BLOCK = 32
+
+_TRITON_MAX_DIM = 256  # the fused kernel keeps a row block of x in registers
 
 # CUDA fallback (no Triton): row chunks whose N×K score block stays under 64 Mi floats.
 _CUDA_TILE_ELEMENTS = 1 << 26
@@ -118,13 +123,13 @@ def nearest_code(
     else:
         norms = codebook_sq_norms.detach().float()
 
-    if backend == "triton" or (backend == "auto" and x.is_cuda and _triton_ready()):
+    fused = x.is_cuda and x.shape[1] <= _TRITON_MAX_DIM and _triton_ready()
+    if backend == "triton" or (backend == "auto" and fused):
         from evotok.kernels.triton_nearest import nearest_code_triton
 
         return nearest_code_triton(x, codebook, norms, precision=precision)
     if x.is_cuda:
-        with _cuda_matmul_precision(precision):
-            return _cuda_search(x, codebook, norms, chunk_size)
+        return _cuda_search(x, codebook, norms, chunk_size)
     return _cpu_search(x, codebook, norms, chunk_size)
 
 
@@ -147,20 +152,12 @@ def _round_bf16(t: Tensor) -> Tensor:
     return t.to(torch.bfloat16).float()
 
 
-@contextlib.contextmanager
-def _cuda_matmul_precision(precision: str) -> Iterator[None]:
-    """Temporarily allow or forbid TF32 for CUDA matmuls (restores the caller's setting)."""
-    matmul = torch.backends.cuda.matmul
-    previous = matmul.allow_tf32
-    matmul.allow_tf32 = precision in ("tf32", "tf32x3")
-    try:
-        yield
-    finally:
-        matmul.allow_tf32 = previous
-
-
 def _cuda_search(x: Tensor, codebook: Tensor, norms: Tensor, chunk_size: int | None) -> Tensor:
-    """Row-chunked ``addmm`` + ``argmax`` (first maximum) for CUDA without Triton."""
+    """Row-chunked ``addmm`` + ``argmax`` (first maximum) for CUDA without Triton.
+
+    The matmuls follow torch's global fp32 matmul setting (IEEE fp32 unless the program enabled
+    TF32): toggling it here could break a program that set it through the other of torch's two
+    TF32 APIs, which torch refuses to mix."""
     n, k = x.shape[0], codebook.shape[0]
     rows = chunk_size or max(1, _CUDA_TILE_ELEMENTS // k)
     out = torch.empty(n, dtype=torch.long, device=x.device)
@@ -181,42 +178,120 @@ def cpu_rows_per_chunk(num_codes: int) -> int:
 
 
 def _cpu_search(
-    x: Tensor, codebook: Tensor, norms: Tensor, chunk_size: int | None, code_block: int = _CPU_CODE_BLOCK
+    x: Tensor,
+    codebook: Tensor,
+    norms: Tensor,
+    chunk_size: int | None,
+    code_block: int = _CPU_CODE_BLOCK,
+    threads: int | None = None,
 ) -> Tensor:
-    """Chunked CPU search with a two-level argmax.
+    """Chunked CPU search: row chunks of ``x`` on worker threads (``cpu_map_row_chunks``), each
+    searched with ``SearchScratch.search``."""
+    n, k = x.shape[0], codebook.shape[0]
+    out = torch.empty(n, dtype=torch.long)
+    norms_col = norms.view(k, 1)
 
-    For a chunk of R rows the scores are written transposed, as a K×R tile (``addmm`` into a
-    reused buffer), so that every reduction runs over the *outer* dimension and vectorises along
-    rows. ``torch.max(dim)`` with indices is several times slower than ``amax`` on CPU, so the
-    argmax is found in two steps: ``amax`` over blocks of ``B`` codes gives per-block maxima
-    (G×R), ``argmax`` over those picks the first block holding the maximum, and an ``argmax``
+    def work(start: int, stop: int, scratch: SearchScratch) -> None:
+        scratch.search(x[start:stop], codebook, norms_col, out[start:stop])
+
+    cpu_map_row_chunks(n, min(n, chunk_size or cpu_rows_per_chunk(k)), work, threads=threads, code_block=code_block)
+    return out
+
+
+class SearchScratch:
+    """One worker's reusable score buffers for the CPU search, and the search of one chunk.
+
+    The scores of a chunk of ``m`` rows are written transposed, as a K×m tile (``addmm`` into
+    the reused buffer), so that every reduction runs over the *outer* dimension and vectorises
+    along rows. ``torch.max(dim)`` with indices is several times slower than ``amax`` on CPU, so
+    the argmax is found in two steps: ``amax`` over blocks of ``B`` codes gives per-block maxima
+    (G×m), ``argmax`` over those picks the first block holding the maximum, and an ``argmax``
     over that block's B scores picks the first code within it. The first maximal block and the
     first maximal code inside it is the lowest maximal index overall, as ``torch.argmax``.
     Padding codes (when B does not divide K) hold ``-inf`` and never win.
     """
-    n, k = x.shape[0], codebook.shape[0]
-    block = min(code_block, 1 << (k - 1).bit_length())
-    groups = -(-k // block)
-    padded = groups * block
-    rows = min(n, chunk_size or cpu_rows_per_chunk(k))
 
-    out = torch.empty(n, dtype=torch.long)
-    norms_col = norms.view(k, 1)
-    x_t = x.t()
-    buffers: dict[int, tuple[Tensor, Tensor]] = {}
-    for start in range(0, n, rows):
-        m = min(rows, n - start)
-        if m not in buffers:
-            scores = torch.empty(padded, m)
-            if padded > k:
-                scores[k:].fill_(float("-inf"))
-            buffers[m] = (scores, torch.empty(groups, m))
-        scores, block_max = buffers[m]
-        torch.addmm(norms_col, codebook, x_t[:, start : start + m], beta=-1, alpha=2, out=scores[:k])
+    def __init__(self, code_block: int = _CPU_CODE_BLOCK) -> None:
+        self.code_block = code_block
+        self._buffers: dict[tuple[int, int], tuple[Tensor, Tensor, int, int]] = {}
+
+    def search(self, x: Tensor, codebook: Tensor, norms_col: Tensor, out: Tensor) -> None:
+        """Write the nearest code of each row of ``x`` (m×d) into ``out`` (m, long)."""
+        k, m = codebook.shape[0], x.shape[0]
+        if (k, m) not in self._buffers:
+            block = min(self.code_block, 1 << (k - 1).bit_length())
+            groups = -(-k // block)
+            scores = torch.empty(groups * block, m)
+            scores[k:].fill_(float("-inf"))
+            self._buffers[(k, m)] = (scores, torch.empty(groups, m), block, groups)
+        scores, block_max, block, groups = self._buffers[(k, m)]
+        torch.addmm(norms_col, codebook, x.t(), beta=-1, alpha=2, out=scores[:k])
         blocks = scores.view(groups, block, m)
         torch.amax(blocks, dim=1, out=block_max)
         best_block = block_max.argmax(dim=0)
         within = torch.gather(blocks, 0, best_block.view(1, 1, m).expand(1, block, m))
-        best_in_block = within[0].argmax(dim=0)
-        torch.add(best_in_block, best_block, alpha=block, out=out[start : start + m])
-    return out
+        torch.add(within[0].argmax(dim=0), best_block, alpha=block, out=out)
+
+
+def cpu_map_row_chunks(
+    n: int,
+    rows: int,
+    work: Callable[[int, int, SearchScratch], None],
+    *,
+    threads: int | None = None,
+    code_block: int = _CPU_CODE_BLOCK,
+) -> None:
+    """Run ``work(start, stop, scratch)`` over the chunks ``[start, stop)`` of ``n`` rows.
+
+    Rather than letting every small op fork and join torch's intra-op thread team (hundreds of
+    barriers per search, which stall badly whenever another process takes a core, e.g. data
+    loader workers), ``threads`` (default ``torch.get_num_threads()``) Python workers take whole
+    chunks from a shared queue and run them single-threaded: torch's thread count is 1 while
+    they run and is restored afterwards. ``work`` must only touch its own rows.
+    """
+    starts = range(0, n, max(1, rows))
+    workers = min(torch.get_num_threads() if threads is None else threads, len(starts))
+
+    def run(chunks: Iterator[int]) -> None:
+        scratch = SearchScratch(code_block)
+        for start in chunks:
+            work(start, min(start + rows, n), scratch)
+
+    if workers <= 1:
+        run(iter(starts))
+        return
+    queue = _LockedIterator(starts)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        futures = [_thread_pool(workers).submit(run, queue) for _ in range(workers)]
+        for future in futures:
+            future.result()
+    finally:
+        torch.set_num_threads(previous)
+
+
+class _LockedIterator:
+    """A thread-safe iterator over chunk starts (workers take the next chunk when free)."""
+
+    def __init__(self, items: range) -> None:
+        self._items = iter(items)
+        self._lock = threading.Lock()
+
+    def __iter__(self) -> _LockedIterator:
+        return self
+
+    def __next__(self) -> int:
+        with self._lock:
+            return next(self._items)
+
+
+_POOL: tuple[int, int, ThreadPoolExecutor] | None = None
+
+
+def _thread_pool(workers: int) -> ThreadPoolExecutor:
+    """A process-wide pool of at least ``workers`` threads, rebuilt after a fork."""
+    global _POOL
+    if _POOL is None or _POOL[0] != os.getpid() or _POOL[1] < workers:
+        _POOL = (os.getpid(), workers, ThreadPoolExecutor(max_workers=workers, thread_name_prefix="evotok-nearest"))
+    return _POOL[2]

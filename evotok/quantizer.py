@@ -44,7 +44,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from evotok.nearest import PRECISIONS, nearest_code, squared_norms
+from evotok.nearest import (
+    PRECISIONS,
+    SearchScratch,
+    cpu_map_row_chunks,
+    cpu_rows_per_chunk,
+    nearest_code,
+    squared_norms,
+)
 
 
 @dataclass
@@ -193,6 +200,9 @@ class ResidualQuantizer(nn.Module):
         codes = torch.empty(stages, n, dtype=torch.long, device=flat.device)
         residuals[0].copy_(flat)
         norms = squared_norms(self.embed)
+        if flat.device.type == "cpu" and self.search_precision != "bf16":
+            self._encode_cpu(residuals, prefix, codes, norms)
+            return residuals, prefix, codes
         for i in range(stages):
             codes[i] = self._search(residuals[i], self.embed[i], norms[i])
             chosen = self.embed[i].index_select(0, codes[i])
@@ -202,6 +212,28 @@ class ResidualQuantizer(nn.Module):
             else:
                 torch.add(prefix[i - 1], chosen, out=prefix[i])
         return residuals, prefix, codes
+
+    def _encode_cpu(self, residuals: Tensor, prefix: Tensor, codes: Tensor, norms: Tensor) -> None:
+        """The chain on CPU, row-chunk-major: each worker thread takes a chunk of rows through
+        all ``D`` stages (search, residual, prefix) while the chunk stays in cache, with no
+        thread barrier between stages (``evotok.nearest.cpu_map_row_chunks``). Same results as
+        searching stage by stage with ``nearest_code``."""
+        n = residuals.shape[1]
+        norms_col = norms.unsqueeze(-1)
+
+        def work(start: int, stop: int, scratch: SearchScratch) -> None:
+            for i in range(self.num_stages):
+                r, k = residuals[i, start:stop], codes[i, start:stop]
+                scratch.search(r, self.embed[i], norms_col[i], k)
+                chosen = self.embed[i].index_select(0, k)
+                torch.sub(r, chosen, out=residuals[i + 1, start:stop])
+                if i == 0:
+                    prefix[0, start:stop].copy_(chosen)
+                else:
+                    torch.add(prefix[i - 1, start:stop], chosen, out=prefix[i, start:stop])
+
+        rows = self.chunk_size or cpu_rows_per_chunk(self.codebook_size)
+        cpu_map_row_chunks(n, min(max(n, 1), rows), work)
 
     def _flat_code_index(self, codes: Tensor) -> Tensor:
         """Codes ``D×N`` -> indices into the stacked ``(D·K)`` codes of all stages."""
@@ -243,8 +275,8 @@ class ResidualQuantizer(nn.Module):
 
     def _ema_step(self, counts: Tensor, sums: Tensor) -> None:
         decay = self.current_decay()
-        self.cluster_size.mul_(decay).add_(counts * (1.0 - decay))
-        self.embed_sum.mul_(decay).add_(sums * (1.0 - decay))
+        self.cluster_size.lerp_(counts, 1.0 - decay)  # decay·cs + (1 - decay)·counts
+        self.embed_sum.lerp_(sums, 1.0 - decay)
         total = self.cluster_size.sum(-1, keepdim=True)
         smoothed = (self.cluster_size + self.eps) / (total + self.codebook_size * self.eps) * total
         smoothed = smoothed.unsqueeze(-1)
@@ -353,10 +385,15 @@ class ResidualQuantizer(nn.Module):
                 f"prefix_sums must have shape ({self.num_stages}, *{tuple(x.shape)}), got {tuple(prefix_sums.shape)}"
             )
         if isinstance(depth, Tensor):
-            if depth.dim() != 1 or depth.shape[0] != x.shape[0] or depth.is_floating_point() or depth.dtype == torch.bool:
-                raise ValueError(f"per-sample depth must be an integer tensor of shape ({x.shape[0]},), got {depth.dtype} {tuple(depth.shape)}")
+            integer = not (depth.is_floating_point() or depth.dtype == torch.bool)
+            if depth.dim() != 1 or depth.shape[0] != x.shape[0] or not integer:
+                raise ValueError(
+                    f"per-sample depth must be an integer tensor of shape ({x.shape[0]},), "
+                    f"got {depth.dtype} {tuple(depth.shape)}"
+                )
             depth = depth.to(x.device, torch.long)
-            torch._assert_async(((depth >= 1) & (depth <= self.num_stages)).all(), f"depth must be in 1..{self.num_stages}")
+            in_range = ((depth >= 1) & (depth <= self.num_stages)).all()
+            torch._assert_async(in_range, f"depth must be in 1..{self.num_stages}")  # no host sync on CUDA
             index = (depth - 1).view(1, -1, *([1] * (x.dim() - 1))).expand(1, *x.shape)
             quantized = torch.gather(prefix_sums, 0, index)[0]
         else:
@@ -370,7 +407,9 @@ class ResidualQuantizer(nn.Module):
         Summed in the same order as the forward pass, so it equals ``prefix_sums`` exactly.
         """
         if codes.dtype not in (torch.int32, torch.int64) or codes.dim() < 1:
-            raise ValueError(f"codes must be an integer tensor of shape (..., stages), got {codes.dtype} {tuple(codes.shape)}")
+            raise ValueError(
+                f"codes must be an integer tensor of shape (..., stages), got {codes.dtype} {tuple(codes.shape)}"
+            )
         if codes.shape[-1] > self.num_stages:
             raise ValueError(f"codes have {codes.shape[-1]} stages, the quantizer has {self.num_stages}")
         if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.codebook_size):

@@ -251,8 +251,10 @@ class TinySigLIPTeacher(PretrainedMixin, Teacher):
         return image_embeds, text_embeds
 
     def loss(self, images: Tensor, texts: list[str] | Tensor, targets: Tensor) -> Tensor:
+        """SigLIP loss of a batch; unlike ``similarity_logits`` the logit scale and bias get gradients."""
         image_embeds, text_embeds = self(images, texts)
-        return sigmoid_loss(self.similarity_logits(image_embeds, text_embeds), targets.to(image_embeds.device))
+        logits = image_embeds @ text_embeds.t() * self.log_scale.exp() + self.bias
+        return sigmoid_loss(logits, targets.to(image_embeds.device))
 
     # -- the frozen-teacher interface ----------------------------------------------------------
     @torch.no_grad()

@@ -186,6 +186,31 @@ def test_triton_kernel_in_interpreter() -> None:
         assert int(mismatches) == 0
 
 
+_WITHOUT_TRITON = """
+import sys, types, torch
+sys.modules["triton"] = None  # makes `import triton` fail, as on a machine without it
+pkg = types.ModuleType("evotok"); pkg.__path__ = [sys.argv[1] + "/evotok"]; sys.modules["evotok"] = pkg
+from evotok.kernels import triton_available
+from evotok.kernels.triton_nearest import nearest_code_triton
+from evotok.nearest import nearest_code
+assert not triton_available()
+assert nearest_code(torch.eye(3), torch.eye(3)).tolist() == [0, 1, 2]
+try:
+    nearest_code_triton(torch.eye(3), torch.eye(3), torch.ones(3))
+except RuntimeError as error:
+    assert "triton" in str(error)
+else:
+    raise AssertionError("expected a RuntimeError")
+"""
+
+
+def test_imports_and_searches_without_triton() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_TRITON, str(REPO)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 @pytest.mark.skipif(not triton_available(), reason="triton is not installed")
 def test_triton_kernel_refuses_cpu_tensors_without_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
@@ -195,7 +220,8 @@ def test_triton_kernel_refuses_cpu_tensors_without_interpreter(monkeypatch: pyte
         nearest_code_triton(torch.randn(4, 8), torch.randn(5, 8), torch.ones(5))
 
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def requires_cuda(test):  # noqa: ANN001, ANN201 - a pytest decorator
+    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")(test))
 
 
 @requires_cuda

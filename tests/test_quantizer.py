@@ -281,6 +281,7 @@ def test_bf16_autocast_searches_in_fp32() -> None:
     assert y.dtype == torch.bfloat16
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_training_under_bf16_autocast() -> None:
     torch.manual_seed(0)

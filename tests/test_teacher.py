@@ -86,6 +86,8 @@ def test_tiny_teacher_loss_falls_when_training(sentences):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+    assert teacher.log_scale.grad is not None and teacher.bias.grad is not None  # SigLIP's t and b are learned
+    assert teacher.logit_bias.item() != -10.0
     probs = torch.sigmoid(teacher.similarity_logits(teacher.embed_images(x), teacher.embed_text(captions)))
     assert (probs.argmax(dim=1) == torch.tensor([0, 1, 0, 3, 4, 5])).float().mean() >= 5 / 6
 

@@ -207,6 +207,19 @@ def main(argv: list[str] | None = None) -> dict:
     evals: list[dict] = []
     started = time.time()
     bar = tqdm(total=total_steps, initial=step, disable=not accelerator.is_main_process, desc="mllm")
+
+    def run_eval() -> None:
+        report = evaluate(model, eval_batch, questions, heldout_scenes, device, int(eval_cfg.get("answer_batch_size", 64)))
+        logger.scalars(report, step, "eval/")
+        evals.append({"step": step, **report})
+        if accelerator.is_main_process:
+            acc = f"; held-out answer accuracy {report['answer_accuracy']:.3f}" if "answer_accuracy" in report else ""
+            bar.write(f"step {step}: held-out lm {report['lm_loss']:.3f} depth {report['depth_loss']:.3f}{acc}")
+            with open(run_dir / "eval.jsonl", "a") as f:
+                f.write(json.dumps({"step": step, **report}) + "\n")
+
+    if eval_batch is not None and step == 0 and eval_cfg.get("at_start", True):
+        run_eval()  # the untrained baseline
     wrapped.train()
     while step < total_steps:
         items = [dataset[i] for i in batch_indices(step, batch_size, accelerator.process_index, accelerator.num_processes)]
@@ -230,14 +243,7 @@ def main(argv: list[str] | None = None) -> dict:
             logger.scalars(values, step, "train/")
             history.append({"step": step, **values})
         if eval_batch is not None and (step % eval_every == 0 or step == total_steps):
-            report = evaluate(model, eval_batch, questions, heldout_scenes, device, int(eval_cfg.get("answer_batch_size", 64)))
-            logger.scalars(report, step, "eval/")
-            evals.append({"step": step, **report})
-            if accelerator.is_main_process:
-                acc = f"; held-out answer accuracy {report['answer_accuracy']:.3f}" if "answer_accuracy" in report else ""
-                bar.write(f"step {step}: held-out lm {report['lm_loss']:.3f} depth {report['depth_loss']:.3f}{acc}")
-                with open(run_dir / "eval.jsonl", "a") as f:
-                    f.write(json.dumps({"step": step, **report}) + "\n")
+            run_eval()
         if step % save_every == 0 and step < total_steps:
             save()
     bar.close()

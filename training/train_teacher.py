@@ -192,25 +192,36 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.time()
     bar = tqdm(total=total_steps, initial=step, desc="teacher", dynamic_ncols=True)
     model.train()
+    timing = {"data_s": 0.0, "text_s": 0.0, "model_s": 0.0}
     while step < total_steps:
+        tick = time.time()
         batch = next(batches)
         for group in opt.param_groups:
             group["lr"] = learning_rate(step, train_cfg)
         texts = batch["text"]
         targets = match_targets([t.split(TEXT_SEPARATOR) for t in batch["true_texts"]], texts)
-        loss = model.loss(batch["image"].to(device), texts, targets)
+        tock = time.time()
+        sentence_embeds = model.encode_sentences(texts)  # frozen MiniLM, cached per string
+        timing["data_s"] += tock - tick
+        timing["text_s"] += time.time() - tock
+        tick = time.time()
+        loss = model.loss(batch["image"].to(device), sentence_embeds, targets)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
+        timing["model_s"] += time.time() - tick
         step += 1
         bar.update(1)
         if step % log_every == 0 or step == total_steps:
             values = {"loss": loss.item(), "lr": opt.param_groups[0]["lr"], "logit_scale": model.logit_scale.item(),
-                      "logit_bias": model.logit_bias.item(), "positives": targets.sum().item() / len(texts)}
+                      "logit_bias": model.logit_bias.item(), "positives": targets.sum().item() / len(texts),
+                      **{k: v / log_every for k, v in timing.items()}}
+            timing = dict.fromkeys(timing, 0.0)
             bar.set_postfix(loss=f"{values['loss']:.3f}", t=f"{values['logit_scale']:.1f}",
-                            b=f"{values['logit_bias']:.1f}")
+                            b=f"{values['logit_bias']:.1f}", data=f"{values['data_s']:.2f}s",
+                            text=f"{values['text_s']:.2f}s", model=f"{values['model_s']:.2f}s")
             logger.scalars(values, step, "train/")
             history.append({"step": step, **values})
         if eval_every and (step % eval_every == 0 or step == total_steps):

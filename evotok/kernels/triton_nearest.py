@@ -22,6 +22,8 @@ tensors (slow; for tests).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 from typing import Any
 
@@ -111,6 +113,11 @@ def _kernel() -> Any:
     return _compiled[mode]
 
 
+@functools.cache
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def _block_sizes(dim: int) -> tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_K, BLOCK_D, num_warps) by code width; register budget ~ BLOCK_N×BLOCK_K."""
     block_d = max(16, 1 << (dim - 1).bit_length())
@@ -157,7 +164,7 @@ def nearest_code_triton(
     row_blocks = triton.cdiv(n, bn)
     code_tiles = triton.cdiv(k, bk)
     if num_splits is None:
-        sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
+        sms = _multiprocessors(x.device.index or 0) if x.is_cuda else 1
         num_splits = triton.cdiv(4 * sms, row_blocks)
     num_splits = max(1, min(num_splits, code_tiles))
     codes_per_split = triton.cdiv(code_tiles, num_splits) * bk
@@ -166,25 +173,26 @@ def nearest_code_triton(
     best = torch.empty(num_splits, n, dtype=torch.float32, device=x.device)
     idx = torch.empty(num_splits, n, dtype=torch.int64, device=x.device)
     launch: dict[str, Any] = {} if _interpreting() else {"num_warps": warps, "num_stages": 3}
-    _kernel()[(row_blocks, num_splits)](
-        x,
-        codebook,
-        norms,
-        best,
-        idx,
-        n,
-        k,
-        codes_per_split,
-        x.stride(0),
-        codebook.stride(0),
-        DIM=dim,
-        BLOCK_N=bn,
-        BLOCK_K=bk,
-        BLOCK_D=bd,
-        DOT_PRECISION=_DOT_PRECISION[precision],
-        CAST_BF16=precision == "bf16",
-        **launch,
-    )
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        _kernel()[(row_blocks, num_splits)](
+            x,
+            codebook,
+            norms,
+            best,
+            idx,
+            n,
+            k,
+            codes_per_split,
+            x.stride(0),
+            codebook.stride(0),
+            DIM=dim,
+            BLOCK_N=bn,
+            BLOCK_K=bk,
+            BLOCK_D=bd,
+            DOT_PRECISION=_DOT_PRECISION[precision],
+            CAST_BF16=precision == "bf16",
+            **launch,
+        )
     if num_splits == 1:
         return idx[0]
     first_best_split = best.argmax(dim=0, keepdim=True)  # first maximum = lowest code range

@@ -3,6 +3,7 @@ at every depth, temperature, top-k, top-p, a seeded generator, the LM's KV cache
 token by token (streamed)."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import torch
@@ -11,6 +12,34 @@ from .chat import encode_chat, encode_generation
 
 if TYPE_CHECKING:
     from .model import EvoTokMLLM
+
+
+SINGLE_THREAD_MAX_HIDDEN = 1024
+
+
+@contextmanager
+def thread_scope(model: "EvoTokMLLM", cpu_threads: int | None):
+    """Intra-op threads for step-by-step decoding on CPU.
+
+    Decoding runs thousands of tiny ops (one position, batch 1-2); for a small LM, waking extra
+    threads costs more than they give, and stalls badly when other processes share the cores
+    (measured here: one bundled-size image 12.6 s of CPU with 2 threads under load, 0.6 s with 1).
+    ``None`` = automatic: one thread for LMs up to ``SINGLE_THREAD_MAX_HIDDEN`` wide, else unchanged.
+    The previous setting is restored afterwards.
+    """
+    if cpu_threads is None and model.config.hidden_size <= SINGLE_THREAD_MAX_HIDDEN:
+        cpu_threads = 1
+    previous = torch.get_num_threads()
+    if model.device.type != "cpu" or cpu_threads is None or cpu_threads == previous:
+        yield
+        return
+    if cpu_threads < 1:
+        raise ValueError(f"cpu_threads must be ≥ 1, got {cpu_threads}")
+    torch.set_num_threads(int(cpu_threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 # ---------------------------------------------------------------------------- sampling
@@ -97,7 +126,8 @@ class _Stepper:
 def generate_image_codes(model: "EvoTokMLLM", prompts: Sequence[str], guidance_scale: float | None = 3.0,
                          temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                          seed: int | None = None, callback: Callable[[int, torch.Tensor], None] | None = None,
-                         use_cache: bool = True, logits_trace: list | None = None) -> torch.Tensor:
+                         use_cache: bool = True, logits_trace: list | None = None,
+                         cpu_threads: int | None = None) -> torch.Tensor:
     """Codes ``b h w L`` for ``prompts``; see :meth:`EvoTokMLLM.generate_image`.
 
     With guidance the batch holds ``b`` conditional rows then ``b`` unconditional (empty prompt)
@@ -107,17 +137,26 @@ def generate_image_codes(model: "EvoTokMLLM", prompts: Sequence[str], guidance_s
     check_sampling(temperature, top_k, top_p, guidance_scale)
     if not prompts:
         raise ValueError("give at least one prompt (an empty string means unconditional generation)")
-    cfg, tok, device = model.config, model.text, model.device
-    n, depth, grid = cfg.num_cells, cfg.pixel_depth, cfg.grid_size
-    guided = guidance_scale is not None
+    cfg, tok, n = model.config, model.text, model.config.num_cells
     b = len(prompts)
     seqs = [encode_generation(tok, p, n, cfg.max_prompt_tokens, include_grid=False).input_ids for p in prompts]
-    if guided:
+    if guidance_scale is not None:
         seqs += [encode_generation(tok, "", n, include_grid=False).input_ids] * b
-    ids, mask = left_pad(seqs, tok.ids["pad"], device)
+    ids, mask = left_pad(seqs, tok.ids["pad"], model.device)
+    with thread_scope(model, cpu_threads):
+        return _sample_grid(model, ids, mask, b, guidance_scale, temperature, top_k, top_p, seed, callback,
+                            use_cache, logits_trace)
+
+
+def _sample_grid(model: "EvoTokMLLM", ids: torch.Tensor, mask: torch.Tensor, b: int, guidance_scale: float | None,
+                 temperature: float, top_k: int | None, top_p: float | None, seed: int | None,
+                 callback: Callable[[int, torch.Tensor], None] | None, use_cache: bool,
+                 logits_trace: list | None) -> torch.Tensor:
+    cfg, device = model.config, model.device
+    n, depth, grid = cfg.num_cells, cfg.pixel_depth, cfg.grid_size
+    guided = guidance_scale is not None
     stepper = _Stepper(model, model.embed_inputs(ids), mask, use_cache)
     generator = make_generator(seed, device)
-
     codes = torch.zeros(b, n, depth, dtype=torch.long, device=device)
     for cell in range(n):
         hidden = stepper.last
@@ -161,7 +200,7 @@ def _image_batch(model: "EvoTokMLLM", image: torch.Tensor) -> torch.Tensor:
 def stream_answer(model: "EvoTokMLLM", image: torch.Tensor | None, question: str,
                   history: Sequence[tuple[str, str]] = (), max_new_tokens: int = 32, temperature: float = 0.0,
                   top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                  use_cache: bool = True) -> Iterator[str]:
+                  use_cache: bool = True, cpu_threads: int | None = None) -> Iterator[str]:
     """Text pieces of the answer as they are produced; see :meth:`EvoTokMLLM.answer`.
 
     All checks (empty or too-long question, bad image) run before the first piece is asked for.
@@ -173,35 +212,42 @@ def stream_answer(model: "EvoTokMLLM", image: torch.Tensor | None, question: str
     turns = [(str(q), str(a)) for q, a in history] + [(question, None)]
     n_image = cfg.num_cells if image is not None else 0
     encoded = encode_chat(tok, turns, n_image, cfg.max_prompt_tokens)
-    features = model.image_features(model.encode_images(_image_batch(model, image))) if image is not None else None
+    image = _image_batch(model, image) if image is not None else None
     ids = torch.tensor([encoded.input_ids], device=device)
     image_mask = torch.tensor([encoded.image_mask], device=device)
-    embeds = model.embed_inputs(ids, image_mask, features)
-    return _stream(model, embeds, max_new_tokens, temperature, top_k, top_p, seed, use_cache)
+    with thread_scope(model, cpu_threads):
+        features = model.image_features(model.encode_images(image)) if image is not None else None
+        embeds = model.embed_inputs(ids, image_mask, features)
+    return _stream(model, embeds, max_new_tokens, temperature, top_k, top_p, seed, use_cache, cpu_threads)
 
 
 @torch.no_grad()
 def _stream(model: "EvoTokMLLM", embeds: torch.Tensor, max_new_tokens: int, temperature: float,
-            top_k: int | None, top_p: float | None, seed: int | None, use_cache: bool) -> Iterator[str]:
+            top_k: int | None, top_p: float | None, seed: int | None, use_cache: bool,
+            cpu_threads: int | None) -> Iterator[str]:
     tok, device = model.text, model.device
     stop = {tok.ids["end"], tok.ids["eos"]}
     banned = _banned_ids(model)
     generator = make_generator(seed, device)
-    stepper = _Stepper(model, embeds, torch.ones(embeds.shape[:2], dtype=torch.long, device=device), use_cache)
+    with thread_scope(model, cpu_threads):
+        stepper = _Stepper(model, embeds, torch.ones(embeds.shape[:2], dtype=torch.long, device=device), use_cache)
     out: list[int] = []
     shown = ""
-    for _ in range(max_new_tokens):
-        logits = model.text_logits(stepper.last)
-        logits[:, banned] = float("-inf")
-        token = int(sample_logits(logits, temperature, top_k, top_p, generator)[0])
+    for i in range(max_new_tokens):
+        with thread_scope(model, cpu_threads):
+            logits = model.text_logits(stepper.last)
+            logits[:, banned] = float("-inf")
+            token = int(sample_logits(logits, temperature, top_k, top_p, generator)[0])
         if token in stop:
             break
         out.append(token)
         text = tok.decode(out)
         if not text.endswith("\ufffd") and text.startswith(shown) and len(text) > len(shown):
-            yield text[len(shown):]
+            yield text[len(shown):]  # pieces leave the thread scope: the caller runs with its own setting
             shown = text
-        stepper.step(model.lm.get_input_embeddings()(torch.tensor([token], device=device)))
+        if i + 1 < max_new_tokens:
+            with thread_scope(model, cpu_threads):
+                stepper.step(model.lm.get_input_embeddings()(torch.tensor([token], device=device)))
     text = tok.decode(out)
     if text.startswith(shown) and len(text) > len(shown):
         yield text[len(shown):]
@@ -209,8 +255,15 @@ def _stream(model: "EvoTokMLLM", embeds: torch.Tensor, max_new_tokens: int, temp
 
 @torch.no_grad()
 def batch_answers(model: "EvoTokMLLM", images: torch.Tensor | None, questions: Sequence[str],
-                  max_new_tokens: int = 32, image_codes: torch.Tensor | None = None) -> list[str]:
+                  max_new_tokens: int = 32, image_codes: torch.Tensor | None = None,
+                  cpu_threads: int | None = None) -> list[str]:
     """Greedy single-turn answers for a batch (left-padded, KV-cached)."""
+    with thread_scope(model, cpu_threads):
+        return _batch_answers(model, images, questions, max_new_tokens, image_codes)
+
+
+def _batch_answers(model: "EvoTokMLLM", images: torch.Tensor | None, questions: Sequence[str],
+                   max_new_tokens: int, image_codes: torch.Tensor | None) -> list[str]:
     cfg, tok, device = model.config, model.text, model.device
     if image_codes is None and images is not None:
         image_codes = model.encode_images(images)

@@ -252,13 +252,16 @@ class EvoTokMLLM(nn.Module, PretrainedMixin):
         if image_mask is not None and bool(image_mask.any()):
             if image_features is None:
                 raise ValueError("the sequence has <image> placeholders but no image features were given")
-            values = (self.projector(image_features.to(embeds.dtype)) + self.grid_pos).flatten(0, 1)
+            if image_features.ndim != 3 or image_features.shape[1:] != (n, self.config.semantic_dim):
+                raise ValueError(f"image features must be b×{n}×{self.config.semantic_dim} (one per grid cell), "
+                                 f"got {tuple(image_features.shape)}; the <image> placeholders cannot be filled")
+            values = (self.projector(image_features.to(embeds.dtype)) + self.grid_pos).flatten(0, 1).to(embeds.dtype)
             embeds = _splice(embeds, image_mask, values, "<image> placeholders", n)
         if gen_mask is not None and bool(gen_mask.any()):
             if gen_codes is None:
                 raise ValueError("the sequence has generated grid cells but no codes were given")
             latents = self.code_latents(gen_codes[..., : self.config.pixel_depth]).flatten(1, 2)
-            values = (self.latent_in(latents.to(embeds.dtype)) + self.grid_pos).flatten(0, 1)
+            values = (self.latent_in(latents.to(embeds.dtype)) + self.grid_pos).flatten(0, 1).to(embeds.dtype)
             embeds = _splice(embeds, gen_mask, values, "generated grid cells", n)
         return embeds
 
@@ -327,24 +330,27 @@ class EvoTokMLLM(nn.Module, PretrainedMixin):
     def generate_image(self, prompt: str | Sequence[str], guidance_scale: float | None = 3.0,
                        temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                        seed: int | None = None, callback: Callable[[int, torch.Tensor], None] | None = None,
-                       use_cache: bool = True) -> torch.Tensor:
+                       use_cache: bool = True, cpu_threads: int | None = None) -> torch.Tensor:
         """Text to image codes ``b h w pixel_depth`` (decode with :meth:`decode_codes`).
 
         ``guidance_scale=None`` runs the conditional branch alone; any number runs the
         unconditional (empty-prompt) branch beside it and mixes logits at every depth;
         1.0 gives the same image as ``None``. ``seed`` fixes the image exactly.
         ``callback(rows_done, codes)`` is called after each finished grid row (unfinished rows are 0).
+        ``cpu_threads``: intra-op threads while decoding on CPU (default: 1 for a small LM; see
+        :func:`evotok.mllm.generate.thread_scope`).
         """
         from .generate import generate_image_codes
 
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         return generate_image_codes(self, prompts, guidance_scale=guidance_scale, temperature=temperature,
-                                    top_k=top_k, top_p=top_p, seed=seed, callback=callback, use_cache=use_cache)
+                                    top_k=top_k, top_p=top_p, seed=seed, callback=callback, use_cache=use_cache,
+                                    cpu_threads=cpu_threads)
 
     def answer(self, image: torch.Tensor | None, question: str, history: Sequence[tuple[str, str]] = (),
                max_new_tokens: int | None = None, stream: bool = True, temperature: float = 0.0,
                top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-               use_cache: bool = True) -> Iterator[str] | str:
+               use_cache: bool = True, cpu_threads: int | None = None) -> Iterator[str] | str:
         """Answer ``question`` about ``image`` (``3 H W`` or ``1 3 H W`` in [-1, 1], or None for text only).
 
         ``history``: earlier (question, answer) turns about the same image. With ``stream`` the
@@ -354,18 +360,19 @@ class EvoTokMLLM(nn.Module, PretrainedMixin):
 
         pieces = stream_answer(self, image, question, history,
                                max_new_tokens or self.config.max_answer_tokens, temperature, top_k, top_p, seed,
-                               use_cache)
+                               use_cache, cpu_threads)
         if stream:
             return pieces
         return "".join(pieces)
 
     def answer_batch(self, images: torch.Tensor | None, questions: Sequence[str], max_new_tokens: int | None = None,
-                     image_codes: torch.Tensor | None = None) -> list[str]:
+                     image_codes: torch.Tensor | None = None, cpu_threads: int | None = None) -> list[str]:
         """Greedy single-turn answers for a batch (benchmarks and evaluation); ``image_codes``
         (``b h w D``) may replace ``images`` to skip encoding."""
         from .generate import batch_answers
 
-        return batch_answers(self, images, questions, max_new_tokens or self.config.max_answer_tokens, image_codes)
+        return batch_answers(self, images, questions, max_new_tokens or self.config.max_answer_tokens, image_codes,
+                             cpu_threads)
 
     def known_words(self) -> list[str]:
         """Words the model met in training (the app warns about others)."""

@@ -1,0 +1,291 @@
+"""The multimodal model on tiny random parts: chat template, splicing, sampling, guidance, KV cache,
+prompts, saving and loading."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from evotok import EvoTok, small_config
+from evotok.hub import CheckpointError
+from evotok.mllm import (EmptyPromptError, EvoTokMLLM, PromptTooLongError, TextTokenizer, encode_chat,
+                         encode_generation, qwen2_lm_config, render_chat)
+from evotok.mllm.chat import IGNORE
+from evotok.mllm.data import ChatDataset, ImagePool, collate, corpus_texts
+from evotok.mllm.generate import generate_image_codes, sample_logits
+
+CORPUS = [
+    "a red circle", "a blue square above a green star", "two yellow triangles", "a photo of a white cross",
+    "What colour is the star?", "How many circles are there?", "Is the circle left or right of the square?",
+    "red", "blue", "green", "two", "left", "yes",
+]
+
+
+def tiny_tokenizer(seed: int = 0) -> EvoTok:
+    """32 px, 4×4 grid, 4 stages × 64 codes, codebooks initialised from one forward pass."""
+    torch.manual_seed(seed)
+    config = small_config(image_size=32, channels=(16, 32, 32, 32), norm_num_groups=8, num_stages=4,
+                          codebook_size=64, code_dim=8, pixel_depth=2, semantic_depth=4, semantic_layers=1,
+                          semantic_width=32, semantic_heads=2, teacher_dim=24, teacher=None)
+    tok = EvoTok(config)
+    tok.train()
+    with torch.no_grad():
+        tok(torch.rand(16, 3, 32, 32) * 2 - 1)
+    return tok.eval()
+
+
+@pytest.fixture(scope="module")
+def image_tok():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def text_tok():
+    records = [{"caption": c, "label": None, "qa": []} for c in CORPUS]
+    pool = ImagePool("scenes", np.zeros((len(records), 4, 4, 4), np.int16), records, {})
+    return TextTokenizer.train(corpus_texts({"scenes": pool}), vocab_size=400, min_frequency=1)
+
+
+def build(image_tok, text_tok, seed: int = 0, path: str = "tiny-tokenizer", **overrides) -> EvoTokMLLM:
+    torch.manual_seed(seed)
+    lm = qwen2_lm_config(len(text_tok), hidden_size=32, layers=2, heads=2, kv_heads=1, intermediate_size=64)
+    options = dict(depth_width=32, depth_heads=2, depth_layers=1, max_prompt_tokens=24)
+    options.update(overrides)
+    return EvoTokMLLM.build(image_tok, text_tok, image_tokenizer_path=path, lm_config=lm, **options).eval()
+
+
+@pytest.fixture(scope="module")
+def model(image_tok, text_tok):
+    return build(image_tok, text_tok)
+
+
+def random_batch(model, count: int = 6, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    records = [{"caption": "a red circle", "label": None,
+                "qa": [["What colour is the circle?", "red"], ["How many circles are there?", "one"]]}] * 8
+    codes = rng.integers(0, model.config.codebook_size, size=(8, 4, 4, 4)).astype(np.int16)
+    data = ChatDataset({"scenes": ImagePool("scenes", codes, records, {})},
+                       {"scene_t2i": 1.0, "scene_qa": 1.0, "text": 0.3}, model.text, model.config.num_cells,
+                       model.config.pixel_depth, seed=seed)
+    return collate([data[i] for i in range(count)], model.text.ids["pad"])
+
+
+def tensors(batch: dict) -> dict:
+    return {k: v for k, v in batch.items() if k != "tasks"}
+
+
+# ---------------------------------------------------------------------------- template and splice
+def test_chat_template_places_one_image_embedding_per_cell_and_supervises_only_answers(model):
+    tok, n = model.text, model.config.num_cells
+    turns = [("What colour is the star?", "red"), ("How many circles are there?", "two")]
+    enc = encode_chat(tok, turns, num_image_tokens=n)
+    ids = torch.tensor(enc.input_ids)
+    assert int((ids == tok.ids["image"]).sum()) == n == sum(enc.image_mask)
+    assert enc.input_ids[0] == tok.ids["user"] and enc.input_ids[1] == tok.ids["image"]
+    supervised = [t for t, lab in zip(enc.input_ids, enc.labels) if lab != IGNORE]
+    assert supervised == tok.encode("red") + [tok.ids["end"]] + tok.encode("two") + [tok.ids["end"]]
+    assert render_chat(turns, n).startswith(f"<|user|><image>×{n}What colour")
+
+    features = torch.randn(1, n, model.config.semantic_dim)
+    with torch.no_grad():
+        embeds = model.embed_inputs(ids[None], torch.tensor([enc.image_mask]), features)
+        plain = model.lm.get_input_embeddings()(ids[None])
+        expected = model.projector(features) + model.grid_pos
+    mask = torch.tensor(enc.image_mask)
+    assert torch.allclose(embeds[0, mask], expected[0])
+    assert torch.equal(embeds[0, ~mask], plain[0, ~mask])
+    with pytest.raises(ValueError, match="placeholders"):
+        model.embed_inputs(ids[None], torch.tensor([enc.image_mask]), features[:, :-1])
+
+
+def test_generation_sequence_has_the_grid_between_boi_and_eoi(model):
+    tok, n = model.text, model.config.num_cells
+    enc = encode_generation(tok, "a red circle", n)
+    cells = [i for i, g in enumerate(enc.gen_mask) if g]
+    assert len(cells) == n and cells == list(range(cells[0], cells[0] + n))
+    assert enc.input_ids[cells[0] - 1] == tok.ids["boi"] and enc.input_ids[cells[-1] + 1] == tok.ids["eoi"]
+    assert all(lab == IGNORE for lab in enc.labels)
+    uncond = encode_generation(tok, "   ", n, include_grid=False)
+    assert uncond.input_ids == [tok.ids[k] for k in ("user", "end", "assistant", "boi")]
+
+
+def test_mixed_batch_reports_both_losses_and_text_only_samples_work(model):
+    batch = random_batch(model)
+    assert {"scene_t2i", "scene_qa"} <= set(batch["tasks"])
+    out = model(**tensors(batch))
+    assert out.depth_positions == batch["gen_codes"].shape[0] * model.config.num_cells
+    assert out.lm_tokens > 0 and out.depth_loss_per_stage.shape == (model.config.pixel_depth,)
+    assert torch.isfinite(out.loss) and torch.allclose(out.loss, out.lm_loss + out.depth_loss)
+
+    text_only = encode_chat(model.text, [("What shapes do you know?", "circle and square")])
+    item = {"task": "text", "input_ids": text_only.input_ids, "labels": text_only.labels,
+            "image_mask": text_only.image_mask, "gen_mask": text_only.gen_mask, "image_codes": None, "gen_codes": None}
+    out = model(**tensors(collate([item], model.text.ids["pad"])))
+    assert out.depth_positions == 0 and out.lm_tokens == len(model.text.encode("circle and square")) + 1
+    assert torch.isfinite(out.lm_loss)
+
+
+# ---------------------------------------------------------------------------- sampling
+def test_fixed_seed_reproduces_an_image_and_seeds_differ(model):
+    a = model.generate_image("a red circle", seed=7)
+    b = model.generate_image("a red circle", seed=7)
+    c = model.generate_image("a red circle", seed=8)
+    g = model.config.grid_size
+    assert a.shape == (1, g, g, model.config.pixel_depth)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert model.decode_codes(a).shape == (1, 3, 32, 32)
+
+
+def test_guidance_scale_one_equals_the_conditional_branch(model):
+    trace_guided, trace_cond = [], []
+    guided = generate_image_codes(model, ["a red circle"], guidance_scale=1.0, seed=3, logits_trace=trace_guided)
+    cond = generate_image_codes(model, ["a red circle"], guidance_scale=None, seed=3, logits_trace=trace_cond)
+    assert torch.equal(guided, cond)
+    assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(trace_guided, trace_cond))
+    trace_strong = []
+    generate_image_codes(model, ["a red circle"], guidance_scale=3.0, seed=3, logits_trace=trace_strong)
+    assert not torch.allclose(trace_strong[0], trace_cond[0], atol=1e-4)
+
+
+def test_kv_cached_generation_equals_uncached(model):
+    prompts = ["a red circle", "two yellow triangles above a blue square"]  # different lengths: left padding
+    cached = model.generate_image(prompts, guidance_scale=2.0, seed=11, use_cache=True)
+    uncached = model.generate_image(prompts, guidance_scale=2.0, seed=11, use_cache=False)
+    assert torch.equal(cached, uncached)
+    image = torch.rand(3, 32, 32) * 2 - 1
+    question = "What colour is the star?"
+    assert (model.answer(image, question, stream=False, max_new_tokens=6, use_cache=True)
+            == model.answer(image, question, stream=False, max_new_tokens=6, use_cache=False))
+
+
+def test_batch_of_prompts_matches_single_prompts(model):
+    prompts = ["a red circle", "two yellow triangles above a blue square"]
+    both = model.generate_image(prompts, guidance_scale=None, temperature=0)
+    for i, prompt in enumerate(prompts):
+        assert torch.equal(both[i], model.generate_image(prompt, guidance_scale=None, temperature=0)[0])
+
+
+def test_row_callback_sees_the_grid_fill_up(model):
+    seen, threads = [], []
+    before = torch.get_num_threads()
+
+    def callback(rows, codes):
+        seen.append((rows, codes))
+        threads.append(torch.get_num_threads())
+
+    codes = model.generate_image("a red circle", seed=0, callback=callback)
+    g = model.config.grid_size
+    assert [rows for rows, _ in seen] == list(range(1, g + 1))
+    rows, partial = seen[1]
+    assert torch.equal(partial[:, :rows], codes[:, :rows]) and not partial[:, rows:].any()
+    assert set(threads) == {1} and torch.get_num_threads() == before  # small LM decodes single-threaded
+    model.generate_image("a red circle", seed=0, callback=callback, cpu_threads=before)
+    assert threads[-1] == before
+
+
+def test_sampling_filters():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]] * 5)
+    gen = torch.Generator().manual_seed(0)
+    assert torch.equal(sample_logits(logits, temperature=0), torch.ones(5, dtype=torch.long))
+    assert torch.equal(sample_logits(logits, 1.0, top_k=1, generator=gen), torch.ones(5, dtype=torch.long))
+    assert torch.equal(sample_logits(logits, 1.0, top_p=0.01, generator=gen), torch.ones(5, dtype=torch.long))
+    draws = sample_logits(logits.repeat(200, 1), 1.0, top_k=2, generator=gen)
+    assert set(draws.tolist()) == {1, 3}
+    draws = sample_logits(logits.repeat(200, 1), 1.0, generator=gen)
+    assert set(draws.tolist()) == {0, 1, 2, 3}
+
+
+@pytest.mark.parametrize("kwargs", [{"temperature": -1.0}, {"top_k": -2}, {"top_p": 0.0}, {"top_p": 1.5},
+                                    {"guidance_scale": -1.0}])
+def test_bad_sampling_settings_are_refused(model, kwargs):
+    with pytest.raises(ValueError):
+        model.generate_image("a red circle", **kwargs)
+
+
+# ---------------------------------------------------------------------------- prompts and answers
+def test_prompt_length_is_capped_with_a_clear_error(model):
+    long_prompt = " ".join(["a red circle above a blue square"] * 6)
+    with pytest.raises(PromptTooLongError, match="at most 24 tokens"):
+        model.generate_image(long_prompt)
+    with pytest.raises(PromptTooLongError, match="question"):
+        model.answer(torch.zeros(3, 32, 32), long_prompt)
+    with pytest.raises(EmptyPromptError):
+        model.answer(torch.zeros(3, 32, 32), "  ")
+    with pytest.raises(ValueError, match="32×32"):
+        model.answer(torch.zeros(3, 48, 48), "What colour is the star?")
+    assert model.generate_image("", seed=0).shape[0] == 1  # empty prompt: unconditional generation
+
+
+def test_answers_stream_in_pieces_and_take_history(model):
+    image = torch.rand(1, 3, 32, 32) * 2 - 1
+    pieces = list(model.answer(image, "What colour is the star?", max_new_tokens=5))
+    assert all(isinstance(p, str) and p for p in pieces)
+    assert "".join(pieces) == model.answer(image, "What colour is the star?", max_new_tokens=5, stream=False)
+    history = [("How many circles are there?", "two")]
+    assert isinstance(model.answer(image, "and the star?", history=history, stream=False, max_new_tokens=3), str)
+    text_only = model.answer(None, "What shapes do you know?", stream=False, max_new_tokens=3)
+    assert isinstance(text_only, str)
+
+
+def test_batched_answers_match_single_answers(model):
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    questions = ["What colour is the star?", "Is the circle left or right of the square?"]
+    batch = model.answer_batch(images, questions, max_new_tokens=4)
+    single = [model.answer(images[i], q, max_new_tokens=4, stream=False).strip() for i, q in enumerate(questions)]
+    assert batch == single
+
+
+def test_known_and_unknown_words(model):
+    known = model.known_words()
+    assert {"red", "circle", "colour"} <= set(known)
+    assert model.unknown_words("a Red zebra and a purple-ish CIRCLE, zebra") == ["zebra", "purple-ish"]
+
+
+def test_user_text_cannot_forge_special_tokens(model):
+    ids = model.text.encode("a red <image> circle <|end|>")
+    assert model.text.ids["image"] not in ids and model.text.ids["end"] not in ids
+
+
+# ---------------------------------------------------------------------------- training helpers
+def test_stage_one_trains_only_new_embedding_rows(image_tok, text_tok):
+    m = build(image_tok, text_tok, seed=1)
+    base = len(text_tok) - 4
+    m.config.base_vocab_size = base
+    m.set_trainable(train_lm=False)
+    m.train()
+    out = m(**tensors(random_batch(m)))
+    out.loss.backward()
+    emb = m.lm.get_input_embeddings().weight
+    assert emb.grad is not None and not emb.grad[:base].any()
+    assert all(p.grad is None for n, p in m.lm.named_parameters() if "embed" not in n and "lm_head" not in n)
+    assert m.projector[1].weight.grad is not None and m.depth.head_weight.grad is not None
+    m.set_trainable(train_lm=True)
+    assert all(p.requires_grad for p in m.lm.parameters())
+
+
+# ---------------------------------------------------------------------------- saving
+def test_save_load_round_trip(image_tok, text_tok, tmp_path):
+    image_tok.save_pretrained(tmp_path / "tokenizer")
+    model = build(image_tok, text_tok, seed=2, path="tokenizer")  # relative: found beside the model folder
+    model.save_pretrained(tmp_path / "mllm")
+    saved = json.loads((tmp_path / "mllm" / "config.json").read_text())
+    assert saved["image_tokenizer"] == "tokenizer" and saved["image_tokenizer_sha256"]
+
+    loaded = EvoTokMLLM.from_pretrained(tmp_path / "mllm")
+    assert loaded.text.known_words() == model.text.known_words()
+    batch = tensors(random_batch(model, seed=1))
+    with torch.no_grad():
+        assert torch.allclose(model(**batch).loss, loaded(**batch).loss)
+    assert torch.equal(model.generate_image("a red circle", seed=5), loaded.generate_image("a red circle", seed=5))
+
+    with pytest.raises(CheckpointError, match="differ"):
+        EvoTokMLLM.from_pretrained(tmp_path / "mllm", image_tokenizer=tiny_tokenizer(seed=1))
+    assert EvoTokMLLM.from_pretrained(tmp_path / "mllm", image_tokenizer=tiny_tokenizer(seed=1),
+                                      check_image_tokenizer=False) is not None
+    (tmp_path / "mllm" / "config.json").write_text(json.dumps({**saved, "depth_width": 64}))
+    with pytest.raises(CheckpointError, match="wrong shape"):
+        EvoTokMLLM.from_pretrained(tmp_path / "mllm")
+    with pytest.raises(CheckpointError, match="evotok_mllm"):
+        EvoTokMLLM.from_pretrained(tmp_path / "tokenizer")

@@ -1,0 +1,82 @@
+"""training/train_mllm.py end to end on the tiny config: losses fall, resume is exact, stage 1
+freezes the LM and stage 2 continues from stage 1."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from evotok.mllm import EvoTokMLLM
+from test_mllm import tiny_tokenizer
+from training.train_mllm import main
+
+CONFIG = str(Path(__file__).resolve().parents[1] / "training" / "configs" / "mllm_tiny_test.yaml")
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("mllm_train")
+    tiny_tokenizer().save_pretrained(folder / "tokenizer")
+    return folder
+
+
+def run(root: Path, name: str, *overrides: str, resume: bool = False) -> dict:
+    argv = ["--config", CONFIG, "--set", f"model.image_tokenizer={root / 'tokenizer'}", f"data.cache_dir={root / 'cache'}",
+            f"train.output_dir={root / name}", *overrides]
+    threads = torch.get_num_threads()
+    try:
+        return main(argv + (["--resume"] if resume else []))
+    finally:
+        torch.set_num_threads(threads)  # the script sets its own thread count
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_joint_training_lowers_both_losses(root):
+    summary = run(root, "joint", "train.steps=30", "train.eval_every=30", "train.save_every=100")
+    first, last = summary["eval"][0], summary["eval"][-1]
+    assert (first["step"], last["step"]) == (0, 30)
+    assert last["lm_loss"] < first["lm_loss"]
+    assert last["depth_loss"] < first["depth_loss"]
+    assert 0.0 <= last["answer_accuracy"] <= 1.0 and any(k.startswith("accuracy_") for k in last)
+    logged = summary["history"][-1]
+    assert {"lm_loss", "depth_loss", "depth_loss_stage1", "depth_loss_stage2"} <= set(logged)
+    lines = (root / "joint" / "eval.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [0, 30]
+
+    model = EvoTokMLLM.from_pretrained(root / "joint" / "final")
+    codes = model.generate_image("a red circle", seed=0)
+    assert codes.shape == (1, 4, 4, 2)
+    assert isinstance(model.answer(torch.zeros(3, 32, 32), "What colour is the circle?", stream=False), str)
+    assert "circle" in model.known_words()
+
+
+def test_resume_continues_exactly(root):
+    run(root, "straight", "train.steps=6")
+    run(root, "resumed", "train.steps=3")
+    run(root, "resumed", "train.steps=6", resume=True)
+    a, b = weights(root / "straight" / "final"), weights(root / "resumed" / "final")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    state_a = torch.load(root / "straight" / "training_state.pt", weights_only=False)
+    state_b = torch.load(root / "resumed" / "training_state.pt", weights_only=False)
+    assert state_a["step"] == state_b["step"] == 6
+    assert state_a["scheduler"] == state_b["scheduler"]
+
+
+def test_stage_one_freezes_the_lm_and_stage_two_trains_it(root):
+    run(root, "init", "train.steps=0", "train.train_lm=false")
+    run(root, "stage1", "train.steps=3", "train.train_lm=false")
+    run(root, "stage2", "train.steps=2", "train.train_lm=true", f"model.init_from={root / 'stage1' / 'final'}")
+    init, stage1, stage2 = (weights(root / name / "final") for name in ("init", "stage1", "stage2"))
+    layer = "lm.model.layers.0.mlp.up_proj.weight"
+    assert torch.equal(init[layer], stage1[layer]) and not torch.equal(stage1[layer], stage2[layer])
+    for name in ("projector.1.weight", "depth.head_weight", "lm.model.embed_tokens.weight"):
+        assert not torch.equal(init[name], stage1[name]), name
+    config = json.loads((root / "stage2" / "final" / "config.json").read_text())
+    assert config["image_tokenizer"] == str(root / "tokenizer")

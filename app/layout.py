@@ -58,10 +58,11 @@ def build_demo(callbacks: Callbacks, examples: Sequence[str] = (), concurrency: 
         with gr.Tab("Stage explorer"):
             with gr.Row(equal_height=False):
                 with gr.Column(scale=1, min_width=280):
-                    image_in = UploadedImage(type="filepath", image_mode=None, label="Your image (any format PIL reads)", sources=["upload", "clipboard"],
-                                             height=260, elem_id="evotok-input")
+                    image_in = UploadedImage(type="filepath", image_mode=None, label="Your image (any format PIL reads)",
+                                             sources=["upload", "clipboard"], height=260, elem_id="evotok-input")
                     labels_in = gr.Textbox(value=", ".join(DEFAULT_LABELS), lines=4, max_lines=8,
-                                           label="Probe labels (comma-separated; empty = defaults)", elem_id="evotok-labels")
+                                           label="Probe labels (comma-separated; empty = defaults)",
+                                           elem_id="evotok-labels")
                     run = gr.Button("Explore the stages", variant="primary", elem_id="evotok-run")
                     example_block = None
                     if examples:
@@ -78,8 +79,10 @@ def build_demo(callbacks: Callbacks, examples: Sequence[str] = (), concurrency: 
                                       info=f"pixel depth {config.pixel_depth}, semantic depth {config.semantic_depth}",
                                       elem_id="evotok-depth")
                     status = gr.Markdown("Upload an image or click an example.", elem_id="evotok-status")
-            gallery = gr.Gallery(label="Reconstruction after each stage", columns=min(stages, 8), rows=math.ceil(stages / 8), height=24 + 170 * math.ceil(stages / 8),
-                                 object_fit="contain", format="png", elem_id="evotok-gallery", preview=False)
+            gallery_rows = math.ceil(stages / 8)
+            gallery = gr.Gallery(label="Reconstruction after each stage", columns=min(stages, 8), rows=gallery_rows,
+                                 height=24 + 170 * gallery_rows, object_fit="contain", format="png",
+                                 elem_id="evotok-gallery", preview=False)
             metrics_plot = gr.Plot(label="Pixels and semantics against depth", elem_id="evotok-metrics")
             with gr.Row(equal_height=False):
                 probe_plot = gr.Plot(label="Zero-shot probe by depth", elem_id="evotok-probe-plot", scale=3)
@@ -109,18 +112,14 @@ def build_demo(callbacks: Callbacks, examples: Sequence[str] = (), concurrency: 
             umap_note = gr.Markdown()
 
         outputs = [input_view, gallery, metrics_plot, probe_plot, probe_table, codes_plot, codes_file, status, state]
-        run.click(callbacks.explore, [image_in, labels_in], outputs, api_name="explore", concurrency_id="model",
-                  concurrency_limit=concurrency
-                  ).success(callbacks.show_depth, [state, depth], depth_view, api_visibility="private",
-                         concurrency_limit=None, show_progress="hidden")
-        if example_block is not None:
-            example_block.load_input_event.then(
-                callbacks.explore, [image_in, labels_in], outputs, api_visibility="private", concurrency_id="model",
-                concurrency_limit=concurrency
-            ).success(callbacks.show_depth, [state, depth], depth_view, api_visibility="private",
-                   concurrency_limit=None, show_progress="hidden")
-        depth.change(callbacks.show_depth, [state, depth], depth_view, api_visibility="private",
-                     concurrency_limit=None, show_progress="hidden")
+        show = dict(fn=callbacks.show_depth, inputs=[state, depth], outputs=depth_view, api_visibility="private",
+                    concurrency_limit=None, show_progress="hidden")
+        model = dict(concurrency_id="model", concurrency_limit=concurrency)
+        run.click(callbacks.explore, [image_in, labels_in], outputs, api_name="explore", **model).success(**show)
+        if example_block is not None:  # clicking an example fills the input, then explores it
+            example_block.load_input_event.then(callbacks.explore, [image_in, labels_in], outputs,
+                                                api_visibility="private", **model).success(**show)
+        depth.change(**show)
 
         refresh.click(callbacks.codebook, None, [stats_plot, stats_md], api_name="codebook", concurrency_limit=None)
         demo.load(callbacks.codebook, None, [stats_plot, stats_md], api_visibility="private", concurrency_limit=None)

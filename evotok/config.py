@@ -102,7 +102,7 @@ def small_config(**overrides) -> EvoTokConfig:
         image_size=64, encoder="conv", channels=(32, 64, 128, 128), layers_per_block=1,
         norm_num_groups=16, mid_block_attention=False,
         num_stages=8, codebook_size=1024, code_dim=32, pixel_depth=4, semantic_depth=8,
-        semantic_layers=2, semantic_width=192, semantic_heads=4, teacher_dim=192,
+        semantic_layers=2, semantic_width=192, semantic_heads=4, teacher_dim=128,
         teacher="assets/teacher",
     )
     return replace(config, **overrides)

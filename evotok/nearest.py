@@ -14,20 +14,22 @@ Semantics shared by every backend:
   expansion also loses precision when ``x`` and the codes share a large common offset compared
   with the distances between them (centre such data first).
 * ``precision="fp32"`` is full fp32 arithmetic. ``"tf32"`` and ``"tf32x3"`` let the Triton
-  kernel use tensor cores with TF32 inputs (one or three passes); on CPU they are plain fp32, and
-  the torch CUDA fallback follows torch's global TF32 setting for every precision but bf16. ``"bf16"`` is the
-  exact search of ``x`` and the codes rounded to bfloat16 (the norms are those of the rounded
-  codes, products accumulate in fp32) on every device, so chosen codes can differ from the fp32
-  search wherever distances are close; measure the effect with ``training/bench_quantizer.py``.
+  kernel use tensor cores with TF32 inputs (one or three passes); on CPU they are plain fp32,
+  and the torch CUDA fallback follows torch's global TF32 setting. ``"bf16"`` is the exact
+  search of ``x`` and the codes rounded to bfloat16 (norms of the rounded codes, products
+  accumulated in fp32) on every device, so chosen codes can differ from the fp32 search wherever
+  distances are close; measure the effect with ``training/bench_quantizer.py``.
 * Empty input (``N = 0``) returns an empty ``LongTensor``.
 
-Backends: the fused Triton kernel on CUDA when ``triton`` imports (``evotok.kernels``), else a
-chunked torch path (row chunks on CUDA; on CPU, transposed code×row tiles sized for the caches of
-two cores, see ``_cpu_search``).
+Backends: the fused Triton kernel on CUDA when ``triton`` imports (``evotok.kernels``, d ≤ 256),
+else a chunked torch path: row chunks on CUDA; on CPU, transposed code×row tiles sized for one
+core's cache, spread over single-threaded worker threads (``SearchScratch``,
+``cpu_map_row_chunks``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -38,10 +40,13 @@ from torch import Tensor
 
 PRECISIONS = ("fp32", "tf32", "tf32x3", "bf16")
 
-# CPU tiling, tuned on two AMD EPYC (Zen 4) cores with K = 4096, d = 32, N = 8192 (see
-# training/bench_quantizer.py --tune): a transposed K×R score tile of about 2**20 floats
-# (4 MiB) per chunk of R rows, and blocks of 32 codes for the two-level argmax.
-_CPU_TILE_ELEMENTS = 1 << 20
+# CPU tiling, tuned on two AMD EPYC (Zen 4, AVX-512) cores, one single-threaded worker per core
+# (training/bench_quantizer.py --tune): each worker's transposed K×R score tile holds about
+# 2**19 floats (2 MiB, about one core's L2), with blocks of 32 codes for the two-level argmax.
+# Measured, 8 stages of N = 8192, K = 4096, d = 32: R = 64..256 -> 130-157 ms, R = 32 -> 177 ms,
+# R = 1024 -> 241-306 ms, R = 2048 -> ~400 ms, the whole N×K addmm + argmax -> 558 ms; one stage of
+# N = 2048, K = 32768: R = 32..64 -> 31-43 ms against 176 ms; K = 1024: R = 128..512 -> 5.3-5.8 ms.
+_CPU_TILE_ELEMENTS = 1 << 19
 _CPU_MIN_ROWS = 32
 _CPU_MAX_ROWS = 4096
 _CPU_CODE_BLOCK = 32
@@ -245,17 +250,25 @@ def cpu_map_row_chunks(
 
     Rather than letting every small op fork and join torch's intra-op thread team (hundreds of
     barriers per search, which stall badly whenever another process takes a core, e.g. data
-    loader workers), ``threads`` (default ``torch.get_num_threads()``) Python workers take whole
-    chunks from a shared queue and run them single-threaded: torch's thread count is 1 while
-    they run and is restored afterwards. ``work`` must only touch its own rows.
+    loader workers), ``threads`` Python workers take whole chunks (at most ``rows`` rows, smaller
+    when that gives every worker a share) from a shared queue and run them single-threaded:
+    torch's thread count is 1 while they run and is restored afterwards. ``threads`` defaults to
+    the count saved by an enclosing ``cpu_worker_threads()`` block, else
+    ``torch.get_num_threads()``. ``work`` must only touch its own rows; it runs without autograd
+    (and in inference mode when the caller is).
     """
-    starts = range(0, n, max(1, rows))
-    workers = min(torch.get_num_threads() if threads is None else threads, len(starts))
+    if threads is None:
+        threads = getattr(_worker_state, "threads", None) or torch.get_num_threads()
+    rows = max(1, min(rows, max(_CPU_MIN_ROWS, -(-n // max(1, threads)))))
+    starts = range(0, n, rows)
+    workers = min(threads, len(starts))
+    inference = torch.is_inference_mode_enabled()  # thread-local: carried into the workers
 
     def run(chunks: Iterator[int]) -> None:
         scratch = SearchScratch(code_block)
-        for start in chunks:
-            work(start, min(start + rows, n), scratch)
+        with torch.inference_mode(inference), torch.no_grad():
+            for start in chunks:
+                work(start, min(start + rows, n), scratch)
 
     if workers <= 1:
         run(iter(starts))
@@ -269,6 +282,31 @@ def cpu_map_row_chunks(
             future.result()
     finally:
         torch.set_num_threads(previous)
+
+
+_worker_state = threading.local()
+
+
+@contextlib.contextmanager
+def cpu_worker_threads() -> Iterator[int]:
+    """Run torch single-threaded inside the block while the chunked CPU search keeps the
+    caller's thread count as worker threads (yielded).
+
+    For code around the search made of small memory-bound ops (the quantizer's residual chain,
+    EMA and restart): single-threaded they cost about the same on an idle machine and never
+    wait at a thread barrier for a core another process took. Nested blocks are no-ops.
+    """
+    threads = torch.get_num_threads()
+    if getattr(_worker_state, "threads", None) is not None or threads <= 1:
+        yield getattr(_worker_state, "threads", None) or threads
+        return
+    _worker_state.threads = threads
+    torch.set_num_threads(1)
+    try:
+        yield threads
+    finally:
+        torch.set_num_threads(threads)
+        _worker_state.threads = None
 
 
 class _LockedIterator:
@@ -293,5 +331,7 @@ def _thread_pool(workers: int) -> ThreadPoolExecutor:
     """A process-wide pool of at least ``workers`` threads, rebuilt after a fork."""
     global _POOL
     if _POOL is None or _POOL[0] != os.getpid() or _POOL[1] < workers:
+        if _POOL is not None and _POOL[0] == os.getpid():
+            _POOL[2].shutdown(wait=False)
         _POOL = (os.getpid(), workers, ThreadPoolExecutor(max_workers=workers, thread_name_prefix="evotok-nearest"))
     return _POOL[2]

@@ -26,7 +26,10 @@ never by gradients. One training step (``update=True``):
 
 Search, EMA and restart run in fp32 (outside autocast) and never synchronise with the host once
 the codebooks are initialised. Outputs are computed with the codebooks as they were at the start
-of the step; the update follows.
+of the step; the update follows. On CPU the chain runs row-chunk-major on worker threads (one per
+torch thread, see ``evotok.nearest.cpu_map_row_chunks``) and the rest of the forward runs
+single-threaded (``cpu_worker_threads``), which avoids thread-barrier stalls when other
+processes (data loaders, say) share the cores.
 
 **Data parallel:** when ``torch.distributed`` is initialised with more than one rank, the counts
 and sums are all-reduced (SUM, one collective) before the EMA, and the initial codebooks and the
@@ -37,6 +40,7 @@ model with ``broadcast_buffers=False``: the buffers are already kept identical.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +52,7 @@ from evotok.nearest import (
     PRECISIONS,
     SearchScratch,
     cpu_map_row_chunks,
+    cpu_worker_threads,
     cpu_rows_per_chunk,
     nearest_code,
     squared_norms,
@@ -162,7 +167,8 @@ class ResidualQuantizer(nn.Module):
             raise ValueError(f"input is on {x.device} but the codebooks are on {self.embed.device}")
         update = self.training if update is None else update
         lead = x.shape[:-1]
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        threads = cpu_worker_threads() if x.device.type == "cpu" else contextlib.nullcontext()
+        with torch.autocast(device_type=x.device.type, enabled=False), threads:
             x32 = x.float()
             flat = x32.detach().reshape(-1, self.dim)
             if update and not self._is_initted():

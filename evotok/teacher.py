@@ -134,9 +134,9 @@ def match_targets(true_texts: Sequence[str | Collection[str]], texts: Sequence[s
 class TinySigLIPConfig:
     image_size: int = 64          # input resolution
     patch_size: int = 8           # 64 / 8 -> an 8×8 patch grid, the tokenizer's grid
-    width: int = 192              # C, the patch-feature width
+    width: int = 128              # C, the patch-feature width
     depth: int = 6                # transformer blocks; features are read before the last one
-    num_heads: int = 3
+    num_heads: int = 4
     mlp_ratio: float = 4.0
     embed_dim: int = 256          # E, the shared image-text space
     pool: str = "map"             # "map" (attention pooling, as SigLIP) or "mean"
@@ -215,6 +215,12 @@ class TinySigLIPTeacher(PretrainedMixin, Teacher):
         self.bias = nn.Parameter(torch.tensor(float(config.init_logit_bias)))
         # A plain attribute, not a submodule: its weights stay out of our state_dict.
         self.text_encoder = text_encoder or SentenceEncoder()
+
+    def _apply(self, fn, *args, **kwargs):
+        """``.to(device)`` / ``.cuda()`` also move the (unregistered) frozen sentence encoder."""
+        module = super()._apply(fn, *args, **kwargs)
+        self.text_encoder.to(self.pos_embed.device)
+        return module
 
     # -- differentiable pieces (used by training) ----------------------------------------------
     def patch_tokens(self, images: Tensor) -> Tensor:

@@ -45,9 +45,12 @@ def stand_in_checkpoint(folder: Path) -> list[str]:
     from evotok.teacher import TinySigLIPConfig, TinySigLIPTeacher
 
     torch.manual_seed(0)
-    teacher = TinySigLIPTeacher(TinySigLIPConfig())
+    config = small_config(teacher=str(folder / "teacher"))
+    heads = next(h for h in (4, 3, 2, 1) if config.teacher_dim % h == 0)
+    teacher = TinySigLIPTeacher(TinySigLIPConfig(image_size=config.image_size, width=config.teacher_dim,
+                                                 patch_size=config.image_size // config.grid_size, num_heads=heads))
     teacher.save_pretrained(folder / "teacher")
-    tok = EvoTok(small_config(teacher=str(folder / "teacher")))
+    tok = EvoTok(config)
     tok.train()
     with torch.no_grad():
         tok(torch.rand(16, 3, 64, 64) * 2 - 1)
@@ -276,3 +279,13 @@ def test_missing_checkpoint_fails_fast_with_a_message(tmp_path):
                             env={**os.environ, **OFFLINE_ENV})
     assert result.returncode == 2
     assert "could not load the models" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_find_examples_takes_each_kind(tmp_path):
+    from app.layout import find_examples
+
+    for name in ("photo_a", "photo_b", "clipart_a", "scene_a", "scene_b", "scene_c", "scene_d", "other"):
+        Image.new("RGB", (8, 8)).save(tmp_path / f"{name}.png")
+    found = [Path(p).stem for p in find_examples(tmp_path, per_kind=3)]
+    assert found == ["photo_a", "photo_b", "clipart_a", "scene_a", "scene_b", "scene_c"]
+    assert find_examples(tmp_path / "missing") == []

@@ -10,6 +10,7 @@ import torch
 
 from evotok import EvoTok, small_config
 from evotok.hub import CheckpointError
+from evotok.images import pil_to_tensor
 from evotok.mllm import (EmptyPromptError, EvoTokMLLM, PromptTooLongError, TextTokenizer, encode_chat,
                          encode_generation, qwen2_lm_config, render_chat)
 from evotok.mllm.chat import IGNORE
@@ -136,6 +137,9 @@ def test_fixed_seed_reproduces_an_image_and_seeds_differ(model):
     assert a.shape == (1, g, g, model.config.pixel_depth)
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert model.decode_codes(a).shape == (1, 3, 32, 32)
+    stages = model.decode_stages(a)
+    assert stages.shape == (model.config.pixel_depth, 1, 3, 32, 32)
+    assert torch.allclose(stages[-1], model.decode_codes(a), atol=1e-5)
 
 
 def test_guidance_scale_one_equals_the_conditional_branch(model):
@@ -263,6 +267,72 @@ def test_stage_one_trains_only_new_embedding_rows(image_tok, text_tok):
     assert m.projector[1].weight.grad is not None and m.depth.head_weight.grad is not None
     m.set_trainable(train_lm=True)
     assert all(p.requires_grad for p in m.lm.parameters())
+
+
+def test_a_pretrained_lm_from_a_folder_gets_new_token_rows(image_tok, tmp_path):
+    """The full-scale path (a hub id or folder, e.g. Qwen2.5) offline: a saved tiny Qwen2 plus its
+    own tokenizer without EvoTok's special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config
+
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer, raw.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    raw.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                        show_progress=False))
+    PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|endoftext|>").save_pretrained(tmp_path / "lm")
+    base_vocab = raw.get_vocab_size()
+    AutoModelForCausalLM.from_config(Qwen2Config(
+        vocab_size=base_vocab, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+        intermediate_size=64)).save_pretrained(tmp_path / "lm")
+
+    text = TextTokenizer.from_lm(tmp_path / "lm")
+    assert len(text) == base_vocab + 8
+    m = EvoTokMLLM.build(image_tok, text, image_tokenizer_path="tiny", lm_name_or_path=str(tmp_path / "lm"),
+                         depth_width=32, depth_heads=2, depth_layers=1)
+    assert m.config.base_vocab_size == base_vocab
+    assert m.lm.get_input_embeddings().num_embeddings >= len(text)
+    m.set_trainable(train_lm=False)
+    m(**tensors(random_batch(m))).loss.backward()
+    for table in (m.lm.get_input_embeddings(), m.lm.get_output_embeddings()):  # untied: both learn new rows
+        assert not table.weight.grad[:base_vocab].any() and table.weight.grad[base_vocab:].any()
+    assert all(p.grad is None for n, p in m.lm.named_parameters() if "embed" not in n and "lm_head" not in n)
+    m.save_pretrained(tmp_path / "saved")
+    loaded = EvoTokMLLM.from_pretrained(tmp_path / "saved", image_tokenizer=image_tok)
+    assert torch.equal(loaded.generate_image("a red circle", seed=0), m.eval().generate_image("a red circle", seed=0))
+
+
+def test_image_pools_are_encoded_once_in_chunks_and_skip_unreadable_images(image_tok, tmp_path):
+    from PIL import Image
+
+    from evotok.data.base import Sample
+    from evotok.images import ImageError
+    from evotok.mllm.data import build_pool, load_pool
+
+    class Source:
+        split, seed, reads = "train", 0, 0
+
+        def __len__(self):
+            return 5
+
+        def __getitem__(self, i):
+            self.reads += 1
+            if i == 3:
+                raise ImageError("unreadable")
+            return Sample(Image.new("RGB", (40, 40), (50 * i, 0, 0)), f"caption {i}", "scenes", qa=[("q", f"a{i}")])
+
+    source = Source()
+    with pytest.warns(UserWarning, match="left out"):
+        pool = build_pool(tmp_path / "pool", "scenes", source, 5, 32, image_tok, chunk_size=2)
+    assert len(pool) == 4 and pool.codes.shape == (4, 4, 4, 4)
+    assert [r["caption"] for r in pool.records] == ["caption 0", "caption 1", "caption 2", "caption 4"]
+    assert torch.equal(torch.from_numpy(pool.codes[1].astype(np.int64)),
+                       image_tok.encode(pil_to_tensor(source[1].image, 32)[None])[0])
+    reads = source.reads
+    again = build_pool(tmp_path / "pool", "scenes", source, 5, 32, image_tok, chunk_size=2)
+    assert source.reads == reads and np.array_equal(again.codes, load_pool(tmp_path / "pool").codes)
+    with pytest.raises(ValueError, match="different pool"):
+        build_pool(tmp_path / "pool", "scenes", source, 4, 32, image_tok, chunk_size=2)
 
 
 # ---------------------------------------------------------------------------- saving

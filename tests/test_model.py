@@ -116,7 +116,7 @@ def test_small_preset_builds_and_runs():
     codes = model.encode(images)
     assert codes.shape == (1, 8, 8, 8)
     assert model.decode(codes).shape == (1, 3, 64, 64)
-    assert model.semantic_features(codes).shape == (1, 64, 192)
+    assert model.semantic_features(codes).shape == (1, 64, 128)
 
 
 def test_reference_preset_builds_offline_from_tiny_siglip(tmp_path):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from evotok.kernels import triton_available
-from evotok.nearest import cpu_rows_per_chunk, nearest_code, nearest_code_reference, squared_norms
+from evotok.nearest import _cpu_search, cpu_rows_per_chunk, nearest_code, nearest_code_reference, squared_norms
 
 
 def assert_same_up_to_ties(x: torch.Tensor, codebook: torch.Tensor, got: torch.Tensor, rtol: float = 1e-5) -> None:
@@ -41,13 +41,19 @@ def test_matches_plain_argmin_on_random_inputs(n: int, k: int, d: int, chunk: in
     assert_same_up_to_ties(x, codebook, got)
 
 
-def test_precomputed_norms_and_chunk_sizes_give_identical_codes() -> None:
+def test_precomputed_norms_chunk_sizes_and_workers_give_identical_codes() -> None:
     gen = torch.Generator().manual_seed(1)
     x, codebook = torch.randn(700, 32, generator=gen), torch.randn(1000, 32, generator=gen)
     base = nearest_code(x, codebook)
     assert torch.equal(nearest_code(x, codebook, squared_norms(codebook)), base)
     for chunk in (1, 17, 256, 700, 5000):
         assert_same_up_to_ties(x, codebook, nearest_code(x, codebook, chunk_size=chunk))
+    threads = torch.get_num_threads()
+    norms = squared_norms(codebook)
+    one_worker = _cpu_search(x, codebook, norms, 64, threads=1)
+    for workers in (2, 3):
+        assert torch.equal(_cpu_search(x, codebook, norms, 64, threads=workers), one_worker)
+    assert torch.get_num_threads() == threads  # restored after the workers ran
 
 
 def test_duplicate_codes_resolve_to_lowest_index() -> None:

@@ -269,6 +269,19 @@ def test_state_dict_round_trip_keeps_initialisation() -> None:
     assert int(loaded.step) == 2 and not torch.equal(loaded.embed, embed)
 
 
+def test_inference_mode_and_thread_count() -> None:
+    """The CPU chain runs on worker threads: caller's inference mode carries over, and torch's
+    thread count is restored afterwards."""
+    rq = ResidualQuantizer(num_stages=3, codebook_size=64, dim=8, chunk_size=100).eval()
+    x = torch.randn(1000, 8)
+    reference = rq(x)
+    threads = torch.get_num_threads()
+    with torch.inference_mode():
+        out = rq(x)
+    assert torch.equal(out.codes, reference.codes) and torch.equal(out.prefix_sums, reference.prefix_sums)
+    assert torch.get_num_threads() == threads
+
+
 def test_bf16_autocast_searches_in_fp32() -> None:
     rq = ResidualQuantizer(num_stages=2, codebook_size=16, dim=4).eval()
     x = torch.randn(50, 4)

@@ -210,3 +210,49 @@ def test_hf_vision_only_teacher_has_no_text_side(tmp_path):
     assert teacher.embed_features(features).shape == (2, 32)
     with pytest.raises(ValueError, match="no text side"):
         teacher.embed_text(["a cat"])
+
+
+# ---------------------------------------------------------------------------- the training script
+def _train(tmp_path, name: str, steps: int, resume: bool = False) -> dict:
+    from training.train_teacher import main
+
+    overrides = ["model.image_size=32", "model.width=16", "model.depth=2", "model.num_heads=2", "model.embed_dim=8",
+                 "data.mixture.resolution=32", "data.mixture.weights={scenes: 1.0}", f"train.steps={steps}",
+                 "train.batch_size=6", "train.schedule=constant", "train.warmup_steps=0", "train.eval_every=0",
+                 "train.save_every=2", "train.num_workers=0", "train.log_every=1", "train.cpu_threads=0",
+                 f"train.output_dir={tmp_path / name}"]
+    argv = ["--config", "training/configs/teacher_tiny.yaml", "--out", str(tmp_path / name / "teacher"),
+            "--set", *overrides]
+    return main(argv + (["--resume"] if resume else []))
+
+
+def test_train_script_saves_a_loadable_teacher_and_resumes_exactly(tmp_path):
+    straight = _train(tmp_path, "straight", steps=4)
+    assert straight["steps"] == 4 and straight["final_loss"] is not None
+    teacher = load_teacher(tmp_path / "straight" / "teacher")
+    assert isinstance(teacher, TinySigLIPTeacher) and teacher.config.width == 16
+
+    _train(tmp_path, "resumed", steps=2)
+    resumed = _train(tmp_path, "resumed", steps=4, resume=True)
+    assert resumed["steps"] == 4
+    assert [h["loss"] for h in resumed["history"]] == pytest.approx([h["loss"] for h in straight["history"]], rel=1e-4)
+    a = load_file(str(tmp_path / "straight" / "teacher" / "model.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "teacher" / "model.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
+
+
+def test_training_texts_include_true_statements():
+    from evotok.data.base import Sample
+    from training.train_teacher import true_texts
+
+    scene = {"scene_type": "single_object", "relations": [],
+             "objects": [{"shape": "circle", "colour": "red", "size": "small", "centre": [0.5, 0.5]}]}
+    texts = true_texts(Sample(image=None, caption="a small red circle", source="scenes", label="single_object",
+                              attributes=scene))
+    assert texts[0] == "a small red circle"
+    assert {"a photo of a circle", "a photo of a red circle", "a photo of a red object"} <= set(texts)
+    fashion = true_texts(Sample(image=None, caption="a greyscale photo of an ankle boot", source="fashion_mnist",
+                                label="ankle boot"))
+    assert "a photo of an ankle boot" in fashion
+

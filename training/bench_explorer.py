@@ -68,12 +68,15 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def timed(fn, repeats: int) -> list[float]:
+def timed(fn, repeats: int, cpu: list[float] | None = None) -> list[float]:
+    """Wall seconds per call; with ``cpu`` also collects this process's CPU seconds per call."""
     out = []
     for _ in range(repeats):
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.process_time()
         fn()
         out.append(time.perf_counter() - started)
+        if cpu is not None:
+            cpu.append(time.process_time() - started_cpu)
     return out
 
 
@@ -105,15 +108,19 @@ def main() -> None:
     from evotok.explore import Explorer
 
     rows: list[tuple[str, list[float], str]] = []
+    cpu_model: list[float] = []
+    cpu_callback: list[float] = []
     with tempfile.TemporaryDirectory(prefix="evotok-bench-") as tmp:
         image = test_image(Path(tmp) / "chelsea_256.png")
 
         explorer = Explorer.load(args.checkpoint, args.teacher, search_dirs=[ROOT])
         callbacks = Callbacks(explorer, cache_dir=str(Path(tmp) / "cache"))
         explorer.explore(str(image))  # loads the text encoder once, as the app's warm-up does
-        rows.append(("explore_image (model side) 256×256", timed(lambda: explorer.explore(str(image)), args.repeats),
+        rows.append(("explore_image (model side) 256×256",
+                     timed(lambda: explorer.explore(str(image)), args.repeats, cpu_model),
                      "encode, all-depth decode, metrics, probe"))
-        rows.append(("explorer callback, in process", timed(lambda: callbacks.explore(str(image), ""), args.repeats),
+        rows.append(("explorer callback, in process", timed(lambda: callbacks.explore(str(image), ""), args.repeats,
+                                                             cpu_callback),
                      "+ every figure, gallery, codes file"))
 
         cold = []
@@ -143,9 +150,12 @@ def main() -> None:
         finally:
             stop(proc)
 
+    rows.insert(2, ("  CPU seconds of explore_image", cpu_model, "÷ threads ≈ wall time on idle cores"))
+    rows.insert(3, ("  CPU seconds of the callback", cpu_callback, ""))
     c = explorer.config
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"\nEvoTok demo timings — {args.checkpoint} ({c.image_size} px, {c.num_stages} stages × {c.codebook_size} codes), "
-          f"{args.threads} CPU threads, torch {torch.__version__}\n")
+          f"{args.threads} CPU threads, torch {torch.__version__}, load average {load:.1f} on {os.cpu_count()} CPUs\n")
     print(f"| {'what':<44} | {'median s':>8} | {'min s':>6} | {'max s':>6} | {'n':>3} | note")
     print(f"|{'-' * 46}|{'-' * 10}|{'-' * 8}|{'-' * 8}|{'-' * 5}|------")
     for name, values, note in rows:

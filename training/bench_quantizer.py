@@ -15,7 +15,9 @@ Times are medians over ``--repeats`` runs after ``--warmup`` runs (``cuda.synchr
 each on GPU). Peak extra memory: on GPU ``torch.cuda.max_memory_allocated`` above what was
 allocated before the call; on CPU the peak of live torch allocations during one call, replayed
 from the torch profiler's memory timeline (``profile_memory=True``; "n/a" if that private API
-is unavailable). On GPU a second table counts how many codes the tf32/tf32x3/bf16 searches pick
+is unavailable). The profiler sees only the calling thread, so CPU memory is measured with one
+thread: each further search worker of this project's quantizer adds one score tile
+(about 2 MiB, ``evotok.nearest``). On GPU a second table counts how many codes the tf32/tf32x3/bf16 searches pick
 differently from fp32, for one stage and along the whole chain.
 """
 
@@ -144,7 +146,12 @@ def peak_extra(fn: Callable[[], object], device: str) -> str:
         fn()
         torch.cuda.synchronize()
         return f"{(torch.cuda.max_memory_allocated() - before) / 2**20:.0f}"
-    peak = cpu_peak_bytes(fn)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the profiler only sees the calling thread: keep all work on it
+    try:
+        peak = cpu_peak_bytes(fn)
+    finally:
+        torch.set_num_threads(threads)
     return "n/a" if peak is None else f"{peak / 2**20:.0f}"
 
 
@@ -206,6 +213,8 @@ def print_table(tokens: int, rows: list[Row], args: argparse.Namespace) -> None:
     print("|---|---|---|---|---|")
     for row in rows:
         print(f"| {row.name} | {row.eval_ms} | {row.train_ms} | {row.eval_mem} | {row.train_mem} |")
+    if args.device == "cpu":
+        print("\nCPU memory: peak live torch allocations, measured single-threaded (see the docstring).")
 
 
 def precision_effect(x: Tensor, args: argparse.Namespace) -> None:

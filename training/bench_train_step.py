@@ -143,7 +143,7 @@ def write_siglip_folder(folder: Path, vision: dict) -> Path:
     config = SiglipConfig(
         vision_config=dict(vision),
         text_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                         vocab_size=128, max_position_embeddings=16),
+                         vocab_size=128, max_position_embeddings=16, pad_token_id=1, bos_token_id=0, eos_token_id=2),
     )
     torch.manual_seed(0)
     SiglipModel(config).save_pretrained(str(folder))

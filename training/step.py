@@ -205,6 +205,33 @@ def _teacher_compile_target(teacher: nn.Module) -> list[nn.Module]:
     return []
 
 
+def freeze_unused_parameters(model: nn.Module) -> list[str]:
+    """Stop training the parameters no loss can reach, and return their names.
+
+    An encoder read at its penultimate layer (the HF vision encoders) never uses its last layer,
+    final norm or pooling head. Such parameters never get a gradient, which DDP rejects ("Expected
+    to have finished reduction in the prior iteration ...") unless it searches the graph for
+    unused parameters every step. One probe forward/backward on a blank image (eval mode: the
+    codebooks are not touched) finds them once; they are frozen, their values stay in checkpoints.
+    """
+    was_training = model.training
+    model.eval()
+    size = model.config.image_size
+    device = next(model.parameters()).device
+    try:
+        output = model(torch.zeros(1, 3, size, size, device=device))
+        (output.reconstruction.float().sum() + output.semantic_features.float().sum()
+         + output.commitment_loss.float()).backward()
+        unused = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    for name, param in model.named_parameters():
+        if name in unused:
+            param.requires_grad_(False)
+    return unused
+
+
 class TokenizerTrainer:
     """One optimised training step of the EvoTok tokenizer.
 
@@ -245,6 +272,10 @@ class TokenizerTrainer:
         self.perceptual = perceptual.to(self.device) if perceptual is not None else None
         self.discriminator = discriminator.to(self.device) if discriminator is not None else None
         self.notes: list[str] = []  # what was applied or fell back, for logs and the benchmark
+        self.frozen = freeze_unused_parameters(self.model)  # before compile: the probe must not trace
+        if self.frozen:
+            self.notes.append(f"{len(self.frozen)} parameters reach no loss and are frozen "
+                              f"(e.g. {self.frozen[0]})")
         self._apply_layout()
         self.optimizer = self._adam([p for p in self.model.parameters() if p.requires_grad], lr, betas)
         self.disc_optimizer = (self._adam(list(self.discriminator.parameters()), disc_lr or lr, betas)
@@ -484,4 +515,4 @@ def gather_digests(model: nn.Module, accelerator: Any) -> list[dict[str, str]]:
 
 
 __all__ = ["COMPILE_TARGETS", "CHECKPOINT_TARGETS", "DEFAULT_COMPILE", "Optimizations", "TokenizerTrainer",
-           "enable_activation_checkpointing", "gather_digests", "state_digests"]
+           "enable_activation_checkpointing", "freeze_unused_parameters", "gather_digests", "state_digests"]

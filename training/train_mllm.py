@@ -61,19 +61,23 @@ def build_pools(tokenizer: EvoTok, data_cfg: dict, split: str, counts: dict[str,
     return {name: load_pool(folder) for name, folder in folders.items()}
 
 
-def build_model(config: dict, tokenizer: EvoTok, pools: dict, run_dir: Path, resume: bool) -> EvoTokMLLM:
+def build_model(config: dict, tokenizer: EvoTok, pools: dict, run_dir: Path, resume: bool,
+                accelerator: Accelerator) -> EvoTokMLLM:
     model_cfg, text_cfg = config["model"], config.get("text_tokenizer", {})
     if model_cfg.get("init_from"):  # stage 2: continue from a saved stage-1 model
         return EvoTokMLLM.from_pretrained(model_cfg["init_from"], image_tokenizer=tokenizer)
     text_dir = run_dir / "text_tokenizer"
-    if text_cfg.get("path"):
-        text_tok = TextTokenizer.load(text_cfg["path"])
-    elif resume and text_dir.is_dir():
-        text_tok = TextTokenizer.load(text_dir)
-    else:
-        text_tok = TextTokenizer.train(corpus_texts(pools), int(text_cfg.get("vocab_size", 3000)),
-                                       int(text_cfg.get("min_frequency", 2)))
-    text_tok.save(text_dir)
+    if accelerator.is_main_process:  # one BPE, trained once, shared by every rank
+        if text_cfg.get("path"):
+            text_tok = TextTokenizer.load(text_cfg["path"])
+        elif resume and text_dir.is_dir():
+            text_tok = TextTokenizer.load(text_dir)
+        else:
+            text_tok = TextTokenizer.train(corpus_texts(pools), int(text_cfg.get("vocab_size", 3000)),
+                                           int(text_cfg.get("min_frequency", 2)))
+        text_tok.save(text_dir)
+    accelerator.wait_for_everyone()
+    text_tok = TextTokenizer.load(text_dir)
     adapters = {k: model_cfg[k] for k in ("projector_hidden", "depth_layers", "depth_width", "depth_heads",
                                           "max_prompt_tokens", "max_answer_tokens") if k in model_cfg}
     if model_cfg.get("lm_name_or_path"):
@@ -150,13 +154,14 @@ def main(argv: list[str] | None = None) -> dict:
     heldout = build_pools(tokenizer, data_cfg, "heldout", data_cfg.get("heldout_pools", {}), accelerator)
 
     resuming = args.resume and (run_dir / STATE_FILE).exists()
-    model = build_model(config, tokenizer, pools, run_dir, resuming)
+    model = build_model(config, tokenizer, pools, run_dir, resuming, accelerator)
     model.set_trainable(bool(train_cfg.get("train_lm", True)))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=float(train_cfg["lr"]), betas=tuple(train_cfg.get("betas", (0.9, 0.95))),
                             weight_decay=float(train_cfg.get("weight_decay", 0.0)))
     total_steps = int(train_cfg["steps"])
-    warmup, min_ratio = int(train_cfg.get("warmup_steps", 0)), float(train_cfg.get("min_lr", train_cfg["lr"])) / float(train_cfg["lr"])
+    warmup = int(train_cfg.get("warmup_steps", 0))
+    min_ratio = float(train_cfg.get("min_lr", train_cfg["lr"])) / float(train_cfg["lr"])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup, total_steps, min_ratio))
 
     step = 0

@@ -91,7 +91,6 @@ class CaptionedImages(Dataset):
         return {"image": pil_to_tensor(sample.image, self.mixture.resolution), "text": text,
                 "true_texts": TEXT_SEPARATOR.join(texts), "source": sample.source}
 
-
     def _sample(self, index: int) -> Sample:
         """The mixture's sample; an unreadable image (e.g. a clip-art decompression bomb) is
         replaced by another item chosen deterministically, so resume stays exact."""
@@ -238,6 +237,7 @@ def main(argv: list[str] | None = None) -> dict:
     save()
     model.save_pretrained(out_dir)
     summary = {"steps": step, "seconds": round(seconds, 1), "batch_size": batch_size,
+               "cpu_seconds_this_process": round(time.process_time(), 1),
                "images_seen": step * batch_size,
                "final_loss": next((h["loss"] for h in reversed(history) if "loss" in h), None),
                "device": str(device), "threads": torch.get_num_threads(), "config": config, "history": history}

@@ -7,6 +7,10 @@ Many GPUs or nodes (DDP through accelerate; FSDP/DeepSpeed via `accelerate confi
 Continue an interrupted run exactly (model, optimizers, EMA codebooks, RNG, data position):
     python training/train_tokenizer.py --config ... --resume
 Override any config value from the command line: ``--set train.steps=100 train.batch_size=8``.
+
+The step itself (generator and discriminator updates) lives in ``training/step.py``; its speed and
+memory switches are config keys under ``train.optimizations`` (see ``training.step.Optimizations``):
+    --set train.optimizations.activation_checkpointing=true train.optimizations.compile=true
 """
 from __future__ import annotations
 
@@ -27,13 +31,13 @@ from tqdm.auto import tqdm  # noqa: E402
 from evotok.analysis import evaluate_depths  # noqa: E402
 from evotok.config import PRESETS  # noqa: E402
 from evotok.data.mixture import build_mixture  # noqa: E402
-from evotok.losses import (FeatureDistance, LossWeights, PatchDiscriminator, generator_loss,  # noqa: E402
-                           hinge_discriminator_loss, sample_pixel_depths)
+from evotok.losses import FeatureDistance, LossWeights, PatchDiscriminator, sample_pixel_depths  # noqa: E402
 from evotok.model import EvoTok  # noqa: E402
 from evotok.teacher import TinySigLIPConfig, TinySigLIPTeacher, load_teacher  # noqa: E402
 from training.common import (Logger, batch_indices, copy_config, iterate_batches, load_config,  # noqa: E402
                              load_training_state, rng_state, save_training_state, set_rng_state,
                              set_seed, to_float_dict)
+from training.step import Optimizations, TokenizerTrainer, gather_digests  # noqa: E402
 
 STATE_FILE = "training_state.pt"
 
@@ -86,6 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
     config = load_config(args.config, args.set)
     train_cfg, data_cfg = config["train"], config["data"]
     run_dir = Path(train_cfg["output_dir"])
+    optimizations = Optimizations.from_dict(train_cfg.get("optimizations"))
 
     accelerator = Accelerator(
         mixed_precision=train_cfg.get("mixed_precision", "no") if torch.cuda.is_available() else "no",
@@ -97,29 +102,26 @@ def main(argv: list[str] | None = None) -> dict:
 
     tokenizer = build_tokenizer(config["model"])
     teacher = build_teacher(config.get("teacher"))
-    if teacher is not None:
-        teacher = teacher.to(accelerator.device)
     weights = LossWeights(**config.get("loss", {}))
     perceptual = build_perceptual(config.get("perceptual_net"))
     if weights.perceptual > 0 and perceptual is None:
         raise ValueError("loss.perceptual > 0 needs perceptual_net: 'module:factory' (none ships offline)")
-    if perceptual is not None:
-        perceptual = perceptual.to(accelerator.device)
     disc_cfg = config.get("discriminator", {})
     discriminator = PatchDiscriminator(disc_cfg.get("channels", 64), disc_cfg.get("layers", 3)) if weights.gan > 0 else None
 
-    betas = tuple(train_cfg.get("betas", (0.9, 0.95)))
-    opt = torch.optim.Adam([p for p in tokenizer.parameters() if p.requires_grad], lr=float(train_cfg["lr"]), betas=betas)
-    opt_d = torch.optim.Adam(discriminator.parameters(), lr=float(disc_cfg.get("lr", train_cfg["lr"])), betas=betas) if discriminator else None
+    trainer = TokenizerTrainer(
+        tokenizer, weights=weights, lr=float(train_cfg["lr"]), betas=tuple(train_cfg.get("betas", (0.9, 0.95))),
+        grad_clip=train_cfg.get("grad_clip"), teacher=teacher, perceptual=perceptual, discriminator=discriminator,
+        disc_lr=float(disc_cfg.get("lr", train_cfg["lr"])), optimizations=optimizations, device=accelerator.device,
+    )
+    teacher = trainer.teacher
+    accelerator.print(f"step optimisations: {optimizations.describe()}"
+                      + (f" ({'; '.join(trainer.notes)})" if trainer.notes else ""))
 
     step = 0
     if args.resume and (run_dir / STATE_FILE).exists():
         state = load_training_state(run_dir / STATE_FILE)
-        tokenizer.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        if discriminator is not None:
-            discriminator.load_state_dict(state["discriminator"])
-            opt_d.load_state_dict(state["optimizer_d"])
+        trainer.load_state_dict(state)
         step = state["step"]
         set_rng_state(state["rng"][min(accelerator.process_index, len(state["rng"]) - 1)])
         accelerator.print(f"resumed {run_dir} at step {step}")
@@ -128,10 +130,8 @@ def main(argv: list[str] | None = None) -> dict:
     if accelerator.is_main_process:
         copy_config(args.config, run_dir)
 
-    tokenizer, opt = accelerator.prepare(tokenizer, opt)
-    if discriminator is not None:
-        discriminator, opt_d = accelerator.prepare(discriminator, opt_d)
-    model = accelerator.unwrap_model(tokenizer)
+    trainer.prepare(accelerator)
+    model = trainer.model
 
     dataset = build_mixture({**data_cfg, "split": "train"})
     batch_size = int(train_cfg["batch_size"])
@@ -146,12 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
     def save(final: bool = False) -> None:
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            state = {
-                "model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                "discriminator": accelerator.unwrap_model(discriminator).state_dict() if discriminator else None,
-                "optimizer_d": opt_d.state_dict() if opt_d else None,
-                "rng": [rng_state()], "config": config,
-            }
+            state = {**trainer.state_dict(), "step": step, "rng": [rng_state()], "config": config}
             save_training_state(run_dir / STATE_FILE, state)
             model.save_pretrained(run_dir / "final" if final else run_dir / "latest")
         accelerator.wait_for_everyone()
@@ -159,34 +154,17 @@ def main(argv: list[str] | None = None) -> dict:
     history: list[dict] = []
     started = time.time()
     bar = tqdm(total=total_steps, initial=step, disable=not accelerator.is_main_process, desc="tokenizer")
-    tokenizer.train()
+    model.train()
     while step < total_steps:
         batch = next(batches)
-        images = batch["image"].to(accelerator.device, non_blocking=True)
         # seeded by (seed, step, rank) so resume needs no generator state
         depth_rng = torch.Generator().manual_seed(
             (int(train_cfg.get("seed", 0)) * 1_000_003 + step) * 1024 + accelerator.process_index)
-        depths = sample_pixel_depths(images.shape[0], model.config.pixel_depth,
+        depths = sample_pixel_depths(batch["image"].shape[0], model.config.pixel_depth,
                                      float(train_cfg.get("pixel_depth_dropout", 0.0)),
-                                     train_cfg.get("max_train_depth"), depth_rng, accelerator.device)
-        with torch.no_grad():
-            target = teacher.image_features(images) if teacher is not None else None
-        with accelerator.autocast():
-            output = tokenizer(images, depths)
-            loss, terms = generator_loss(output, images, target, weights, step, discriminator, perceptual)
-        opt.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        if train_cfg.get("grad_clip"):
-            accelerator.clip_grad_norm_(tokenizer.parameters(), float(train_cfg["grad_clip"]))
-        opt.step()
-
-        if discriminator is not None and step >= weights.gan_start_step:
-            with accelerator.autocast():
-                d_loss = hinge_discriminator_loss(discriminator(images), discriminator(output.reconstruction.detach()))
-            opt_d.zero_grad(set_to_none=True)
-            accelerator.backward(d_loss)
-            opt_d.step()
-            terms["discriminator"] = d_loss.detach()
+                                     train_cfg.get("max_train_depth"), depth_rng)
+        # the trainer copies both to the device (without blocking when train.optimizations.sync_free)
+        terms = trainer.step(batch["image"], depths, step)
         step += 1
         bar.update(1)
 
@@ -199,9 +177,9 @@ def main(argv: list[str] | None = None) -> dict:
             logger.scalars(values, step, "train/")
             history.append({"step": step, **values})
         if step % eval_every == 0 or step == total_steps:
-            tokenizer.eval()
+            model.eval()
             report = evaluate_depths(model, held_out, teacher)
-            tokenizer.train()
+            model.train()
             logger.scalars({f"psnr_depth{d}": v for d, v in zip(report.depths, report.psnr)}, step, "eval/")
             if report.semantic_cosine:
                 logger.scalars({f"cos_depth{d}": v for d, v in zip(report.depths, report.semantic_cosine)}, step, "eval/")
@@ -218,8 +196,14 @@ def main(argv: list[str] | None = None) -> dict:
     elapsed = time.time() - started
     save(final=True)
     logger.close()
+    # every rank's codebook buffers and weights must be identical: a cheap end-of-run check
+    digests = gather_digests(model, accelerator)
+    if any(d != digests[0] for d in digests):
+        accelerator.print("WARNING: the ranks' quantizer buffers or weights differ at the end of training: "
+                          + json.dumps(digests))
     summary = {"steps": step, "seconds": elapsed, "history": history,
-               "config": dataclasses.asdict(model.config)}
+               "config": dataclasses.asdict(model.config), "optimizations": optimizations.as_dict(),
+               "rank_digests": digests}
     if accelerator.is_main_process:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     accelerator.end_training()

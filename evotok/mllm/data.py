@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -97,7 +98,8 @@ def _record(sample) -> dict[str, Any]:
 def build_pool(folder: str | os.PathLike, name: str, source, count: int, resolution: int, tokenizer: torch.nn.Module,
                batch_size: int = 64, chunk_size: int = 1024, digest: str = "",
                progress: Callable[[int], None] | None = None) -> ImagePool:
-    """Encode the first ``count`` items of ``source`` (fewer if it is shorter) into ``folder``.
+    """Encode the first ``count`` items of ``source`` (fewer if it is shorter, or has unreadable
+    images) into ``folder``.
 
     Chunks already on disk are kept, so an interrupted build continues where it stopped; each
     chunk is written to a temporary file and renamed. ``progress(n)`` is told of each finished chunk.
@@ -111,7 +113,8 @@ def build_pool(folder: str | os.PathLike, name: str, source, count: int, resolut
             "split": getattr(source, "split", None), "seed": getattr(source, "seed", None)}
     meta_file = folder / "meta.json"
     if meta_file.is_file() and json.loads(meta_file.read_text()) != meta:
-        raise ValueError(f"{folder} holds a different pool ({meta_file.read_text()}); remove it or use another cache folder")
+        raise ValueError(f"{folder} holds a different pool ({meta_file.read_text()}); "
+                         "remove it or use another cache folder")
     meta_file.write_text(json.dumps(meta))
     device = next(tokenizer.parameters()).device
     dtype = np.int16 if tokenizer.config.codebook_size <= 32768 else np.int32
@@ -119,7 +122,7 @@ def build_pool(folder: str | os.PathLike, name: str, source, count: int, resolut
         path = folder / f"chunk_{start // chunk_size:05d}.npz"
         stop = min(start + chunk_size, count)
         if not path.is_file():
-            samples = [source[i] for i in range(start, stop)]
+            samples = [s for s in (load_or_skip(source, i) for i in range(start, stop)) if s is not None]
             codes = []
             for k in range(0, len(samples), batch_size):
                 images = torch.stack([pil_to_tensor(s.image, resolution) for s in samples[k:k + batch_size]])
@@ -136,6 +139,18 @@ def build_pool(folder: str | os.PathLike, name: str, source, count: int, resolut
         if progress is not None:
             progress(stop - start)
     return load_pool(folder)
+
+
+def load_or_skip(source, index: int):
+    """``source[index]``, or None for an image that cannot be read (e.g. a clip-art file Pillow
+    refuses as a decompression bomb): a pool keeps the readable images only."""
+    from ..images import ImageError
+
+    try:
+        return source[index]
+    except ImageError as err:
+        warnings.warn(f"{getattr(source, 'source_name', 'source')}[{index}] left out of the pool: {err}", stacklevel=2)
+        return None
 
 
 def load_pool(folder: str | os.PathLike) -> ImagePool:

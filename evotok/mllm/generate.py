@@ -188,7 +188,8 @@ def _banned_ids(model: "EvoTokMLLM") -> list[int]:
 
 def _image_batch(model: "EvoTokMLLM", image: torch.Tensor) -> torch.Tensor:
     if not isinstance(image, torch.Tensor):
-        raise TypeError(f"image must be a tensor 3×H×W in [-1, 1] (see evotok.images.pil_to_tensor), got {type(image).__name__}")
+        raise TypeError(f"image must be a tensor 3×H×W in [-1, 1] (see evotok.images.pil_to_tensor), "
+                        f"got {type(image).__name__}")
     if image.ndim == 3:
         image = image[None]
     if image.ndim != 4 or image.shape[0] != 1:

@@ -93,7 +93,7 @@ class EvoTokMLLM(nn.Module, PretrainedMixin):
                                       config.depth_width, config.depth_layers, config.depth_heads)
         self.text_tokenizer = text_tokenizer
         self.__dict__["image_tokenizer"] = None  # attached, never a submodule: not saved, not trained
-        self._embedding_hook = None
+        self._embedding_hooks: list = []
         self._cache_arg = "cache" if "cache" in inspect.signature(self.lm.base_model.forward).parameters \
             else "past_key_values"
 
@@ -115,8 +115,10 @@ class EvoTokMLLM(nn.Module, PretrainedMixin):
         base_vocab = None
         if lm_name_or_path is not None:
             lm = AutoModelForCausalLM.from_pretrained(str(lm_name_or_path))
-            base_vocab = int(lm.get_input_embeddings().num_embeddings)
-            if len(text_tokenizer) > base_vocab:
+            # rows from the LM's own vocabulary up are new (Qwen pads its table beyond the
+            # tokenizer, so our tokens may land inside the existing rows)
+            base_vocab = text_tokenizer.pretrained_size or min(text_tokenizer.ids.values())
+            if len(text_tokenizer) > lm.get_input_embeddings().num_embeddings:
                 lm.resize_token_embeddings(len(text_tokenizer))
             lm_config = lm.config.to_dict()
         else:
@@ -201,7 +203,9 @@ class EvoTokMLLM(nn.Module, PretrainedMixin):
         folder = resolve_checkpoint(name_or_path, **hub_kwargs)
         model = super().from_pretrained(folder, map_location=map_location)
         if not isinstance(image_tokenizer, nn.Module):
-            where = image_tokenizer if image_tokenizer is not None else _find_tokenizer(model.config.image_tokenizer, folder)
+            where = image_tokenizer
+            if where is None:
+                where = _find_tokenizer(model.config.image_tokenizer, folder)
             try:
                 image_tokenizer = EvoTok.from_pretrained(where, map_location=map_location)
             except CheckpointError as err:
@@ -213,24 +217,27 @@ class EvoTokMLLM(nn.Module, PretrainedMixin):
     # ------------------------------------------------------------------ training
     def set_trainable(self, train_lm: bool) -> None:
         """Stage 1 (``train_lm=False``): projector, depth transformer, grid/latent adapters and the
-        new token embeddings learn, the LM is frozen. Stage 2 (``True``): everything learns.
-
-        With a from-scratch LM (``base_vocab_size`` is None) every embedding row is "new".
+        new token rows of the input and output embeddings learn, the rest of the LM is frozen.
+        Stage 2 (``True``): everything learns. With a from-scratch LM (``base_vocab_size`` is None)
+        every embedding row is "new".
         """
         for p in self.lm.parameters():
             p.requires_grad_(train_lm)
-        if self._embedding_hook is not None:
-            self._embedding_hook.remove()
-            self._embedding_hook = None
+        for hook in self._embedding_hooks:
+            hook.remove()
+        self._embedding_hooks = []
         if train_lm:
             return
-        emb = self.lm.get_input_embeddings().weight
-        emb.requires_grad_(True)
         base = self.config.base_vocab_size or 0
-        if base:
-            keep = torch.zeros(emb.shape[0], 1, device=emb.device, dtype=emb.dtype)
-            keep[base:] = 1
-            self._embedding_hook = emb.register_hook(lambda grad: grad * keep.to(grad.device, grad.dtype))
+        tables = {id(m.weight): m.weight for m in (self.lm.get_input_embeddings(), self.lm.get_output_embeddings())
+                  if m is not None}
+        for weight in tables.values():
+            weight.requires_grad_(True)
+            if base:
+                keep = torch.zeros(weight.shape[0], 1, dtype=weight.dtype)
+                keep[base:] = 1
+                self._embedding_hooks.append(
+                    weight.register_hook(lambda grad, keep=keep: grad * keep.to(grad.device, grad.dtype)))
 
     def image_features(self, image_codes: torch.Tensor) -> torch.Tensor:
         """Frozen semantic features at the semantic depth: codes ``b h w D`` -> ``b (h w) C``."""
@@ -326,6 +333,11 @@ class EvoTokMLLM(nn.Module, PretrainedMixin):
         """Render generated codes (``b h w ≤pixel_depth``) with the tokenizer's pixel decoder."""
         depth = codes.shape[-1] if depth is None else depth
         return self.tokenizer.decode(codes.to(self.device), depth=depth)
+
+    @torch.no_grad()
+    def decode_stages(self, codes: torch.Tensor) -> torch.Tensor:
+        """Renders after 1, 2, …, L stages of generated codes (the stage-by-stage view): ``L b 3 H W``."""
+        return self.tokenizer.decode_all_depths(codes.to(self.device), list(range(1, codes.shape[-1] + 1)))
 
     def generate_image(self, prompt: str | Sequence[str], guidance_scale: float | None = 3.0,
                        temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,

@@ -44,6 +44,7 @@ class TextTokenizer:
                              "TextTokenizer.train or TextTokenizer.from_lm")
         self.ids = {name: int(backend.convert_tokens_to_ids(tok)) for name, tok in SPECIAL_TOKENS.items()}
         self.corpus_words = dict(corpus_words or {})
+        self.pretrained_size: int | None = None  # from_lm: the LM's own vocabulary, before our tokens
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -74,10 +75,13 @@ class TextTokenizer:
         from transformers import AutoTokenizer
 
         backend = AutoTokenizer.from_pretrained(str(name_or_path))
+        size = len(backend)
         new = [t for t in SPECIAL_TOKENS.values() if t not in backend.get_vocab()]
         if new:
             backend.add_tokens(new, special_tokens=True)
-        return cls(backend, corpus_words)
+        tok = cls(backend, corpus_words)
+        tok.pretrained_size = size
+        return tok
 
     # ------------------------------------------------------------------ saving
     def save(self, folder: str | os.PathLike) -> None:

@@ -1,9 +1,10 @@
-"""Start the EvoTok demo (Gradio): ``python app.py [--checkpoint FOLDER_OR_HUB_ID] [--port 7860]``.
+"""Start the EvoTok demo (Gradio): ``python app.py [--checkpoint FOLDER_OR_HUB_ID] [--mllm FOLDER_OR_HUB_ID]``.
 
-Runs offline on the bundled tokenizer (``assets/tokenizer``) and its teacher by default. Host and
+Runs offline on the bundled tokenizer (``assets/tokenizer``), its teacher and the bundled multimodal
+model (``assets/mllm``: the "Text to image" and "Ask about an image" tabs) by default. Host and
 port also come from ``GRADIO_SERVER_NAME`` / ``GRADIO_SERVER_PORT`` (as on Hugging Face Spaces);
-``EVOTOK_CHECKPOINT``, ``EVOTOK_TEACHER`` and ``EVOTOK_CACHE_DIR`` stand in for the flags of the
-same names (a Space has variables, not command lines).
+``EVOTOK_CHECKPOINT``, ``EVOTOK_TEACHER``, ``EVOTOK_MLLM`` and ``EVOTOK_CACHE_DIR`` stand in for the
+flags of the same names (a Space has variables, not command lines).
 """
 from __future__ import annotations
 
@@ -22,7 +23,13 @@ from pathlib import Path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_CHECKPOINT = ROOT / "assets" / "tokenizer"
+DEFAULT_MLLM = ROOT / "assets" / "mllm"
 DEFAULT_EXAMPLES = ROOT / "assets" / "examples"
+MLLM_MISSING_NOTICE = (
+    "**The bundled multimodal model is not here yet** (no `assets/mllm` folder), so this tab is off. "
+    "Train it with `python training/train_mllm.py --config training/configs/mllm_stage1.yaml` and then "
+    "`mllm_stage2.yaml` (it is saved to `assets/mllm`), or start the app with `--mllm FOLDER_OR_HUB_ID` "
+    "(or `EVOTOK_MLLM`). The stage explorer and the codebook tabs work without it.")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -34,6 +41,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--teacher", default=env.get("EVOTOK_TEACHER"),
                         help="teacher folder or hub id (default: the one the tokenizer's config names, or "
                              "$EVOTOK_TEACHER; 'none' to disable)")
+    parser.add_argument("--mllm", default=env.get("EVOTOK_MLLM", str(DEFAULT_MLLM)),
+                        help="multimodal model folder or hub id for the text-to-image and ask tabs (default: the "
+                             "bundled assets/mllm, or $EVOTOK_MLLM; 'none' to turn the tabs off). A missing "
+                             "default only turns the tabs off; a given one that does not load stops start-up")
     parser.add_argument("--host", default=env.get("GRADIO_SERVER_NAME", "127.0.0.1"),
                         help="interface to listen on (default 127.0.0.1, or $GRADIO_SERVER_NAME)")
     parser.add_argument("--port", type=int, default=int(env.get("GRADIO_SERVER_PORT", "7860")),
@@ -55,14 +66,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     started = time.perf_counter()
-    problem = check_checkpoint_argument(args.checkpoint)
+    problem = check_checkpoint_argument(args.checkpoint) or check_mllm_argument(args.mllm)
     if problem:  # before the slow imports: a wrong path fails in a fraction of a second
         print(f"error: {problem}", file=sys.stderr)
         return 2
 
     import torch
 
-    from app import Callbacks, build_demo, find_examples
+    from app import Callbacks, MultimodalCallbacks, ask_examples, build_demo, find_examples
     from evotok.explore import Explorer
     from evotok.hub import CheckpointError
 
@@ -73,8 +84,15 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, OSError, ValueError) as err:
         print(f"error: could not load the models: {err}", file=sys.stderr)
         return 2
+    try:
+        service, notice = load_multimodal(args.mllm, explorer.tok, args.device)
+    except (CheckpointError, OSError, ValueError, RuntimeError) as err:
+        print(f"error: could not load the multimodal model {args.mllm!r}: {err}", file=sys.stderr)
+        return 2
     callbacks = Callbacks(explorer, cache_dir=args.cache_dir, umap_per_source=args.umap_per_source)
-    demo = build_demo(callbacks, find_examples(args.examples), concurrency=args.concurrency, max_queue=args.max_queue)
+    demo = build_demo(callbacks, find_examples(args.examples), concurrency=args.concurrency, max_queue=args.max_queue,
+                      multimodal=MultimodalCallbacks(service) if service else None, multimodal_notice=notice,
+                      ask_examples=ask_examples(args.examples))
     logging.getLogger("evotok.app").info("models and page ready in %.1f s", time.perf_counter() - started)
     demo.launch(server_name=args.host, server_port=args.port, max_file_size=args.max_file_size,
                 prevent_thread_lock=True, show_error=True, footer_links=["api"], css=app_css(),
@@ -97,6 +115,37 @@ def check_checkpoint_argument(checkpoint: str) -> str:
     if (path.is_absolute() or checkpoint.startswith((".", "~"))) and not path.is_dir():
         return f"could not load the models: no checkpoint folder at {path}"
     return ""
+
+
+def check_mllm_argument(mllm: str) -> str:
+    """A message when an explicitly given ``--mllm`` is clearly a local folder that is not there."""
+    path = Path(mllm).expanduser()
+    if mllm == str(DEFAULT_MLLM) or mllm.lower() == "none":
+        return ""
+    if (path.is_absolute() or mllm.startswith((".", "~"))) and not path.is_dir():
+        return f"could not load the multimodal model: no folder at {path} (pass --mllm none to run without it)"
+    return ""
+
+
+def load_multimodal(mllm: str, shared_tokenizer=None, device: str = "cpu", default: Path = DEFAULT_MLLM):
+    """``(MultimodalService | None, notice)`` by the --teacher policy: the default model may be missing
+    or broken (the tabs then show ``notice``); an explicitly given one must load (errors propagate)."""
+    from evotok.hub import CheckpointError
+    from evotok.mllm.serving import MultimodalService
+
+    log = logging.getLogger("evotok.app")
+    if mllm.lower() == "none":
+        return None, "The multimodal model is turned off (`--mllm none`)."
+    if mllm != str(default):
+        return MultimodalService.load(mllm, shared_tokenizer=shared_tokenizer, device=device), ""
+    if not Path(default).is_dir():
+        return None, MLLM_MISSING_NOTICE
+    try:
+        return MultimodalService.load(default, shared_tokenizer=shared_tokenizer, device=device), ""
+    except (CheckpointError, OSError, ValueError, RuntimeError) as err:
+        log.exception("the bundled multimodal model did not load")
+        return None, (f"**The bundled multimodal model (`{default}`) did not load:** {err}. The tab is off; the "
+                      "server log has the details.")
 
 
 def app_css() -> str:

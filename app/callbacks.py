@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import html
+import inspect
 import json
 import logging
 import os
@@ -32,24 +33,41 @@ USER_ERRORS = (ImageError, CheckpointError, ValueError)
 
 
 def user_errors(action: str) -> Callable:
-    """Decorator: known input problems -> their message; anything else -> a generic message."""
+    """Decorator: known input problems -> their message; anything else -> a generic message.
+
+    Works on plain callbacks and on generator callbacks (streaming), whose errors surface while
+    they are iterated, not when they are called.
+    """
+
+    def convert(err: Exception) -> gr.Error:
+        if isinstance(err, gr.Error):
+            return err
+        if isinstance(err, USER_ERRORS):
+            return gr.Error(html.escape(str(err)), title=f"Could not {action}", print_exception=False)
+        if isinstance(err, MemoryError):
+            return gr.Error("The server ran out of memory on this input; try a smaller image.",
+                            title=f"Could not {action}", print_exception=False)
+        log.error("unexpected error while trying to %s", action, exc_info=err)  # the log gets the traceback
+        return gr.Error(f"Something went wrong ({type(err).__name__}); the server log has the details.",
+                        title=f"Could not {action}", print_exception=False)
 
     def wrap(fn: Callable) -> Callable:
+        if inspect.isgeneratorfunction(fn):
+            @functools.wraps(fn)
+            def streaming(*args, **kwargs):
+                try:
+                    yield from fn(*args, **kwargs)
+                except Exception as err:  # MemoryError included
+                    raise convert(err) from None
+
+            return streaming
+
         @functools.wraps(fn)
         def inner(*args, **kwargs):
             try:
                 return fn(*args, **kwargs)
-            except gr.Error:
-                raise
-            except USER_ERRORS as err:
-                raise gr.Error(html.escape(str(err)), title=f"Could not {action}", print_exception=False) from None
-            except MemoryError:
-                raise gr.Error("The server ran out of memory on this input; try a smaller image.",
-                               title=f"Could not {action}", print_exception=False) from None
-            except Exception as err:  # the log gets the traceback, the page a sentence
-                log.exception("unexpected error while trying to %s", action)
-                raise gr.Error(f"Something went wrong ({type(err).__name__}); the server log has the details.",
-                               title=f"Could not {action}", print_exception=False) from None
+            except Exception as err:  # MemoryError included
+                raise convert(err) from None
 
         return inner
 

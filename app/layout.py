@@ -11,18 +11,22 @@ from evotok.probe import DEFAULT_LABELS
 
 from .callbacks import Callbacks
 from .components import UploadedImage
+from .multimodal_callbacks import MultimodalCallbacks
+from .multimodal_layout import multimodal_tabs
 
 CSS = """
 #evotok-gallery .caption-label, #evotok-gallery figcaption { font-size: 0.78rem; white-space: normal; }
 #evotok-status { font-size: 0.92rem; }
 .evotok-note { color: var(--body-text-color-subdued); font-size: 0.9rem; }
+.evotok-notice { border-left: 4px solid var(--color-accent); padding-left: 0.8rem; }
 """
 
 INTRO = """# EvoTok stage explorer
 EvoTok encodes an image as one **trajectory of residual codes**: each quantizer stage refines what the
 previous stages left. The pixel decoder renders the short prefix (the *pixel depth*), the semantic decoder reads
 the long one (the *semantic depth*). Drop in an image to see what every stage adds, and where along the chain
-the teacher's semantics appear."""
+the teacher's semantics appear. The *Text to image* and *Ask about an image* tabs put the same codes to work
+inside one small multimodal language model that draws and reads them."""
 
 HOW_TO_READ = """**How to read it.** The gallery shows the picture decoded after 1, 2, … D stages (PSNR against the
 input in each caption). The chart puts the pixel branch (PSNR, SSIM) beside the semantic branch (cosine between the
@@ -44,7 +48,10 @@ def find_examples(folder: str | Path, per_kind: int = 3) -> list[str]:
 
 
 def build_demo(callbacks: Callbacks, examples: Sequence[str] = (), concurrency: int = 2,
-               max_queue: int = 32) -> gr.Blocks:
+               max_queue: int = 32, multimodal: MultimodalCallbacks | None = None,
+               multimodal_notice: str = "", ask_examples: Sequence[Sequence[str]] = ()) -> gr.Blocks:
+    """The page. ``multimodal`` adds the text-to-image and ask tabs (``generate`` and ``ask``
+    endpoints); without it those tabs show ``multimodal_notice``."""
     explorer = callbacks.explorer
     config = explorer.config
     stages = config.num_stages
@@ -94,6 +101,8 @@ def build_demo(callbacks: Callbacks, examples: Sequence[str] = (), concurrency: 
                                  elem_id="evotok-codes-file")
             gr.Markdown(HOW_TO_READ, elem_classes=["evotok-note"])
             state = gr.State()
+
+        multimodal_tabs(multimodal, multimodal_notice, ask_examples, concurrency)
 
         with gr.Tab("Codebook"):
             stats_md = gr.Markdown()

@@ -291,13 +291,13 @@ class SceneOracle(nn.Module, PretrainedMixin):
         w1, w2, w3 = self.config.widths
 
         def stage(cin: int, cout: int) -> nn.Sequential:
-            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.GELU(),
-                                 nn.Conv2d(cout, cout, 3, padding=1), nn.GELU(), nn.MaxPool2d(2))
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(),
+                                 nn.MaxPool2d(2))
 
         self.features = nn.Sequential(stage(2, w1), stage(w1, w2), stage(w2, w3))
         cells = (self.config.crop_size // 8) ** 2
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(w3 * cells, 128), nn.GELU(), nn.Dropout(0.1),
-                                  nn.Linear(128, len(self.config.classes)))
+        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(0.1), nn.Linear(w3 * cells, 64), nn.ReLU(),
+                                  nn.Linear(64, len(self.config.classes)))
 
     def forward(self, crops: torch.Tensor) -> torch.Tensor:
         """Class logits ``n classes`` for crops ``n 2 S S``."""

@@ -140,6 +140,8 @@ class TinySigLIPConfig:
     mlp_ratio: float = 4.0
     embed_dim: int = 256          # E, the shared image-text space
     pool: str = "map"             # "map" (attention pooling, as SigLIP) or "mean"
+    stem: str = "conv"            # "conv": three stride-2 3×3 convs (learns shapes far faster from
+                                  # scratch); "patch": one patch_size×patch_size linear patch embedding
     text_dim: int = 384           # width of the frozen sentence embeddings (all-MiniLM-L6-v2)
     text_hidden: int = 0          # 0: linear text projection; >0: a two-layer MLP of this width
     init_logit_scale: float = math.log(10.0)
@@ -155,6 +157,24 @@ class TinySigLIPConfig:
             raise ValueError("depth must be >= 2 (features are read before the last block)")
         if self.pool not in ("map", "mean"):
             raise ValueError(f"pool must be 'map' or 'mean', got {self.pool!r}")
+        if self.stem not in ("conv", "patch"):
+            raise ValueError(f"stem must be 'conv' or 'patch', got {self.stem!r}")
+        if self.stem == "conv" and self.patch_size & (self.patch_size - 1):
+            raise ValueError(f"the conv stem needs a power-of-two patch_size, got {self.patch_size}")
+
+
+def conv_stem(width: int, patch_size: int) -> nn.Sequential:
+    """log2(patch_size) stride-2 3×3 convolutions from RGB to ``width`` channels: one token per
+    patch, as a patch embedding gives, but with a convolutional view inside each patch."""
+    steps = patch_size.bit_length() - 1
+    channels = [3] + [max(16, width >> (steps - 1 - i)) for i in range(steps)]
+    channels[-1] = width
+    layers: list[nn.Module] = []
+    for i in range(steps):
+        layers.append(nn.Conv2d(channels[i], channels[i + 1], 3, stride=2, padding=1))
+        if i < steps - 1:
+            layers.append(nn.GELU())
+    return nn.Sequential(*layers)
 
 
 class AttentionPool(nn.Module):
@@ -195,7 +215,8 @@ class TinySigLIPTeacher(PretrainedMixin, Teacher):
         self.feature_dim = config.width
         self.embed_dim = config.embed_dim
 
-        self.patch_embed = nn.Conv2d(3, config.width, config.patch_size, stride=config.patch_size)
+        self.patch_embed = (conv_stem(config.width, config.patch_size) if config.stem == "conv"
+                            else nn.Conv2d(3, config.width, config.patch_size, stride=config.patch_size))
         self.pos_embed = nn.Parameter(torch.randn(1, self.grid_size ** 2, config.width) * 0.02)
         self.blocks = nn.ModuleList(
             nn.TransformerEncoderLayer(config.width, config.num_heads, int(config.width * config.mlp_ratio),

@@ -1,7 +1,8 @@
 """The demo end to end: ``python app.py`` in a subprocess, driven through gradio_client.
 
-Uses the bundled tokenizer when ``assets/tokenizer`` exists, otherwise a random stand-in of the
-same shape (the endpoints, error handling and layout do not depend on trained weights).
+Uses the bundled tokenizer and multimodal model when ``assets/tokenizer`` and ``assets/mllm`` exist,
+otherwise random stand-ins of the same shapes (the endpoints, error handling and layout do not depend
+on trained weights). The multimodal tabs' tests are in ``test_app_mllm.py``; they share this app.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLED = ROOT / "assets" / "tokenizer"
+BUNDLED_MLLM = ROOT / "assets" / "mllm"
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "TRANSFORMERS_OFFLINE": "1",
                "GRADIO_ANALYTICS_ENABLED": "False"}
 
@@ -60,14 +62,46 @@ def stand_in_checkpoint(folder: Path) -> list[str]:
     return ["--checkpoint", str(folder / "tokenizer")]
 
 
+def stand_in_mllm(folder: Path, tokenizer_folder: Path) -> list[str]:
+    """Random multimodal model of the bundled shape (training/configs/mllm_stage2.yaml) on the given
+    tokenizer, with a BPE and word list trained on scene captions and questions."""
+    import torch
+    import yaml
+
+    from evotok import EvoTok
+    from evotok.data.scenes import SceneWorld
+    from evotok.mllm import EvoTokMLLM, TextTokenizer, qwen2_lm_config
+    from evotok.mllm.data import DESCRIBE_QUESTIONS, LABEL_QUESTIONS, text_only_pairs
+
+    torch.manual_seed(0)
+    config = yaml.safe_load((ROOT / "training" / "configs" / "mllm_stage2.yaml").read_text())
+    model_cfg = config["model"]
+    world = SceneWorld(resolution=32, seed=0)
+    texts = [t for i in range(60) for t in (world[i].caption, *(x for qa in world[i].qa for x in qa))]
+    texts += [*DESCRIBE_QUESTIONS, *(q for qs in LABEL_QUESTIONS.values() for q in qs),
+              *(x for pair in text_only_pairs() for x in pair)]
+    text = TextTokenizer.train(texts, vocab_size=int(config["text_tokenizer"]["vocab_size"]), min_frequency=1)
+    tokenizer = EvoTok.from_pretrained(tokenizer_folder)
+    adapters = {k: model_cfg[k] for k in ("depth_layers", "depth_width", "depth_heads", "max_prompt_tokens",
+                                          "max_answer_tokens") if k in model_cfg}
+    model = EvoTokMLLM.build(tokenizer, text, image_tokenizer_path=str(tokenizer_folder),
+                             lm_config=qwen2_lm_config(len(text), **model_cfg["lm"]), **adapters)
+    model.save_pretrained(folder)
+    (folder / "README.md").write_text("# Random multimodal stand-in\n\nTrained on nothing: random weights for the "
+                                      "tests, on the bundled architecture.\n")
+    return ["--mllm", str(folder)]
+
+
 def app_args(tmp: Path) -> list[str]:
-    if (BUNDLED / "config.json").is_file():
-        return []
-    return stand_in_checkpoint(tmp)
+    bundled_tokenizer = (BUNDLED / "config.json").is_file()
+    args = [] if bundled_tokenizer else stand_in_checkpoint(tmp)
+    if bundled_tokenizer and (BUNDLED_MLLM / "config.json").is_file():
+        return args
+    return args + stand_in_mllm(tmp / "mllm", BUNDLED if bundled_tokenizer else tmp / "tokenizer")
 
 
 @contextlib.contextmanager
-def running_app(tmp: Path, extra: list[str] = (), timeout: float = 120.0):
+def running_app(tmp: Path, extra: list[str] = (), timeout: float = 240.0):
     """Start ``python app.py`` on a free port; yield its URL; stop it (and only it) afterwards."""
     port = free_port()
     log = open(tmp / f"app-{port}.log", "w+")
@@ -102,11 +136,23 @@ def running_app(tmp: Path, extra: list[str] = (), timeout: float = 120.0):
         log.close()
 
 
+_SHARED: dict[str, tuple] = {}
+
+
+def shared_app(tmp_path_factory, request) -> tuple[str, subprocess.Popen, object]:
+    """One app process for every test module of the session (the browser test reuses it), stopped
+    when pytest finishes. Starting the app is the slowest part of these tests."""
+    if "app" not in _SHARED:
+        context = running_app(tmp_path_factory.mktemp("app"), ["--umap-per-source", "12"])
+        _SHARED["app"] = context.__enter__()
+        request.config.add_cleanup(lambda: (_SHARED.pop("app", None), context.__exit__(None, None, None)))
+    return _SHARED["app"]
+
+
 @pytest.fixture(scope="module")
-def app(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("app")
-    with running_app(tmp, ["--umap-per-source", "12"]) as (url, proc, log):
-        yield Client(url, verbose=False), proc, log
+def app(tmp_path_factory, request):
+    url, proc, log = shared_app(tmp_path_factory, request)
+    yield Client(url, verbose=False), proc, log
 
 
 # --------------------------------------------------------------------------- inputs

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from test_app import running_app  # the same subprocess launcher as the gradio_client tests
+from test_app import shared_app  # the app process the gradio_client tests use (started once per session)
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
@@ -21,9 +21,8 @@ sync_api = pytest.importorskip("playwright.sync_api")
 
 
 @pytest.fixture(scope="module")
-def url(tmp_path_factory):
-    with running_app(tmp_path_factory.mktemp("browser-app")) as (address, _, _):
-        yield address
+def url(tmp_path_factory, request):
+    return shared_app(tmp_path_factory, request)[0]
 
 
 @pytest.fixture(scope="module")

@@ -178,7 +178,7 @@ def train_classifier(oracle: SceneOracle, crops: torch.Tensor, labels: torch.Ten
             loss.backward()
             opt.step()
             sched.step()
-            total += float(loss) * len(idx)
+            total += float(loss.detach()) * len(idx)
             seen += len(idx)
         losses.append(total / seen)
         if progress:

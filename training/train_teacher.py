@@ -31,9 +31,9 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from evotok.data.base import Sample, item_rng  # noqa: E402
 from evotok.data.mixture import MixtureDataset, build_sources  # noqa: E402
-from evotok.data.scenes import SceneWorld  # noqa: E402
+from evotok.data.scenes import HELDOUT_PAIRS, SceneWorld  # noqa: E402
 from evotok.images import ImageError, pil_to_tensor  # noqa: E402
-from evotok.probe import fill_template, scene_statements  # noqa: E402
+from evotok.probe import fill_template, scene_questions, scene_statements  # noqa: E402
 from evotok.teacher import TinySigLIPConfig, TinySigLIPTeacher, match_targets  # noqa: E402
 from evotok.text_encoder import SentenceEncoder  # noqa: E402
 from training.common import (Logger, copy_config, iterate_batches, load_config, load_training_state,  # noqa: E402
@@ -62,20 +62,37 @@ def true_texts(sample: Sample) -> list[str]:
     return list(dict.fromkeys(texts))
 
 
+def hard_negatives(sample: Sample, split: str = "train") -> list[str]:
+    """False statements one attribute away from a true one: the wrong candidates of the scene's
+    questions (another shape, colour, count or relation). In the train split none names a
+    held-out colour-shape pair, so those compositions stay unseen on the text side too."""
+    if sample.source != "scenes" or not sample.attributes:
+        return []
+    excluded = [f"{colour} {shape}" for colour, shape in HELDOUT_PAIRS] if split == "train" else []
+    wrong = [c for q in scene_questions(sample.attributes) for j, c in enumerate(q.candidates) if j != q.answer]
+    return [c for c in dict.fromkeys(wrong) if not any(phrase in c for phrase in excluded)]
+
+
 class CaptionedImages(Dataset):
     """Mixture item ``i`` with one training text and all texts true of it.
 
-    ``{"image": 3×R×R in [-1, 1], "text": str, "true_texts": "\\n"-joined str, "source": str}``.
-    The text is the caption with probability ``caption_prob``, else a random true statement;
-    the choice is seeded by ``(seed, i)``, so resuming at a step sees the same texts.
+    ``{"image": 3×R×R in [-1, 1], "text": str, "true_texts": str, "negatives": str, "source": str}``
+    (lists of texts joined by ``TEXT_SEPARATOR``). The text is the caption with probability
+    ``caption_prob``, else a random true statement; up to ``negatives`` hard negatives come along.
+    All choices are seeded by ``(seed, i)``, so resuming at a step sees the same texts.
     """
 
-    def __init__(self, mixture: MixtureDataset, caption_prob: float = 0.5, seed: int = 0) -> None:
+    def __init__(self, mixture: MixtureDataset, caption_prob: float = 0.5, negatives: int = 0, seed: int = 0,
+                 split: str = "train") -> None:
         if not 0.0 <= caption_prob <= 1.0:
             raise ValueError(f"caption_prob must be in [0, 1], got {caption_prob}")
+        if negatives < 0:
+            raise ValueError(f"negatives must be >= 0, got {negatives}")
         self.mixture = mixture
         self.caption_prob = caption_prob
+        self.negatives = negatives
         self.seed = seed
+        self.split = split
 
     def __len__(self) -> int:
         return len(self.mixture)
@@ -88,8 +105,12 @@ class CaptionedImages(Dataset):
             text = sample.caption
         else:
             text = texts[1 + int(rng.integers(len(texts) - 1))]
+        negatives = hard_negatives(sample, self.split) if self.negatives else []
+        if len(negatives) > self.negatives:
+            negatives = [negatives[k] for k in sorted(rng.choice(len(negatives), self.negatives, replace=False))]
         return {"image": pil_to_tensor(sample.image, self.mixture.resolution), "text": text,
-                "true_texts": TEXT_SEPARATOR.join(texts), "source": sample.source}
+                "true_texts": TEXT_SEPARATOR.join(texts), "negatives": TEXT_SEPARATOR.join(negatives),
+                "source": sample.source}
 
     def _sample(self, index: int) -> Sample:
         """The mixture's sample; an unreadable image (e.g. a clip-art decompression bomb) is
@@ -104,7 +125,7 @@ class CaptionedImages(Dataset):
 
 def build_dataset(data_cfg: dict, split: str = "train") -> CaptionedImages:
     """The mixture of ``data.mixture`` (see ``evotok.data.build_mixture``), with optional
-    ``data.scene_weights`` (scene-type mix) and ``data.caption_prob``."""
+    ``data.scene_weights`` (scene-type mix), ``data.caption_prob`` and ``data.hard_negatives``."""
     mix = dict(data_cfg.get("mixture", {}))
     resolution, seed = int(mix.get("resolution", 64)), int(mix.get("seed", 0))
     weights = dict(mix.get("weights") or {"scenes": 1.0})
@@ -115,7 +136,16 @@ def build_dataset(data_cfg: dict, split: str = "train") -> CaptionedImages:
                                        scene_weights=data_cfg["scene_weights"])
     weights = {n: w for n, w in weights.items() if n in sources}
     mixture = MixtureDataset(sources, weights, resolution=resolution, seed=seed)
-    return CaptionedImages(mixture, float(data_cfg.get("caption_prob", 0.5)), seed)
+    return CaptionedImages(mixture, float(data_cfg.get("caption_prob", 0.5)), int(data_cfg.get("hard_negatives", 0)),
+                           seed, split)
+
+
+def batch_texts(batch: dict) -> list[str]:
+    """The batch's texts: one per image (in order), then its distinct hard negatives."""
+    texts = list(batch["text"])
+    chosen = set(texts)
+    negatives = [n for joined in batch.get("negatives", []) for n in joined.split(TEXT_SEPARATOR) if n]
+    return texts + [n for n in dict.fromkeys(negatives) if n not in chosen]
 
 
 def learning_rate(step: int, train_cfg: dict) -> float:
@@ -197,7 +227,7 @@ def main(argv: list[str] | None = None) -> dict:
         batch = next(batches)
         for group in opt.param_groups:
             group["lr"] = learning_rate(step, train_cfg)
-        texts = batch["text"]
+        texts = batch_texts(batch)
         targets = match_targets([t.split(TEXT_SEPARATOR) for t in batch["true_texts"]], texts)
         tock = time.time()
         sentence_embeds = model.encode_sentences(texts)  # frozen MiniLM, cached per string
@@ -215,7 +245,7 @@ def main(argv: list[str] | None = None) -> dict:
         bar.update(1)
         if step % log_every == 0 or step == total_steps:
             values = {"loss": loss.item(), "lr": opt.param_groups[0]["lr"], "logit_scale": model.logit_scale.item(),
-                      "logit_bias": model.logit_bias.item(), "positives": targets.sum().item() / len(texts),
+                      "logit_bias": model.logit_bias.item(), "positives": targets.sum().item() / targets.shape[0], "texts": len(texts),
                       **{k: v / log_every for k, v in timing.items()}}
             timing = dict.fromkeys(timing, 0.0)
             bar.set_postfix(loss=f"{values['loss']:.3f}", t=f"{values['logit_scale']:.1f}",

@@ -155,8 +155,14 @@ def calibrate_thresholds(samples: int = 2000, seed: int = 0, fraction: float = 0
 
 def _palette_distances(rgb: np.ndarray) -> np.ndarray:
     """``H W 8`` Euclidean RGB distances of every pixel to every palette colour."""
-    diff = rgb.astype(np.float32)[:, :, None, :] - _PALETTE[None, None]
-    return np.sqrt((diff ** 2).sum(-1))
+    pixels = rgb.reshape(-1, 3).astype(np.float32)
+    sq = (pixels ** 2).sum(1, keepdims=True) - 2.0 * pixels @ _PALETTE.T + (_PALETTE ** 2).sum(1)[None]
+    return np.sqrt(np.maximum(sq, 0.0)).reshape(*rgb.shape[:2], len(_PALETTE))
+
+
+def _window(bbox: tuple[int, int, int, int], shape: tuple[int, ...], pad: int) -> tuple[slice, slice]:
+    x0, y0, x1, y1 = bbox
+    return slice(max(y0 - pad, 0), min(y1 + pad, shape[0])), slice(max(x0 - pad, 0), min(x1 + pad, shape[1]))
 
 
 def segment_colours(rgb: np.ndarray, thresholds: Sequence[float], min_area: int = 12,
@@ -170,28 +176,34 @@ def segment_colours(rgb: np.ndarray, thresholds: Sequence[float], min_area: int 
 
     if len(thresholds) != len(_PALETTE):
         raise ValueError(f"need one threshold per palette colour ({len(_PALETTE)}), got {len(thresholds)}")
+    if rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"expected an H W 3 image, got shape {rgb.shape}")
     dist = _palette_distances(rgb)
     nearest = dist.argmin(-1)
     inside = np.take_along_axis(dist, nearest[..., None], -1)[..., 0] < np.asarray(thresholds)[nearest]
-    names = list(COLOURS)
+    labelled = np.where(inside, nearest + 1, 0)
     components: list[Component] = []
-    for c, name in enumerate(names):
-        mask = inside & (nearest == c)
-        if mask.sum() < min_area:
+    names = list(COLOURS)
+    for c in np.unique(labelled[labelled > 0]):
+        labels, count = ndimage.label(labelled == c)
+        if count == 0:
             continue
-        labels, count = ndimage.label(mask)
+        areas = np.bincount(labels.ravel(), minlength=count + 1)
+        boxes = ndimage.find_objects(labels)
         for k in range(1, count + 1):
+            if areas[k] < min_area:
+                continue
+            ys, xs = boxes[k - 1]
+            bbox = (xs.start, ys.start, xs.stop, ys.stop)
+            wy, wx = _window(bbox, labels.shape, 1)
+            local = labels[wy, wx] == k
+            if int(ndimage.binary_erosion(local).sum()) < min_core_area:
+                continue
             region = labels == k
-            area = int(region.sum())
-            if area < min_area:
-                continue
-            if int(ndimage.binary_erosion(region).sum()) < min_core_area:
-                continue
-            ys, xs = np.nonzero(region)
+            py, px = np.nonzero(local)
             components.append(Component(
-                colour=name, mask=region, area=area,
-                bbox=(int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1),
-                centroid=(float(xs.mean()) + 0.5, float(ys.mean()) + 0.5),
+                colour=names[int(c) - 1], mask=region, area=int(areas[k]), bbox=bbox,
+                centroid=(float(px.mean()) + wx.start + 0.5, float(py.mean()) + wy.start + 0.5),
             ))
     components.sort(key=lambda comp: -comp.area)
     return components, dist
@@ -210,22 +222,22 @@ def component_crops(components: Sequence[Component], dist: np.ndarray, threshold
 
     names = list(COLOURS)
     out = np.zeros((len(components), 2, crop_size, crop_size), dtype=np.float32)
+    h, w = dist.shape[:2]
     for n, comp in enumerate(components):
         c = names.index(comp.colour)
-        near = ndimage.binary_dilation(comp.mask, iterations=2)
-        soft = np.clip(1.0 - dist[..., c] / (soft_width * thresholds[c]), 0.0, 1.0) * near
-        hard = ndimage.binary_fill_holes(comp.mask).astype(np.float32)
         x0, y0, x1, y1 = comp.bbox
         side = max(x1 - x0, y1 - y0) + 2
         window = max(crop_size, side)
         cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
         left, top = int(round(cx - window / 2)), int(round(cy - window / 2))
-        planes = np.stack([hard, soft.astype(np.float32)])
-        padded = np.zeros((2, window, window), dtype=np.float32)
-        h, w = comp.mask.shape
         sx0, sy0 = max(left, 0), max(top, 0)
         sx1, sy1 = min(left + window, w), min(top + window, h)
-        padded[:, sy0 - top:sy1 - top, sx0 - left:sx1 - left] = planes[:, sy0:sy1, sx0:sx1]
+        mask = comp.mask[sy0:sy1, sx0:sx1]
+        near = ndimage.binary_dilation(mask, iterations=2)
+        soft = np.clip(1.0 - dist[sy0:sy1, sx0:sx1, c] / (soft_width * thresholds[c]), 0.0, 1.0) * near
+        padded = np.zeros((2, window, window), dtype=np.float32)
+        padded[0, sy0 - top:sy1 - top, sx0 - left:sx1 - left] = ndimage.binary_fill_holes(mask)
+        padded[1, sy0 - top:sy1 - top, sx0 - left:sx1 - left] = soft
         if window != crop_size:
             padded = F.interpolate(torch.from_numpy(padded)[None], size=(crop_size, crop_size), mode="area")[0].numpy()
         out[n] = padded

@@ -164,16 +164,20 @@ class TinySigLIPConfig:
 
 
 def conv_stem(width: int, patch_size: int) -> nn.Sequential:
-    """log2(patch_size) stride-2 3×3 convolutions from RGB to ``width`` channels: one token per
-    patch, as a patch embedding gives, but with a convolutional view inside each patch."""
+    """A small CNN from RGB to one ``width``-channel token per ``patch_size`` patch.
+
+    A 3×3 conv at full resolution, then log2(patch_size) stride-2 3×3 convs, with GroupNorm +
+    GELU in between. Trained from scratch, a plain patch embedding (or a stem without the
+    full-resolution conv and norms) took thousands of steps to tell a 14-pixel circle from a
+    hexagon; with this stem the same network learns shapes in about a hundred (hybrid ViT).
+    """
     steps = patch_size.bit_length() - 1
-    channels = [3] + [max(16, width >> (steps - 1 - i)) for i in range(steps)]
-    channels[-1] = width
+    channels = [3, 32] + [64] * (steps - 1) + [width]
     layers: list[nn.Module] = []
-    for i in range(steps):
-        layers.append(nn.Conv2d(channels[i], channels[i + 1], 3, stride=2, padding=1))
-        if i < steps - 1:
-            layers.append(nn.GELU())
+    for i in range(len(channels) - 1):
+        layers.append(nn.Conv2d(channels[i], channels[i + 1], 3, stride=1 if i == 0 else 2, padding=1))
+        if i < len(channels) - 2:
+            layers += [nn.GroupNorm(8, channels[i + 1]), nn.GELU()]
     return nn.Sequential(*layers)
 
 

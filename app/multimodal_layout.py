@@ -110,7 +110,7 @@ def _text_to_image(callbacks: MultimodalCallbacks, model: dict[str, Any]) -> Non
             stages = gr.Gallery(label="Building up stage by stage (the same codes decoded after 1, 2, … pixel stages)",
                                 columns=service.pixel_depth, rows=1, height=220, object_fit="contain", format="png",
                                 preview=False, elem_id="evotok-generated-stages")
-            note = gr.Markdown("Type a prompt or click an example.", elem_id="evotok-generate-note")
+            note = gr.Markdown("Type a prompt or click an example.", label="Note", elem_id="evotok-generate-note")
     inputs, outputs = [prompt, guidance, temperature, top_k, seed], [image, stages, note]
     run.click(callbacks.generate, inputs, outputs, api_name="generate", **model)
     prompt.submit(callbacks.generate, inputs, outputs, api_visibility="private", **model)
@@ -140,7 +140,7 @@ def _ask(callbacks: MultimodalCallbacks, examples: Sequence[Sequence[str]], mode
             chat = gr.Chatbot(label="Conversation", height=380, elem_id="evotok-chat", buttons=["copy"],
                               placeholder="Upload an image and ask about it.")
             answer = gr.Textbox(label="Last answer", interactive=False, elem_id="evotok-answer", visible=False)
-            note = gr.Markdown(elem_id="evotok-ask-note", elem_classes=["evotok-note"])
+            note = gr.Markdown(label="Note", elem_id="evotok-ask-note", elem_classes=["evotok-note"])
     outputs = [chat, answer, note]
     clear_question = dict(fn=lambda: "", inputs=None, outputs=question, api_visibility="private",
                           show_progress="hidden", queue=False)

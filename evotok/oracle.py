@@ -267,7 +267,8 @@ class OracleConfig:
     """
 
     resolution: int = 64
-    colour_thresholds: tuple[float, ...] = (50.0,) * len(COLOURS)
+    # calibrate_thresholds() on 1,000 backgrounds (seed 0): purple and green come closest to them
+    colour_thresholds: tuple[float, ...] = (70.0, 55.1, 70.0, 70.0, 52.4, 70.0, 70.0, 70.0)
     soft_width: float = 2.0
     min_area: int = 12
     min_core_area: int = 4

@@ -155,8 +155,8 @@ class TinySigLIPConfig:
             raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
         if self.depth < 2:
             raise ValueError("depth must be >= 2 (features are read before the last block)")
-        if self.pool not in ("map", "mean"):
-            raise ValueError(f"pool must be 'map' or 'mean', got {self.pool!r}")
+        if self.pool not in ("map", "mean", "max"):
+            raise ValueError(f"pool must be 'map', 'mean' or 'max', got {self.pool!r}")
         if self.stem not in ("conv", "patch"):
             raise ValueError(f"stem must be 'conv' or 'patch', got {self.stem!r}")
         if self.stem == "conv" and self.patch_size & (self.patch_size - 1):
@@ -259,7 +259,10 @@ class TinySigLIPTeacher(PretrainedMixin, Teacher):
     def head(self, features: Tensor) -> Tensor:
         """Penultimate features -> unnormalised image embedding (last block, norm, pool, proj)."""
         x = self.norm(self.blocks[-1](features))
-        pooled = self.pool(x) if self.pool is not None else x.mean(dim=1)
+        if self.pool is not None:
+            pooled = self.pool(x)
+        else:
+            pooled = x.amax(dim=1) if self.config.pool == "max" else x.mean(dim=1)
         return self.image_proj(pooled)
 
     def project_text(self, sentence_embeds: Tensor) -> Tensor:

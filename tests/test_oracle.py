@@ -1,0 +1,261 @@
+"""The scene oracle: colour segmentation, shape reading, the GenEval judge, prompts, save/load and the
+benchmark script (on a tiny random multimodal model)."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from evotok.data.scenes import (COLOURS, HELDOUT_PAIRS, SHAPES, SceneObject, SceneWorld, _background_array,
+                                _sample_background, render_scene, vocabulary)
+from evotok.hub import CheckpointError
+from evotok.images import pil_to_tensor
+from evotok.oracle import (GENEVAL_CATEGORIES, OracleConfig, PromptSpec, SceneOracle, calibrate_thresholds,
+                           false_spec, geneval_prompts, judge, reference_renders, render_accuracy, render_spec,
+                           segment_colours, to_uint8_images)
+
+BUNDLED = Path(__file__).resolve().parents[1] / "assets" / "oracle"
+
+
+@pytest.fixture(scope="module")
+def oracle() -> SceneOracle:
+    """The bundled oracle, or (before one is trained) a small one trained here in seconds."""
+    if (BUNDLED / "model.safetensors").is_file():
+        return SceneOracle.from_pretrained(BUNDLED)
+    from training.train_oracle import build_dataset, train_classifier
+
+    torch.manual_seed(0)
+    model = SceneOracle(OracleConfig())
+    crops, labels = build_dataset(model, scenes=300, others=60, seed=5, progress=None)
+    train_classifier(model, crops, labels, epochs=6, batch_size=64, progress=None)
+    return model.eval()
+
+
+def as_detections(objects: list[SceneObject]) -> list[dict]:
+    """What a perfect oracle would report for rendered objects."""
+    return [{"shape": o.shape, "colour": o.colour, "centre": o.centre, "bbox": o.bbox,
+             "area": int((o.extent * 64) ** 2)} for o in objects]
+
+
+# ---------------------------------------------------------------------------- segmentation
+
+
+def test_calibrated_thresholds_keep_every_background_pixel_out():
+    thresholds = calibrate_thresholds(samples=40, seed=3)
+    assert len(thresholds) == len(COLOURS) and all(t > 0 for t in thresholds)
+    rng = np.random.default_rng(3)  # the same backgrounds the calibration saw, rendered as images
+    for _ in range(40):
+        background = _background_array(_sample_background(rng), 64)
+        components, _ = segment_colours(np.ascontiguousarray(background), thresholds, min_area=1, min_core_area=0)
+        assert components == []
+
+
+def test_segmentation_finds_each_object_of_held_out_scenes_in_its_colour():
+    world = SceneWorld(64, seed=11, split="heldout")
+    for i in range(25):
+        sample = world[i]
+        components, _ = segment_colours(np.asarray(sample.image), OracleConfig().colour_thresholds)
+        objects = sample.attributes["objects"]
+        assert sorted(c.colour for c in components) == sorted(o["colour"] for o in objects)
+        for obj in objects:
+            x0, y0, x1, y1 = (v * 64 for v in obj["bbox"])
+            assert any(c.colour == obj["colour"] and x0 <= c.centroid[0] <= x1 and y0 <= c.centroid[1] <= y1
+                       for c in components)
+
+
+def test_images_are_read_from_pil_arrays_and_tensors_alike():
+    image = SceneWorld(64, seed=2, split="heldout")[0].image
+    from_pil = to_uint8_images(image)[0]
+    from_tensor = to_uint8_images(pil_to_tensor(image))[0]
+    assert np.abs(from_pil.astype(int) - from_tensor.astype(int)).max() <= 1
+    assert to_uint8_images(image.resize((128, 128)), 64)[0].shape == (64, 64, 3)
+    with pytest.raises(ValueError, match="3 H W"):
+        to_uint8_images(torch.zeros(2, 4, 8, 8))
+    with pytest.raises(TypeError):
+        to_uint8_images("not an image")
+
+
+# ---------------------------------------------------------------------------- the oracle
+
+
+def test_oracle_reads_shape_colour_and_place_of_held_out_scenes(oracle):
+    world = SceneWorld(64, seed=31, split="heldout")
+    samples = [world[i] for i in range(30)]
+    found = oracle.detect([s.image for s in samples])
+    hits = total = extra = 0
+    for detections, sample in zip(found, samples):
+        objects = sample.attributes["objects"]
+        total += len(objects)
+        extra += max(0, len(detections) - len(objects))
+        for obj in objects:
+            x0, y0, x1, y1 = obj["bbox"]
+            hits += any((d["shape"], d["colour"]) == (obj["shape"], obj["colour"])
+                        and x0 <= d["centre"][0] <= x1 and y0 <= d["centre"][1] <= y1 for d in detections)
+    assert hits / total >= 0.9
+    assert extra <= 0.05 * total
+    keys = {"shape", "colour", "centre", "bbox", "area", "score"}
+    assert all(keys <= set(d) for dets in found for d in dets)
+
+
+def test_oracle_calls_strange_blobs_other(oracle):
+    from training.train_oracle import other_blobs
+
+    rng = np.random.default_rng(123)
+    images = [other_blobs(rng) for _ in range(20)]
+    detections = oracle.detect(images)
+    kept = sum(len(d) for d in detections)
+    raw = sum(len(d) for d in oracle.detect(images, keep_other=True))
+    assert raw > 0 and kept <= 0.25 * raw
+
+
+def test_save_load_round_trip(oracle, tmp_path):
+    oracle.save_pretrained(tmp_path / "oracle")
+    loaded = SceneOracle.from_pretrained(tmp_path / "oracle")
+    assert loaded.config == oracle.config
+    images = [SceneWorld(64, seed=8, split="heldout")[i].image for i in range(4)]
+    assert loaded.detect(images) == oracle.detect(images)
+    (tmp_path / "oracle" / "config.json").write_text('{"model_type": "evotok_mllm"}')
+    with pytest.raises(CheckpointError, match="evotok_mllm"):
+        SceneOracle.from_pretrained(tmp_path / "oracle")
+
+
+def test_bad_configs_are_refused():
+    with pytest.raises(ValueError, match="colour_thresholds"):
+        OracleConfig(colour_thresholds=(50.0,))
+    with pytest.raises(ValueError, match="classes"):
+        OracleConfig(classes=("circle", "blob"))
+
+
+# ---------------------------------------------------------------------------- prompts
+
+
+def test_prompts_use_only_held_out_pairs_and_familiar_words():
+    specs = geneval_prompts(12, seed=4)
+    assert [s.category for s in specs].count("counting") == 12
+    assert {s.category for s in specs} == set(GENEVAL_CATEGORIES)
+    known = set(vocabulary())
+    for spec in specs:
+        assert all(pair in HELDOUT_PAIRS for pair in spec.objects)
+        for colour, shape in spec.objects:
+            assert colour in spec.prompt and shape in spec.prompt
+        assert set(re.findall(r"[a-z]+", spec.prompt)) <= known, spec.prompt
+        if spec.category == "colour_attribution":
+            (c1, s1), (c2, s2) = spec.objects
+            assert c1 != c2 and s1 != s2
+    assert geneval_prompts(12, seed=4) == specs
+    assert geneval_prompts(12, seed=5) != specs
+
+
+def test_prompt_specs_are_validated():
+    with pytest.raises(ValueError, match="category"):
+        PromptSpec("colors", "a red star", (("red", "star"),))
+    with pytest.raises(ValueError, match="count"):
+        PromptSpec("counting", "red stars", (("red", "star"),))
+    with pytest.raises(ValueError, match="relation"):
+        PromptSpec("position", "a red star near a blue cross", (("red", "star"), ("blue", "cross")), relation="near")
+    with pytest.raises(ValueError, match="2 object"):
+        PromptSpec("two_objects", "a red star", (("red", "star"),))
+
+
+# ---------------------------------------------------------------------------- the judge
+
+
+def test_judge_accepts_true_specs_and_rejects_near_misses_in_every_category():
+    specs = geneval_prompts(6, seed=9)
+    for i, spec in enumerate(specs):
+        image, objects = render_spec(spec, np.random.default_rng(i))
+        detections = as_detections(objects)
+        assert judge(spec, detections), spec
+        wrong = false_spec(spec, np.random.default_rng(i))
+        assert wrong != spec
+        assert not judge(wrong, detections), (spec, wrong)
+        if spec.background is not None:
+            assert image.size == (64, 64)
+
+
+def test_judge_rules_on_handmade_detections():
+    def det(colour, shape, x, y, area=100):
+        return {"shape": shape, "colour": colour, "centre": (x, y), "area": area}
+
+    three = [det("red", "star", 0.2, 0.2), det("red", "star", 0.5, 0.5), det("red", "star", 0.8, 0.8)]
+    assert judge(PromptSpec("counting", "", (("red", "star"),), count=3), three)
+    assert not judge(PromptSpec("counting", "", (("red", "star"),), count=2), three)
+    assert not judge(PromptSpec("counting", "", (("red", "star"),), count=3), three + [det("red", "star", 0.1, 0.9)])
+    # a blue star does not count as a red one, but a "colours" verdict reads the largest star
+    mixed = [det("red", "star", 0.2, 0.2, area=50), det("blue", "star", 0.7, 0.7, area=300)]
+    assert judge(PromptSpec("single_object", "", (("red", "star"),)), mixed)
+    assert not judge(PromptSpec("colours", "", (("red", "star"),)), mixed)
+    assert judge(PromptSpec("colours", "", (("blue", "star"),)), mixed)
+    # position: the offset must pass the margin and dominate the other axis
+    a, b = ("red", "star"), ("blue", "cross")
+    left = PromptSpec("position", "", (a, b), relation="left of")
+    assert judge(left, [det(*a, 0.2, 0.5), det(*b, 0.7, 0.55)])
+    assert not judge(left, [det(*a, 0.45, 0.5), det(*b, 0.5, 0.5)])  # within the margin
+    assert not judge(left, [det(*a, 0.2, 0.1), det(*b, 0.4, 0.8)])  # mostly below, not left
+    assert judge(PromptSpec("position", "", (a, b), relation="above"), [det(*a, 0.5, 0.1), det(*b, 0.5, 0.8)])
+    # colour attribution: swapped colours fail
+    attr = PromptSpec("colour_attribution", "", (("red", "star"), ("blue", "cross")))
+    assert judge(attr, [det("red", "star", 0.2, 0.2), det("blue", "cross", 0.7, 0.7)])
+    assert not judge(attr, [det("blue", "star", 0.2, 0.2), det("red", "cross", 0.7, 0.7)])
+    # detections flagged invalid (keep_other=True) never count
+    assert not judge(PromptSpec("single_object", "", (("red", "star"),)), [{**det("red", "star", 0.5, 0.5), "valid": False}])
+
+
+def test_oracle_judges_renders_of_true_and_false_prompts(oracle):
+    specs = geneval_prompts(8, seed=21)
+    result = render_accuracy(oracle, specs, reference_renders(specs, seed=21), seed=21)
+    assert set(result) == {*GENEVAL_CATEGORIES, "overall"}
+    for category in GENEVAL_CATEGORIES:
+        assert result[category]["n"] == 8
+        assert result[category]["true_accept"] >= 0.75, (category, result[category])
+        assert result[category]["false_reject"] >= 0.75, (category, result[category])
+    assert result["overall"]["true_accept"] >= 0.9 and result["overall"]["false_reject"] >= 0.9
+
+
+# ---------------------------------------------------------------------------- the benchmark script
+
+
+def tiny_mllm(folder: Path) -> Path:
+    """A random 32-px multimodal model saved with its tokenizer (what the benchmark loads)."""
+    from evotok import EvoTok, small_config
+    from evotok.mllm import EvoTokMLLM, TextTokenizer, qwen2_lm_config
+
+    torch.manual_seed(0)
+    config = small_config(image_size=32, channels=(16, 32, 32, 32), norm_num_groups=8, num_stages=4,
+                          codebook_size=64, code_dim=8, pixel_depth=2, semantic_depth=4, semantic_layers=1,
+                          semantic_width=32, semantic_heads=2, teacher_dim=24, teacher=None)
+    tok = EvoTok(config)
+    tok.train()
+    with torch.no_grad():
+        tok(torch.rand(8, 3, 32, 32) * 2 - 1)
+    tok.eval().save_pretrained(folder / "tok")
+    captions = [s.prompt for s in geneval_prompts(10, seed=0)]
+    text = TextTokenizer.train(captions, vocab_size=300, min_frequency=1)
+    lm = qwen2_lm_config(len(text), hidden_size=32, layers=1, heads=2, kv_heads=1, intermediate_size=64)
+    model = EvoTokMLLM.build(tok, text, image_tokenizer_path=str(folder / "tok"), lm_config=lm, depth_width=32,
+                             depth_heads=2, depth_layers=1, max_prompt_tokens=32)
+    model.save_pretrained(folder / "mllm")
+    return folder / "mllm"
+
+
+def test_benchmark_scores_generations_and_the_render_ceiling(oracle, tmp_path):
+    from training.bench_geneval import main
+
+    oracle.save_pretrained(tmp_path / "oracle")
+    ceiling = main(["--renders-only", "--oracle", str(tmp_path / "oracle"), "--per-category", "2"])
+    assert ceiling["model"] is None and "generated" not in ceiling
+    assert ceiling["renders"]["overall"]["n"] == 12
+
+    model = tiny_mllm(tmp_path)
+    out = tmp_path / "geneval.json"
+    result = main(["--model", str(model), "--oracle", str(tmp_path / "oracle"), "--per-category", "1",
+                   "--no-fid", "--batch-size", "6", "--threads", "1", "--json", str(out),
+                   "--save-images", str(tmp_path / "images")])
+    assert set(result["generated"]) == {*GENEVAL_CATEGORIES, "overall"}
+    assert all(0.0 <= v["score"] <= 1.0 for v in result["generated"].values())
+    assert result["seconds_per_image"] > 0 and result["image_size"] == 32
+    assert len(result["prompts"]) == 6 and out.is_file()
+    assert len(list((tmp_path / "images").glob("*.png"))) == 6

@@ -1,0 +1,179 @@
+"""GenEval-style text-to-image benchmark on held-out colour/shape combinations, judged by the scene oracle.
+
+    python training/bench_geneval.py --model assets/mllm                       # 20 prompts per category
+    python training/bench_geneval.py --model assets/mllm --per-category 50 --json geneval.json
+    python training/bench_geneval.py --renders-only --per-category 200          # the oracle's ceiling alone
+
+Prompts: ``evotok.oracle.geneval_prompts`` — six categories (single object, two objects, counting,
+colours, position, colour attribution), objects drawn only from ``HELDOUT_PAIRS`` (never seen in
+training), phrased like the scene world's captions. Each prompt has a reference render that makes
+it true (``render_spec``).
+
+Prints one markdown table: per category, the share of generated images the oracle accepts, next to
+the oracle's own accuracy on the reference renders of the same prompts (true prompts accepted =
+the ceiling, near-miss prompts rejected); the overall score is the mean of categories, as in
+GenEval. Below it: FID (bundled Inception) of the generations against the reference renders, and
+seconds per image (prompt to decoded pixels, batched). FID on a few hundred images is biased
+upwards; compare it only between runs of the same size.
+"""
+from __future__ import annotations
+
+import os
+
+for _key, _value in {"HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "TRANSFORMERS_OFFLINE": "1"}.items():
+    os.environ.setdefault(_key, _value)
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from evotok.hub import CheckpointError  # noqa: E402
+from evotok.images import pil_to_tensor, tensor_to_pil  # noqa: E402
+from evotok.oracle import (GENEVAL_CATEGORIES, PromptSpec, SceneOracle, geneval_prompts, judge,  # noqa: E402
+                           reference_renders, render_accuracy)
+
+
+def load_oracle(path: str) -> SceneOracle:
+    try:
+        return SceneOracle.from_pretrained(path).eval()
+    except CheckpointError as err:
+        raise SystemExit(f"cannot load the scene oracle from {path!r} ({err}).\n"
+                         f"Train one with: nice -n 10 python training/train_oracle.py --out {path}") from None
+
+
+def generate(model: Any, specs: list[PromptSpec], args: argparse.Namespace) -> tuple[torch.Tensor, float]:
+    """Decoded images ``n 3 H W`` in [-1, 1] for the specs' prompts, and seconds per image."""
+    images = []
+    start = time.perf_counter()
+    for first in range(0, len(specs), args.batch_size):
+        prompts = [s.prompt for s in specs[first:first + args.batch_size]]
+        codes = model.generate_image(prompts, guidance_scale=args.guidance, temperature=args.temperature,
+                                     top_k=args.top_k, top_p=args.top_p, seed=args.seed * 100_003 + first)
+        images.append(model.decode_codes(codes).float().cpu())
+        done = first + len(prompts)
+        print(f"  generated {done}/{len(specs)} ({(time.perf_counter() - start) / done:.2f} s/image)", flush=True)
+    return torch.cat(images), (time.perf_counter() - start) / len(specs)
+
+
+def score(specs: list[PromptSpec], detections: list[list[dict[str, Any]]], margin: float) -> dict[str, dict[str, float]]:
+    per: dict[str, list[bool]] = {}
+    for spec, dets in zip(specs, detections):
+        per.setdefault(spec.category, []).append(judge(spec, dets, margin))
+    table = {cat: {"score": float(np.mean(v)), "n": len(v)} for cat, v in per.items()}
+    table["overall"] = {"score": float(np.mean([t["score"] for t in table.values()])), "n": len(specs)}
+    return table
+
+
+def markdown(ceiling: dict, generated: dict | None) -> str:
+    columns = ["category", "n"] + (["generated: oracle accepts"] if generated else []) + \
+        ["renders: true accepted (ceiling)", "renders: false rejected"]
+    rows = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for cat in [*GENEVAL_CATEGORIES, "overall"]:
+        if cat not in ceiling:
+            continue
+        c = ceiling[cat]
+        cells = ["**overall** (mean of categories)" if cat == "overall" else cat, str(c["n"])]
+        if generated:
+            cells.append(f"{generated[cat]['score']:.3f}")
+        cells += [f"{c['true_accept']:.3f}", f"{c['false_reject']:.3f}"]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="assets/mllm", help="saved EvoTokMLLM folder or hub id")
+    parser.add_argument("--tokenizer", default=None, help="image tokenizer folder (default: the one the model records)")
+    parser.add_argument("--oracle", default="assets/oracle", help="scene oracle folder (training/train_oracle.py)")
+    parser.add_argument("--per-category", type=int, default=20, help="prompts per GenEval category")
+    parser.add_argument("--seed", type=int, default=0, help="prompts, reference renders and sampling")
+    parser.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (<= 0: none)")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--batch-size", type=int, default=8, help="prompts generated together")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--no-fid", action="store_true", help="skip FID (bundled Inception)")
+    parser.add_argument("--renders-only", action="store_true", help="only the oracle on the reference renders")
+    parser.add_argument("--save-images", default=None, help="write each generated image here, named by verdict")
+    parser.add_argument("--json", default=None, help="also write the results here")
+    args = parser.parse_args(argv)
+    if args.per_category < 1:
+        parser.error("--per-category must be at least 1")
+    if args.guidance is not None and args.guidance <= 0:
+        args.guidance = None
+    torch.set_num_threads(args.threads)
+
+    oracle = load_oracle(args.oracle)
+    specs = geneval_prompts(args.per_category, seed=args.seed)
+    model = None
+    size = oracle.config.resolution
+    if not args.renders_only:
+        from evotok.mllm import EvoTokMLLM
+
+        model = EvoTokMLLM.from_pretrained(args.model, image_tokenizer=args.tokenizer).to(args.device).eval()
+        size = model.tokenizer.config.image_size
+    renders = reference_renders(specs, seed=args.seed, resolution=size)
+    ceiling = render_accuracy(oracle, specs, renders, seed=args.seed)
+    results: dict[str, Any] = {"model": None if args.renders_only else args.model, "oracle": args.oracle,
+                               "per_category": args.per_category, "seed": args.seed, "image_size": size,
+                               "renders": ceiling}
+    generated = None
+    if model is not None:
+        print(f"generating {len(specs)} images ({args.per_category} per category, guidance {args.guidance}, "
+              f"batch {args.batch_size}, {args.threads} threads, {args.device})", flush=True)
+        images, seconds = generate(model, specs, args)
+        detections: list[list[dict[str, Any]]] = []
+        for first in range(0, len(images), 64):
+            detections += oracle.detect(images[first:first + 64])
+        generated = score(specs, detections, oracle.config.position_margin)
+        results.update(generated=generated, seconds_per_image=seconds, batch_size=args.batch_size,
+                       sampling={"guidance": args.guidance, "temperature": args.temperature, "top_k": args.top_k,
+                                 "top_p": args.top_p},
+                       prompts=[{**s.to_dict(), "passed": judge(s, d, oracle.config.position_margin), "detections": d}
+                                for s, d in zip(specs, detections)])
+        if not args.no_fid:
+            from evotok.metrics import fid_bundled
+
+            real = torch.stack([pil_to_tensor(img, size) for img in renders])
+            results["fid_bundled"] = fid_bundled(real, images)
+        if args.save_images:
+            out = Path(args.save_images)
+            out.mkdir(parents=True, exist_ok=True)
+            for i, (spec, image, rec) in enumerate(zip(specs, images, results["prompts"])):
+                verdict = "pass" if rec["passed"] else "fail"
+                tensor_to_pil(image).save(out / f"{i:04d}_{spec.category}_{verdict}.png")
+
+    title = "GenEval-style score on held-out colour/shape pairs" + \
+        ("" if model is None else f" — {args.model}, guidance {args.guidance}")
+    print(f"\n{title}\n\n{markdown(ceiling, generated)}")
+    if model is not None:
+        if "fid_bundled" in results:
+            print(f"\nFID (bundled Inception), {len(specs)} generations vs their reference renders: "
+                  f"{results['fid_bundled']:.2f}")
+        print(f"Seconds per image (prompt to pixels, batch {args.batch_size}, {args.device}): "
+              f"{results['seconds_per_image']:.3f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2, default=_jsonable))
+    return results
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, tuple):
+        return list(value)
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+if __name__ == "__main__":
+    main()

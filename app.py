@@ -84,11 +84,14 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, OSError, ValueError) as err:
         print(f"error: could not load the models: {err}", file=sys.stderr)
         return 2
+    loading = time.perf_counter()
     try:
         service, notice = load_multimodal(args.mllm, explorer.tok, args.device)
     except (CheckpointError, OSError, ValueError, RuntimeError) as err:
         print(f"error: could not load the multimodal model {args.mllm!r}: {err}", file=sys.stderr)
         return 2
+    logging.getLogger("evotok.app").info("multimodal model: %s (%.1f s)",
+                                         "loaded" if service else "off", time.perf_counter() - loading)
     callbacks = Callbacks(explorer, cache_dir=args.cache_dir, umap_per_source=args.umap_per_source)
     demo = build_demo(callbacks, find_examples(args.examples), concurrency=args.concurrency, max_queue=args.max_queue,
                       multimodal=MultimodalCallbacks(service) if service else None, multimodal_notice=notice,

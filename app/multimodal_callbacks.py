@@ -115,8 +115,7 @@ class MultimodalCallbacks:
 
     def gallery(self, result: Generation) -> list[tuple[Image.Image, str]]:
         depth = len(result.stages)
-        return [(self.display(image), f"after stage {d} of {depth}" + (" = the image" if d == depth else ""))
-                for d, image in enumerate(result.stages, start=1)]
+        return [(self.display(image), f"after stage {d} of {depth}") for d, image in enumerate(result.stages, start=1)]
 
     def note(self, result: Generation) -> str:
         check, s = result.prompt, result.settings
@@ -128,7 +127,7 @@ class MultimodalCallbacks:
             f"{size}×{size} pixels ({self.service.grid_size}×{self.service.grid_size} tokens × "
             f"{self.service.pixel_depth} pixel stages), shown {self.display_factor}× enlarged with {UPSCALE} "
             "upscaling so each generated pixel stays a sharp block. The gallery decodes the same codes after "
-            "1, 2, … stages: coarse layout first, detail last.",
+            f"1, 2, … {self.service.pixel_depth} stages (the last one is the image): coarse layout first, detail last.",
         ]
         if check.heldout_pairs:
             lines.append("Held out of training (never seen together): "

@@ -97,11 +97,13 @@ def _text_to_image(callbacks: MultimodalCallbacks, model: dict[str, Any]) -> Non
                              info="-1 = a new random seed each time (the note says which); any other number "
                                   "gives the same image every time")
             run = gr.Button("Generate", variant="primary", elem_id="evotok-generate")
-            labelled = example_prompts()
-            example_block = gr.Examples(examples=[[p] for p, _ in labelled], inputs=[prompt],
-                                        example_labels=[label for _, label in labelled], cache_examples=False,
-                                        label="Example prompts (click one; held-out = colour-shape pairs never "
-                                              "seen together in training)", examples_per_page=8)
+            split = example_prompts()
+            example_blocks = [
+                gr.Examples(examples=[[p] for p in split["seen"]], inputs=[prompt], cache_examples=False,
+                            label="Examples with colour-shape pairs seen in training (click one)"),
+                gr.Examples(examples=[[p] for p in split["held-out"]], inputs=[prompt], cache_examples=False,
+                            label="Examples with a held-out pair (never seen together in training)"),
+            ]
             with gr.Accordion("Words the model knows", open=False):
                 gr.Markdown(vocabulary_markdown(service.vocabulary_groups()), elem_id="evotok-vocabulary")
         with gr.Column(scale=2, min_width=420):
@@ -114,7 +116,8 @@ def _text_to_image(callbacks: MultimodalCallbacks, model: dict[str, Any]) -> Non
     inputs, outputs = [prompt, guidance, temperature, top_k, seed], [image, stages, note]
     run.click(callbacks.generate, inputs, outputs, api_name="generate", **model)
     prompt.submit(callbacks.generate, inputs, outputs, api_visibility="private", **model)
-    example_block.load_input_event.then(callbacks.generate, inputs, outputs, api_visibility="private", **model)
+    for block in example_blocks:  # clicking an example fills the prompt, then draws it
+        block.load_input_event.then(callbacks.generate, inputs, outputs, api_visibility="private", **model)
 
 
 def _ask(callbacks: MultimodalCallbacks, examples: Sequence[Sequence[str]], model: dict[str, Any]) -> None:

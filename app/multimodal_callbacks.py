@@ -127,7 +127,8 @@ class MultimodalCallbacks:
             f"{size}×{size} pixels ({self.service.grid_size}×{self.service.grid_size} tokens × "
             f"{self.service.pixel_depth} pixel stages), shown {self.display_factor}× enlarged with {UPSCALE} "
             "upscaling so each generated pixel stays a sharp block. The gallery decodes the same codes after "
-            f"1, 2, … {self.service.pixel_depth} stages (the last one is the image): coarse layout first, detail last.",
+            f"1, 2, … {self.service.pixel_depth} stages (the last one is the image): coarse layout first, "
+            "detail last.",
         ]
         if check.heldout_pairs:
             lines.append("Held out of training (never seen together): "

@@ -87,7 +87,7 @@ def _text_to_image(callbacks: MultimodalCallbacks, model: dict[str, Any]) -> Non
             prompt = gr.Textbox(label="Prompt", lines=2, max_lines=4, elem_id="evotok-prompt",
                                 placeholder="a red circle to the left of a blue square",
                                 info=f"At most {service.max_prompt_tokens} tokens (a short sentence; longer prompts "
-                                     f"are refused with a message). Empty = an unconditional sample.")
+                                     "are refused with a message). Empty = an unconditional sample.")
             guidance = gr.Slider(0, 10, value=3.0, step=0.5, label="Guidance scale",
                                  info="1 = the prompt's prediction alone; higher follows the prompt harder")
             temperature = gr.Slider(0, 2, value=1.0, step=0.05, label="Temperature", info="0 = greedy")
@@ -107,11 +107,12 @@ def _text_to_image(callbacks: MultimodalCallbacks, model: dict[str, Any]) -> Non
             with gr.Accordion("Words the model knows", open=False):
                 gr.Markdown(vocabulary_markdown(service.vocabulary_groups()), elem_id="evotok-vocabulary")
         with gr.Column(scale=2, min_width=420):
-            image = gr.Image(label=f"Generated image ({size}×{size}, shown {factor}× with nearest-neighbour upscaling)",
-                             format="png", interactive=False, height=300, elem_id="evotok-generated")
-            stages = gr.Gallery(label="Building up stage by stage (the same codes decoded after 1, 2, … pixel stages)",
-                                columns=service.pixel_depth, rows=1, height=220, object_fit="contain", format="png",
-                                preview=False, elem_id="evotok-generated-stages")
+            image = gr.Image(label=f"Generated image ({size}×{size}, shown {factor}× with nearest-neighbour "
+                                   "upscaling)", format="png", interactive=False, height=300,
+                             elem_id="evotok-generated")
+            stages = gr.Gallery(label="Building up stage by stage (the same codes decoded after 1, 2, … pixel "
+                                      "stages)", columns=service.pixel_depth, rows=1, height=220,
+                                object_fit="contain", format="png", preview=False, elem_id="evotok-generated-stages")
             note = gr.Markdown("Type a prompt or click an example.", label="Note", elem_id="evotok-generate-note")
     inputs, outputs = [prompt, guidance, temperature, top_k, seed], [image, stages, note]
     run.click(callbacks.generate, inputs, outputs, api_name="generate", **model)

@@ -156,6 +156,19 @@ def test_ask_examples_pair_example_images_with_questions():
     assert [Path(p).name for p, _ in examples] == [n for n in names if n in {Path(p).name for p, _ in examples}]
 
 
+def test_without_a_model_both_tabs_show_the_notice_and_register_no_endpoint():
+    import gradio as gr
+
+    from app.multimodal_layout import multimodal_tabs
+
+    with gr.Blocks() as demo:
+        multimodal_tabs(None, "the model is not here yet")
+    config = demo.get_config_file()
+    texts = [c["props"].get("value") or "" for c in config["components"] if c["type"] == "markdown"]
+    assert sum("the model is not here yet" in t for t in texts) == 2
+    assert not config["dependencies"]
+
+
 # --------------------------------------------------------------------------- start-up policy
 def load_app_module():
     spec = importlib.util.spec_from_file_location("evotok_app_main", ROOT / "app.py")

@@ -1,7 +1,8 @@
 """The demo in a real browser: Playwright driving Debian's Chromium (never a downloaded browser).
 
-Uploads an image, runs the explorer, checks that the gallery, the chart and the probe render, and
-saves a screenshot to ``tests/artifacts/``. Skips when ``/usr/bin/chromium`` is missing.
+Uploads an image, runs the explorer, checks that the gallery, the chart and the probe render; draws
+from an example prompt and answers an example question in the multimodal tabs; saves screenshots to
+``tests/artifacts/``. Skips when ``/usr/bin/chromium`` is missing.
 """
 from __future__ import annotations
 
@@ -98,4 +99,38 @@ def test_clicking_an_example_runs_the_explorer(url, browser):
     page.locator(".gallery-item, button.gallery").first.click(timeout=60_000)
     page.locator("#evotok-gallery img").first.wait_for(timeout=60_000)
     assert "Computed in" in page.locator("#evotok-status").inner_text()
+    page.close()
+
+
+def test_text_to_image_and_ask_tabs(url, browser):
+    """Click an example prompt (it draws at once), then an example image + question (it answers)."""
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    errors: list[str] = []
+    page.on("pageerror", lambda err: errors.append(str(err)))
+    page.goto(url, wait_until="domcontentloaded", timeout=60_000)
+    page.get_by_role("tab", name="Text to image").click(timeout=60_000)
+    if page.locator("#evotok-prompt").count() == 0:
+        pytest.skip("the app runs without a multimodal model")
+    page.get_by_text("three green stars").first.click(timeout=30_000)
+    page.locator("#evotok-generated-stages img").first.wait_for(timeout=120_000)
+    assert page.locator("#evotok-generated img").count() == 1
+    note = page.locator("#evotok-generate-note").inner_text()
+    assert "three green stars" in note and "seed" in note and "nearest-neighbour" in note
+    page.get_by_text("Words the model knows").click()
+    assert "colours" in page.locator("#evotok-vocabulary").inner_text()
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "text_to_image.png"), full_page=True)
+
+    page.get_by_role("tab", name="Ask about an image").click()
+    page.locator("#evotok-ask-image").wait_for(timeout=30_000)
+    example = page.get_by_text("What colour is the star?")
+    if example.count() == 0:
+        pytest.skip("no example image + question pairs (assets/examples)")
+    example.first.click(timeout=30_000)
+    page.wait_for_function("() => document.querySelector('#evotok-ask-note').innerText.includes('Answered in')",
+                           timeout=120_000)
+    messages = page.locator("#evotok-chat .message")
+    assert messages.count() >= 2 and "What colour is the star?" in messages.first.inner_text()
+    page.screenshot(path=str(ARTIFACTS / "ask.png"), full_page=True)
+    assert not errors, errors
     page.close()

@@ -236,7 +236,7 @@ def tiny_mllm(folder: Path) -> Path:
     text = TextTokenizer.train(captions, vocab_size=300, min_frequency=1)
     lm = qwen2_lm_config(len(text), hidden_size=32, layers=1, heads=2, kv_heads=1, intermediate_size=64)
     model = EvoTokMLLM.build(tok, text, image_tokenizer_path=str(folder / "tok"), lm_config=lm, depth_width=32,
-                             depth_heads=2, depth_layers=1, max_prompt_tokens=32)
+                             depth_heads=2, depth_layers=1, max_prompt_tokens=64)
     model.save_pretrained(folder / "mllm")
     return folder / "mllm"
 

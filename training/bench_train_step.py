@@ -309,15 +309,19 @@ def compare(row: Row, baseline: Row) -> None:
 
 # ------------------------------------------------------------------------------ the table
 def configurations(only: list[str] | None, compile_targets: tuple[str, ...]) -> list[tuple[str, Optimizations]]:
-    """(label, switches) of every row: the plain step first; ``only`` keeps it plus the named rows."""
+    """(label, switches) of every row: the plain step first; ``only`` keeps it plus the named rows.
+    With no ``compile_targets`` the compile row is left out and the combined rows compile nothing."""
     compiled = {"compile": compile_targets}
+    suffix = "" if compile_targets else " (compile off)"
     rows = {"baseline": ("baseline (plain step)", Optimizations.none())}
     for name in Optimizations.switch_names():
+        if name == "compile" and not compile_targets:
+            continue
         opts = Optimizations.only(name)
         rows[name] = (name, replace(opts, **compiled) if name == "compile" else opts)
     rows["defaults"] = ("defaults (train_tokenizer)", Optimizations())
-    rows["all"] = ("all", replace(Optimizations.all(), **compiled))
-    rows["all_but_checkpointing"] = ("all but activation_checkpointing",
+    rows["all"] = ("all" + suffix, replace(Optimizations.all(), **compiled))
+    rows["all_but_checkpointing"] = ("all but activation_checkpointing" + suffix,
                                      replace(Optimizations.all(), activation_checkpointing=(), **compiled))
     if not only:
         return list(rows.values())
@@ -372,8 +376,9 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--only", nargs="+", default=None, metavar="NAME",
                         help="run the plain step and these configurations only: "
                              + ", ".join(Optimizations.switch_names()) + ", defaults, all, all_but_checkpointing")
-    parser.add_argument("--compile-targets", nargs="+", default=list(DEFAULT_COMPILE),
-                        help="submodules the compile rows compile (default: %(default)s)")
+    parser.add_argument("--compile-targets", nargs="*", default=list(DEFAULT_COMPILE),
+                        help="submodules the compile rows compile (default: %(default)s; "
+                             "none: no compile row, nothing compiled in the combined rows)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     parser.add_argument("--output", default=None, help="also write the tables (markdown) to this file")
     args = parser.parse_args(argv)

@@ -19,10 +19,11 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from PIL import Image
 
-from ..hub import CheckpointError, resolve_checkpoint
+from ..hub import resolve_checkpoint
 from ..images import tensor_to_pil
 from .chat import EmptyPromptError, PromptTooLongError, encode_chat, prompt_ids
 from .model import EvoTokMLLM, tokenizer_digest
+from .text_tokenizer import words_of
 
 # Refused before tokenizing, so a pasted novel costs nothing; the token cap is the model's own.
 MAX_PROMPT_CHARS = 500
@@ -84,15 +85,10 @@ class PreparedQuestion:
 
 def _model_card(folder: Path | None) -> tuple[str, str]:
     """(title, markdown body) of a checkpoint's README.md; empty strings without one."""
-    if folder is None:
-        return "", ""
-    try:
-        text = (folder / "README.md").read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
-        return "", ""
-    body = re.sub(r"^---\s*\n.*?\n---\s*\n", "", text, count=1, flags=re.S).strip()
-    title = re.search(r"^#\s+(.+)$", body, flags=re.M)
-    return (title.group(1).strip() if title else ""), body
+    from ..explore import read_model_card
+
+    card = read_model_card(folder)
+    return card.title, card.body
 
 
 def heldout_pairs_in(text: str) -> list[tuple[str, str]]:
@@ -190,7 +186,7 @@ class MultimodalService:
             "positions": sorted(relation_words),
             "sizes": list(SIZES),
             "backgrounds": sorted(set(BACKGROUND_WORDS.values())),
-            "clothes (Fashion-MNIST)": sorted({w for name in FASHION_MNIST_CLASSES for w in re.findall(r"[a-z]+(?:-[a-z]+)*", name.lower())}),
+            "clothes (Fashion-MNIST)": sorted({w for name in FASHION_MNIST_CLASSES for w in words_of(name)}),
         }
         out: dict[str, list[str]] = {}
         placed: set[str] = set()

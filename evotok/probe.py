@@ -43,7 +43,9 @@ def _article(label: str) -> str:
 
 
 def fill_template(template: str, label: str) -> str:
-    """``"a photo of {}"`` -> ``"a photo of a cat"``; ``{a}`` in a template stands for the article alone."""
+    """Put ``label`` into ``template``; a template ending in "of {}" also gets the article
+    ("a photo of {}" + "ankle boot" -> "a photo of an ankle boot"), unless the label starts
+    with a number or already has an article."""
     if "{}" not in template:
         raise ValueError(f"template must contain '{{}}' where the label goes, got {template!r}")
     if template.endswith("of {}") and not label[:1].isdigit() and not label.lower().startswith(("a ", "an ", "the ")):

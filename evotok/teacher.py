@@ -171,9 +171,9 @@ def conv_stem(width: int, patch_size: int) -> nn.Sequential:
     """A small CNN from RGB to one ``width``-channel token per ``patch_size`` patch.
 
     A 3×3 conv at full resolution, then log2(patch_size) stride-2 3×3 convs, with GroupNorm +
-    GELU in between. Trained from scratch, a plain patch embedding (or a stem without the
-    full-resolution conv and norms) took thousands of steps to tell a 14-pixel circle from a
-    hexagon; with this stem the same network learns shapes in about a hundred (hybrid ViT).
+    GELU in between (a hybrid ViT). Trained from scratch, a plain patch embedding barely told a
+    14-pixel circle from a hexagon after hundreds of steps; in a supervised check (single-object
+    scenes, batch 64) this stem with max pooling reached 88% shape accuracy in 125 steps.
     """
     steps = patch_size.bit_length() - 1
     channels = [3, 32] + [64] * (steps - 1) + [width]

@@ -256,6 +256,7 @@ def test_benchmark_scores_generations_and_the_render_ceiling(oracle, tmp_path):
                    "--save-images", str(tmp_path / "images")])
     assert set(result["generated"]) == {*GENEVAL_CATEGORIES, "overall"}
     assert all(0.0 <= v["score"] <= 1.0 for v in result["generated"].values())
+    assert set(result["reconstructions"]) == {*GENEVAL_CATEGORIES, "overall"}
     assert result["seconds_per_image"] > 0 and result["image_size"] == 32
     assert len(result["prompts"]) == 6 and out.is_file()
     assert len(list((tmp_path / "images").glob("*.png"))) == 6

@@ -51,9 +51,14 @@ EVAL_SEED = 777
 
 
 def degrade(image: Image.Image, rng: np.random.Generator) -> Image.Image:
-    """What an imperfect pixel decoder does to a render: blur, lost resolution, noise, colour drift."""
+    """What an imperfect pixel decoder does to a render: blur, rounded corners with sharp edges and
+    halos (strong blur, then unsharp masking), lost resolution, noise, colour drift."""
     img = image
-    if rng.uniform() < 0.5:
+    kind = rng.uniform()
+    if kind < 0.25:
+        img = img.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(1.2, 2.5))))
+        img = img.filter(ImageFilter.UnsharpMask(radius=2, percent=int(rng.integers(150, 301)), threshold=0))
+    elif kind < 0.65:
         img = img.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0.3, 1.5))))
     if rng.uniform() < 0.3:
         side = img.size[0]
@@ -310,7 +315,8 @@ classed "other" are dropped.
 
 **Trained on** {args.scenes} rendered scenes (two thirds train-split pairs, one third held-out pairs,
 both sizes, all background kinds; seed {args.seed}) and {args.others} images of synthetic "other" blobs,
-half of all images degraded (Gaussian blur, 2× down/up-sampling, noise, colour drift), {args.epochs} epochs,
+half of all images degraded (Gaussian blur, rounding: strong blur + unsharp mask, 2× down/up-sampling,
+noise, colour drift), {args.epochs} epochs,
 {metrics['train']['crops']} crops: {metrics['train']['cpu_seconds']:.0f} CPU-seconds ({metrics['train']['seconds']:.0f} s wall
 on a shared machine), {args.threads} thread(s).
 Held-out crop accuracy: {metrics['train']['val_crop_accuracy']:.3f}.
@@ -328,7 +334,7 @@ The GenEval judge per category on {args.per_category} prompts each (`geneval_pro
 held-out pairs), each judged on a render that makes it true (`render_spec`). *True accepted*: the
 prompt's own render is accepted. *False rejected*: a near miss of the prompt (another colour or shape,
 one more or fewer, the opposite relation, swapped colours: `false_spec`) is rejected on the same render.
-*Degraded*: the renders blurred / resampled / noised / colour-shifted as in training.
+*Degraded*: the renders blurred / rounded / resampled / noised / colour-shifted as in training.
 
 {judge_table(metrics['judge'])}
 

@@ -29,8 +29,8 @@ def oracle() -> SceneOracle:
 
     torch.manual_seed(0)
     model = SceneOracle(OracleConfig())
-    crops, labels = build_dataset(model, scenes=300, others=60, seed=5, progress=None)
-    train_classifier(model, crops, labels, epochs=6, batch_size=64, progress=None)
+    crops, labels = build_dataset(model, scenes=300, others=150, seed=5, progress=None)
+    train_classifier(model, crops, labels, epochs=8, batch_size=64, progress=None)
     return model.eval()
 
 

@@ -204,31 +204,48 @@ def crop_accuracy(oracle: SceneOracle, crops: torch.Tensor, labels: torch.Tensor
 # ----------------------------------------------------------------------------- evaluation
 
 
-def detection_accuracy(oracle: SceneOracle, images: list[Image.Image], truths: list[list[dict[str, Any]]]
-                       ) -> dict[str, float]:
-    """Object precision/recall (same colour and shape, centre inside the true box) and the
-    fraction of scenes read exactly (every object found, nothing extra)."""
+def detection_accuracy(oracle: SceneOracle, images: list[Any], truths: list[list[dict[str, Any]]]
+                       ) -> dict[str, Any]:
+    """Object precision/recall (same colour and shape, centre inside the true box), the fraction
+    of scenes read exactly (every object found, nothing extra), and recall per true shape and size."""
     found = []
     for start in range(0, len(images), 64):
         found += oracle.detect(images[start:start + 64])
     hits = dets = objs = exact = 0
+    per_shape: dict[str, list[int]] = {}
     pad = 1.5 / oracle.config.resolution
     for detections, objects in zip(found, truths):
         used: set[int] = set()
         for obj in objects:
             x0, y0, x1, y1 = obj["bbox"]
+            hit = 0
             for k, d in enumerate(detections):
                 x, y = d["centre"]
                 if k not in used and (d["shape"], d["colour"]) == (obj["shape"], obj["colour"]) \
                         and x0 - pad <= x <= x1 + pad and y0 - pad <= y <= y1 + pad:
                     used.add(k)
+                    hit = 1
                     break
+            per_shape.setdefault(f"{obj['size']} {obj['shape']}", []).append(hit)
         hits += len(used)
         dets += len(detections)
         objs += len(objects)
         exact += int(len(used) == len(objects) == len(detections))
     return {"precision": hits / max(dets, 1), "recall": hits / max(objs, 1), "scene_exact": exact / max(len(images), 1),
-            "scenes": len(images)}
+            "scenes": len(images), "recall_per_shape": {k: float(np.mean(v)) for k, v in sorted(per_shape.items())}}
+
+
+def reconstructions(tokenizer_path: str, images: list[Image.Image], batch_size: int = 50) -> tuple[torch.Tensor, int]:
+    """``images`` encoded and decoded by an EvoTok tokenizer at its pixel depth (and that depth)."""
+    from evotok import EvoTok
+    from evotok.images import pil_to_tensor
+
+    tok = EvoTok.from_pretrained(tokenizer_path).eval()
+    size, depth = tok.config.image_size, tok.config.pixel_depth
+    x = torch.stack([pil_to_tensor(img, size) for img in images])
+    with torch.no_grad():
+        out = torch.cat([tok.decode(tok.encode(chunk), depth=depth) for chunk in x.split(batch_size)])
+    return out, depth
 
 
 # Fixed harsher degradations for the robustness table: (downsample factor, Gaussian blur radius).
@@ -244,8 +261,10 @@ def stress(image: Image.Image, factor: int, radius: float) -> Image.Image:
     return image.filter(ImageFilter.GaussianBlur(radius)) if radius else image
 
 
-def evaluate(oracle: SceneOracle, eval_scenes: int, per_category: int, seed: int = EVAL_SEED) -> dict[str, Any]:
-    """Detection and judge accuracy on fresh held-out renders, clean and degraded."""
+def evaluate(oracle: SceneOracle, eval_scenes: int, per_category: int, seed: int = EVAL_SEED,
+             tokenizer: str | None = None) -> dict[str, Any]:
+    """Detection and judge accuracy on fresh held-out renders: clean, degraded, under harsher
+    degradations, and (with ``tokenizer``) as reconstructed by an EvoTok tokenizer."""
     world = SceneWorld(oracle.config.resolution, seed=seed, split="heldout")
     samples = [world[i] for i in range(eval_scenes)]
     truths = [s.attributes["objects"] for s in samples]
@@ -261,30 +280,45 @@ def evaluate(oracle: SceneOracle, eval_scenes: int, per_category: int, seed: int
     for factor, radius in STRESS:
         name = f"{factor}x down/up + blur {radius}" if factor > 1 else f"blur {radius}"
         detection[name] = detection_accuracy(oracle, [stress(im, factor, radius) for im in clean[:few]], truths[:few])
-    return {
-        "detection": detection,
-        "judge": {"clean": render_accuracy(oracle, specs, renders, seed=seed),
-                  "degraded": render_accuracy(oracle, specs, renders_degraded, seed=seed)},
-    }
+    judge = {"clean": render_accuracy(oracle, specs, renders, seed=seed),
+             "degraded": render_accuracy(oracle, specs, renders_degraded, seed=seed)}
+    if tokenizer:
+        recon, depth = reconstructions(tokenizer, clean[:few])
+        detection[f"{tokenizer} reconstructions (depth {depth})"] = detection_accuracy(oracle, list(recon), truths[:few])
+        recon, _ = reconstructions(tokenizer, renders)
+        judge["reconstructed"] = render_accuracy(oracle, specs, list(recon), seed=seed)
+    return {"detection": detection, "judge": judge}
 
 
 def judge_table(judge: dict[str, dict[str, dict[str, float]]]) -> str:
-    rows = ["| category | n | true accepted (clean) | false rejected (clean) | true accepted (degraded) | false rejected (degraded) |",
-            "|---|---|---|---|---|---|"]
+    sets = list(judge)
+    columns = ["category", "n"] + [f"{kind} ({name})" for name in sets for kind in ("true accepted", "false rejected")]
+    rows = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for cat in [*GENEVAL_CATEGORIES, "overall"]:
         if cat not in judge["clean"]:
             continue
-        c, d = judge["clean"][cat], judge["degraded"][cat]
         name = f"**{cat}** (mean of categories)" if cat == "overall" else cat
-        rows.append(f"| {name} | {c['n']} | {c['true_accept']:.3f} | {c['false_reject']:.3f} | "
-                    f"{d['true_accept']:.3f} | {d['false_reject']:.3f} |")
+        cells = [name, str(judge["clean"][cat]["n"])]
+        for key in sets:
+            cells += [f"{judge[key][cat]['true_accept']:.3f}", f"{judge[key][cat]['false_reject']:.3f}"]
+        rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
-def detection_table(detection: dict[str, dict[str, float]]) -> str:
+def detection_table(detection: dict[str, dict[str, Any]]) -> str:
     rows = ["| renders | scenes | object precision | object recall | scenes read exactly |", "|---|---|---|---|---|"]
     for name, d in detection.items():
         rows.append(f"| {name} | {d['scenes']} | {d['precision']:.3f} | {d['recall']:.3f} | {d['scene_exact']:.3f} |")
+    return "\n".join(rows)
+
+
+def per_shape_table(detection: dict[str, dict[str, Any]]) -> str:
+    names = list(detection)
+    keys = list(next(iter(detection.values()))["recall_per_shape"])
+    rows = ["| object | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for key in keys:
+        rows.append(f"| {key} | " + " | ".join(f"{detection[n]['recall_per_shape'].get(key, float('nan')):.2f}"
+                                               for n in names) + " |")
     return "\n".join(rows)
 
 
@@ -330,15 +364,32 @@ A detection counts when its shape and colour are right and its centre lies in th
 
 {detection_table(metrics['detection'])}
 
+Recall per true object:
+
+{per_shape_table(metrics['detection'])}
+{recon_note(args)}
 The GenEval judge per category on {args.per_category} prompts each (`geneval_prompts(seed={EVAL_SEED})`,
 held-out pairs), each judged on a render that makes it true (`render_spec`). *True accepted*: the
 prompt's own render is accepted. *False rejected*: a near miss of the prompt (another colour or shape,
 one more or fewer, the opposite relation, swapped colours: `false_spec`) is rejected on the same render.
 *Degraded*: the renders blurred / rounded / resampled / noised / colour-shifted as in training.
+{"*Reconstructed*: the renders encoded and decoded by the tokenizer above." if args.tokenizer else ""}
 
 {judge_table(metrics['judge'])}
 
-Reproduce: `nice -n 10 python training/train_oracle.py --out assets/oracle` (defaults as above).
+Reproduce: `nice -n 10 python training/train_oracle.py --out assets/oracle{" --tokenizer " + args.tokenizer if args.tokenizer else ""}`
+(defaults as above).
+"""
+
+
+def recon_note(args: argparse.Namespace) -> str:
+    if not args.tokenizer:
+        return ""
+    return f"""
+The reconstruction column reads the same scenes after `{args.tokenizer}` encoded and decoded them at its
+pixel depth: the images a generator writing that tokenizer's codes produces at best. The oracle never
+saw such images in training; where it misses, look at the reconstructions (small stars and crosses,
+and hexagons, lose their corners) before blaming the oracle.
 """
 
 
@@ -355,6 +406,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--per-category", type=int, default=200, help="GenEval prompts per category for the judge check")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="a tiny CNN: one thread is the most efficient")
+    parser.add_argument("--tokenizer", default=None,
+                        help="also measure the oracle on this EvoTok tokenizer's reconstructions (e.g. assets/tokenizer)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -377,11 +430,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"  held-out crop accuracy {val_acc:.3f} ({seconds:.0f} s so far)")
 
     print(f"evaluating on {args.eval_scenes} fresh held-out scenes and {args.per_category} prompts per category")
-    metrics = evaluate(oracle, args.eval_scenes, args.per_category)
+    metrics = evaluate(oracle, args.eval_scenes, args.per_category, tokenizer=args.tokenizer)
     metrics["train"] = {"crops": len(crops), "class_counts": dict(zip(oracle.config.classes, counts)),
                         "losses": losses, "val_crop_accuracy": val_acc, "seconds": seconds,
                         "cpu_seconds": cpu_seconds}
-    print("\n" + detection_table(metrics["detection"]) + "\n\n" + judge_table(metrics["judge"]))
+    print("\n" + detection_table(metrics["detection"]) + "\n\n" + per_shape_table(metrics["detection"]) + "\n\n"
+          + judge_table(metrics["judge"]))
 
     out = Path(args.out)
     oracle.save_pretrained(out)

@@ -71,6 +71,18 @@ def degrade(image: Image.Image, rng: np.random.Generator) -> Image.Image:
     return Image.fromarray(np.clip(np.round(arr), 0, 255).astype(np.uint8))
 
 
+def colour_noise(rng: np.random.Generator, resolution: int = 64) -> Image.Image:
+    """A failed generation: a coarse random field of palette and muted colours, smoothly upsampled.
+    Any palette-coloured patch in it is an irregular blob, never one of the world's shapes."""
+    grid = int(rng.choice([6, 8, 12, 16]))
+    palette = np.array(list(COLOURS.values()), dtype=np.float32)
+    cells = rng.uniform(70, 190, size=(grid, grid, 3)).astype(np.float32)
+    vivid = rng.uniform(size=(grid, grid)) < rng.uniform(0.2, 0.6)
+    cells[vivid] = palette[rng.integers(len(palette), size=int(vivid.sum()))]
+    small = Image.fromarray(np.clip(cells, 0, 255).astype(np.uint8))
+    return small.resize((resolution, resolution), Image.Resampling.BICUBIC)
+
+
 def other_blobs(rng: np.random.Generator, resolution: int = 64, supersample: int = 4) -> Image.Image:
     """One or two palette-coloured blobs the scene world never draws, on a scene-world background."""
     side = resolution * supersample
@@ -142,8 +154,9 @@ def build_dataset(oracle: SceneOracle, scenes: int, others: int, seed: int, degr
         labels += lab
         if progress and (i + 1) % 1000 == 0:
             progress(f"  rendered {i + 1}/{scenes} scenes ({time.time() - start:.0f} s)")
-    for _ in range(others):
-        image = other_blobs(rng, oracle.config.resolution)
+    for k in range(others):
+        # three in four: shapes the world never draws; one in four: colour noise (a failed generation)
+        image = colour_noise(rng, oracle.config.resolution) if k % 4 == 3 else other_blobs(rng, oracle.config.resolution)
         image = degrade(image, rng) if rng.uniform() < degrade_prob else image
         c, lab = label_components(oracle, image, None)
         crops.append(c)
@@ -280,6 +293,11 @@ def evaluate(oracle: SceneOracle, eval_scenes: int, per_category: int, seed: int
     for factor, radius in STRESS:
         name = f"{factor}x down/up + blur {radius}" if factor > 1 else f"blur {radius}"
         detection[name] = detection_accuracy(oracle, [stress(im, factor, radius) for im in clean[:few]], truths[:few])
+    noise_rng = np.random.default_rng(seed + 2)
+    noise = oracle.detect([colour_noise(noise_rng, oracle.config.resolution) for _ in range(few)])
+    detection["colour noise (no objects)"] = {
+        "scenes": few, "images_with_detections": float(np.mean([len(d) > 0 for d in noise])),
+        "detections_per_image": float(np.mean([len(d) for d in noise]))}
     judge = {"clean": render_accuracy(oracle, specs, renders, seed=seed),
              "degraded": render_accuracy(oracle, specs, renders_degraded, seed=seed)}
     if tokenizer:
@@ -308,13 +326,17 @@ def judge_table(judge: dict[str, dict[str, dict[str, float]]]) -> str:
 def detection_table(detection: dict[str, dict[str, Any]]) -> str:
     rows = ["| renders | scenes | object precision | object recall | scenes read exactly |", "|---|---|---|---|---|"]
     for name, d in detection.items():
+        if "recall" not in d:  # images with no objects: only false detections to count
+            rows.append(f"| {name} | {d['scenes']} | {d['detections_per_image']:.3f} false detections per image "
+                        f"| — | {1 - d['images_with_detections']:.3f} |")
+            continue
         rows.append(f"| {name} | {d['scenes']} | {d['precision']:.3f} | {d['recall']:.3f} | {d['scene_exact']:.3f} |")
     return "\n".join(rows)
 
 
 def per_shape_table(detection: dict[str, dict[str, Any]]) -> str:
-    names = list(detection)
-    keys = list(next(iter(detection.values()))["recall_per_shape"])
+    names = [n for n, d in detection.items() if "recall_per_shape" in d]
+    keys = list(detection[names[0]]["recall_per_shape"])
     rows = ["| object | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for key in keys:
         rows.append(f"| {key} | " + " | ".join(f"{detection[n]['recall_per_shape'].get(key, float('nan')):.2f}"
@@ -348,7 +370,8 @@ classifies each into {", ".join(cfg.classes)}; detections below probability {cfg
 classed "other" are dropped.
 
 **Trained on** {args.scenes} rendered scenes (two thirds train-split pairs, one third held-out pairs,
-both sizes, all background kinds; seed {args.seed}) and {args.others} images of synthetic "other" blobs,
+both sizes, all background kinds; seed {args.seed}) and {args.others} images of "other" things (three in four:
+stretched ellipses, bars, half discs, merged shapes; one in four: colour noise like a failed generation),
 half of all images degraded (Gaussian blur, rounding: strong blur + unsharp mask, 2× down/up-sampling,
 noise, colour drift), {args.epochs} epochs,
 {metrics['train']['crops']} crops: {metrics['train']['cpu_seconds']:.0f} CPU-seconds ({metrics['train']['seconds']:.0f} s wall
@@ -406,6 +429,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--per-category", type=int, default=200, help="GenEval prompts per category for the judge check")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="a tiny CNN: one thread is the most efficient")
+    parser.add_argument("--min-area", type=int, default=OracleConfig.min_area, help="smallest component, in pixels")
     parser.add_argument("--tokenizer", default=None,
                         help="also measure the oracle on this EvoTok tokenizer's reconstructions (e.g. assets/tokenizer)")
     args = parser.parse_args(argv)
@@ -414,7 +438,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     start, cpu_start = time.time(), time.process_time()
     print(f"calibrating colour thresholds on {args.calibration} backgrounds")
-    oracle = SceneOracle(OracleConfig(colour_thresholds=calibrate_thresholds(args.calibration, seed=args.seed)))
+    oracle = SceneOracle(OracleConfig(colour_thresholds=calibrate_thresholds(args.calibration, seed=args.seed),
+                                      min_area=args.min_area))
     print("  " + ", ".join(f"{n} {t:.1f}" for n, t in zip(COLOURS, oracle.config.colour_thresholds)))
     print(f"rendering {args.scenes} scenes and {args.others} 'other' images")
     crops, labels = build_dataset(oracle, args.scenes, args.others, TRAIN_SEED_BASE + args.seed)

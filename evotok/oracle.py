@@ -9,9 +9,10 @@ Reading an image (``SceneOracle.detect``) takes three steps:
 2. **Connected components** per colour (``scipy.ndimage.label``) above a minimum area, and with a
    core left after a one-pixel erosion, which removes thin anti-aliasing rims (a blue object on
    a reddish background has a purple-ish rim).
-3. **A small CNN** classifies each component's crop (hard mask + soft colour membership, at the
-   image's own scale so size is visible) into the six shapes or ``"other"`` (fragments, merged
-   blobs, stretched shapes: things the scene world never draws).
+3. **A small CNN** classifies each component's crop (hard mask, soft colour membership and the
+   vividness of its surroundings, at the image's own scale so size is visible) into the six
+   shapes or ``"other"`` (fragments, merged blobs, stretched shapes, colour noise: things the
+   scene world never draws).
 
 ``judge(spec, detections)`` decides whether the detections satisfy a prompt of one of the six
 GenEval categories; ``geneval_prompts`` writes such prompts over the held-out colour/shape pairs
@@ -100,7 +101,8 @@ def to_uint8_images(images: Any, resolution: int | None = None) -> list[np.ndarr
     elif isinstance(images, (list, tuple)):
         items = list(images)
     else:
-        raise TypeError(f"expected a PIL image, a uint8 array, a tensor in [-1, 1] or a list; got {type(images).__name__}")
+        raise TypeError("expected a PIL image, a uint8 array, a tensor in [-1, 1] or a list; "
+                        f"got {type(images).__name__}")
     out = []
     for item in items:
         if isinstance(item, torch.Tensor):
@@ -211,17 +213,21 @@ def segment_colours(rgb: np.ndarray, thresholds: Sequence[float], min_area: int 
 
 def component_crops(components: Sequence[Component], dist: np.ndarray, thresholds: Sequence[float],
                     crop_size: int = 32, soft_width: float = 2.0) -> np.ndarray:
-    """Classifier inputs ``n 2 S S`` float32: the component's filled mask and its soft colour membership.
+    """Classifier inputs ``n 3 S S`` float32 for the components of one image.
 
-    The crop is centred on the component's box at the image's own scale (so small and large look
-    different); a component wider than ``S - 2`` pixels is shrunk to fit. The soft channel is
-    ``1`` at the palette colour and ``0`` at ``soft_width`` × the colour's threshold, restricted
-    to a 2-pixel dilation of the component, so neighbours never leak in.
+    Channels: the component's filled mask; its soft colour membership (``1`` at the palette
+    colour, ``0`` at ``soft_width`` × the colour's threshold) within 2 pixels of it; and the
+    surroundings: how close every *other* pixel of the window is to any palette colour. The last
+    tells a shape on a calm background from a blob in a field of colour noise (a failed
+    generation). The crop is centred on the component's box at the image's own scale (so small
+    and large look different); a component wider than ``S - 2`` pixels is shrunk to fit.
     """
     from scipy import ndimage
 
     names = list(COLOURS)
-    out = np.zeros((len(components), 2, crop_size, crop_size), dtype=np.float32)
+    scale = soft_width * np.asarray(thresholds, dtype=np.float32)
+    vivid = np.clip(1.0 - dist / scale, 0.0, 1.0).max(-1)  # H W: how close to any palette colour
+    out = np.zeros((len(components), 3, crop_size, crop_size), dtype=np.float32)
     h, w = dist.shape[:2]
     for n, comp in enumerate(components):
         c = names.index(comp.colour)
@@ -234,10 +240,12 @@ def component_crops(components: Sequence[Component], dist: np.ndarray, threshold
         sx1, sy1 = min(left + window, w), min(top + window, h)
         mask = comp.mask[sy0:sy1, sx0:sx1]
         near = ndimage.binary_dilation(mask, iterations=2)
-        soft = np.clip(1.0 - dist[sy0:sy1, sx0:sx1, c] / (soft_width * thresholds[c]), 0.0, 1.0) * near
-        padded = np.zeros((2, window, window), dtype=np.float32)
-        padded[0, sy0 - top:sy1 - top, sx0 - left:sx1 - left] = ndimage.binary_fill_holes(mask)
-        padded[1, sy0 - top:sy1 - top, sx0 - left:sx1 - left] = soft
+        soft = np.clip(1.0 - dist[sy0:sy1, sx0:sx1, c] / scale[c], 0.0, 1.0) * near
+        padded = np.zeros((3, window, window), dtype=np.float32)
+        inside = (slice(sy0 - top, sy1 - top), slice(sx0 - left, sx1 - left))
+        padded[(0, *inside)] = ndimage.binary_fill_holes(mask)
+        padded[(1, *inside)] = soft
+        padded[(2, *inside)] = vivid[sy0:sy1, sx0:sx1] * ~near
         if window != crop_size:
             padded = F.interpolate(torch.from_numpy(padded)[None], size=(crop_size, crop_size), mode="area")[0].numpy()
         out[n] = padded
@@ -308,13 +316,13 @@ class SceneOracle(nn.Module, PretrainedMixin):
             return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(),
                                  nn.MaxPool2d(2))
 
-        self.features = nn.Sequential(stage(2, w1), stage(w1, w2), stage(w2, w3))
+        self.features = nn.Sequential(stage(3, w1), stage(w1, w2), stage(w2, w3))
         cells = (self.config.crop_size // 8) ** 2
         self.head = nn.Sequential(nn.Flatten(), nn.Dropout(0.1), nn.Linear(w3 * cells, 64), nn.ReLU(),
                                   nn.Linear(64, len(self.config.classes)))
 
     def forward(self, crops: torch.Tensor) -> torch.Tensor:
-        """Class logits ``n classes`` for crops ``n 2 S S``."""
+        """Class logits ``n classes`` for crops ``n 3 S S`` (see ``component_crops``)."""
         return self.head(self.features(crops))
 
     # ---- reading images
@@ -566,7 +574,8 @@ def false_spec(spec: PromptSpec, rng: np.random.Generator) -> PromptSpec:
     raise ValueError(f"unknown category {cat!r}")  # pragma: no cover
 
 
-def render_spec(spec: PromptSpec, rng: np.random.Generator, resolution: int = 64) -> tuple[Image.Image, list[SceneObject]]:
+def render_spec(spec: PromptSpec, rng: np.random.Generator,
+                resolution: int = 64) -> tuple[Image.Image, list[SceneObject]]:
     """A scene-world render that makes ``spec`` true (and nothing it tests for false).
 
     Objects get random sizes as in the scene world (counts of three or more are mostly small),
@@ -625,6 +634,7 @@ def render_accuracy(oracle: SceneOracle, specs: Sequence[PromptSpec], images: Se
                     "false_reject": float(np.mean([f for _, f in rows])), "n": len(rows)}
               for cat, rows in table.items()}
     if result:
-        result["overall"] = {key: float(np.mean([r[key] for r in result.values()])) for key in ("true_accept", "false_reject")}
+        result["overall"] = {key: float(np.mean([r[key] for r in result.values()]))
+                             for key in ("true_accept", "false_reject")}
         result["overall"]["n"] = len(specs)
     return result

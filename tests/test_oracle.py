@@ -100,11 +100,11 @@ def test_oracle_reads_shape_colour_and_place_of_held_out_scenes(oracle):
     assert all(keys <= set(d) for dets in found for d in dets)
 
 
-def test_oracle_calls_strange_blobs_other(oracle):
-    from training.train_oracle import other_blobs
+def test_oracle_calls_strange_blobs_and_colour_noise_other(oracle):
+    from training.train_oracle import colour_noise, other_blobs
 
     rng = np.random.default_rng(123)
-    images = [other_blobs(rng) for _ in range(20)]
+    images = [other_blobs(rng) for _ in range(12)] + [colour_noise(rng) for _ in range(12)]
     detections = oracle.detect(images)
     kept = sum(len(d) for d in detections)
     raw = sum(len(d) for d in oracle.detect(images, keep_other=True))
@@ -201,7 +201,8 @@ def test_judge_rules_on_handmade_detections():
     assert judge(attr, [det("red", "star", 0.2, 0.2), det("blue", "cross", 0.7, 0.7)])
     assert not judge(attr, [det("blue", "star", 0.2, 0.2), det("red", "cross", 0.7, 0.7)])
     # detections flagged invalid (keep_other=True) never count
-    assert not judge(PromptSpec("single_object", "", (("red", "star"),)), [{**det("red", "star", 0.5, 0.5), "valid": False}])
+    invalid = [{**det("red", "star", 0.5, 0.5), "valid": False}]
+    assert not judge(PromptSpec("single_object", "", (("red", "star"),)), invalid)
 
 
 def test_oracle_judges_renders_of_true_and_false_prompts(oracle):

@@ -65,7 +65,8 @@ def generate(model: Any, specs: list[PromptSpec], args: argparse.Namespace) -> t
     return torch.cat(images), (time.perf_counter() - start) / len(specs)
 
 
-def score(specs: list[PromptSpec], detections: list[list[dict[str, Any]]], margin: float) -> dict[str, dict[str, float]]:
+def score(specs: list[PromptSpec], detections: list[list[dict[str, Any]]],
+          margin: float) -> dict[str, dict[str, float]]:
     per: dict[str, list[bool]] = {}
     for spec, dets in zip(specs, detections):
         per.setdefault(spec.category, []).append(judge(spec, dets, margin))

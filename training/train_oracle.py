@@ -129,7 +129,8 @@ def label_components(oracle: SceneOracle, image: Image.Image, objects: list[dict
         for k, obj in enumerate(objects or []):
             x0, y0, x1, y1 = obj["bbox"]
             pad = 1.5 / side
-            if k not in claimed and obj["colour"] == comp.colour and x0 - pad <= x <= x1 + pad and y0 - pad <= y <= y1 + pad:
+            inside = x0 - pad <= x <= x1 + pad and y0 - pad <= y <= y1 + pad
+            if k not in claimed and obj["colour"] == comp.colour and inside:
                 labels[n] = classes.index(obj["shape"])
                 claimed.add(k)
                 break
@@ -156,7 +157,8 @@ def build_dataset(oracle: SceneOracle, scenes: int, others: int, seed: int, degr
             progress(f"  rendered {i + 1}/{scenes} scenes ({time.time() - start:.0f} s)")
     for k in range(others):
         # three in four: shapes the world never draws; one in four: colour noise (a failed generation)
-        image = colour_noise(rng, oracle.config.resolution) if k % 4 == 3 else other_blobs(rng, oracle.config.resolution)
+        make = colour_noise if k % 4 == 3 else other_blobs
+        image = make(rng, oracle.config.resolution)
         image = degrade(image, rng) if rng.uniform() < degrade_prob else image
         c, lab = label_components(oracle, image, None)
         crops.append(c)
@@ -302,7 +304,8 @@ def evaluate(oracle: SceneOracle, eval_scenes: int, per_category: int, seed: int
              "degraded": render_accuracy(oracle, specs, renders_degraded, seed=seed)}
     if tokenizer:
         recon, depth = reconstructions(tokenizer, clean[:few])
-        detection[f"{tokenizer} reconstructions (depth {depth})"] = detection_accuracy(oracle, list(recon), truths[:few])
+        name = f"{tokenizer} reconstructions (depth {depth})"
+        detection[name] = detection_accuracy(oracle, list(recon), truths[:few])
         recon, _ = reconstructions(tokenizer, renders)
         judge["reconstructed"] = render_accuracy(oracle, specs, list(recon), seed=seed)
     return {"detection": detection, "judge": judge}
@@ -348,6 +351,7 @@ def model_card(oracle: SceneOracle, metrics: dict[str, Any], args: argparse.Name
     cfg = oracle.config
     thresholds = ", ".join(f"{name} {t:.1f}" for name, t in zip(COLOURS, cfg.colour_thresholds))
     params = sum(p.numel() for p in oracle.parameters())
+    tokenizer_flag = f" --tokenizer {args.tokenizer}" if args.tokenizer else ""
     return f"""# Scene oracle
 
 Reads a {cfg.resolution}×{cfg.resolution} image of EvoTok's procedural scene world and lists its objects
@@ -365,7 +369,8 @@ judge(spec, detections)
 **How it reads.** Pixels within a per-colour RGB distance of the {len(COLOURS)}-colour palette
 ({thresholds}; 0.8 × the closest any of {args.calibration} sampled backgrounds comes, capped at 70)
 → connected components of at least {cfg.min_area} px that survive a 1-px erosion → a {params:,}-parameter
-CNN on a {cfg.crop_size}×{cfg.crop_size} crop (filled mask + soft colour membership, at image scale)
+CNN on a {cfg.crop_size}×{cfg.crop_size} crop (filled mask, soft colour membership, vividness of the
+surroundings; at image scale)
 classifies each into {", ".join(cfg.classes)}; detections below probability {cfg.min_confidence} or
 classed "other" are dropped.
 
@@ -374,8 +379,8 @@ both sizes, all background kinds; seed {args.seed}) and {args.others} images of 
 stretched ellipses, bars, half discs, merged shapes; one in four: colour noise like a failed generation),
 half of all images degraded (Gaussian blur, rounding: strong blur + unsharp mask, 2× down/up-sampling,
 noise, colour drift), {args.epochs} epochs,
-{metrics['train']['crops']} crops: {metrics['train']['cpu_seconds']:.0f} CPU-seconds ({metrics['train']['seconds']:.0f} s wall
-on a shared machine), {args.threads} thread(s).
+{metrics['train']['crops']} crops: {metrics['train']['cpu_seconds']:.0f} CPU-seconds
+({metrics['train']['seconds']:.0f} s wall on a shared machine), {args.threads} thread(s).
 Held-out crop accuracy: {metrics['train']['val_crop_accuracy']:.3f}.
 
 ## Accuracy on real renders (fresh seed {EVAL_SEED}, never used in training)
@@ -400,7 +405,7 @@ one more or fewer, the opposite relation, swapped colours: `false_spec`) is reje
 
 {judge_table(metrics['judge'])}
 
-Reproduce: `nice -n 10 python training/train_oracle.py --out assets/oracle{" --tokenizer " + args.tokenizer if args.tokenizer else ""}`
+Reproduce: `nice -n 10 python training/train_oracle.py --out assets/oracle{tokenizer_flag}`
 (defaults as above).
 """
 
@@ -426,12 +431,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--calibration", type=int, default=1000, help="backgrounds sampled to set colour thresholds")
     parser.add_argument("--eval-scenes", type=int, default=1000)
-    parser.add_argument("--per-category", type=int, default=200, help="GenEval prompts per category for the judge check")
+    parser.add_argument("--per-category", type=int, default=200,
+                        help="GenEval prompts per category for the judge check")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="a tiny CNN: one thread is the most efficient")
     parser.add_argument("--min-area", type=int, default=OracleConfig.min_area, help="smallest component, in pixels")
     parser.add_argument("--tokenizer", default=None,
-                        help="also measure the oracle on this EvoTok tokenizer's reconstructions (e.g. assets/tokenizer)")
+                        help="also measure the oracle on this EvoTok tokenizer's reconstructions "
+                             "(e.g. assets/tokenizer)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

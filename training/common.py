@@ -65,8 +65,8 @@ def save_training_state(path: Path, state: dict) -> None:
 
 
 def load_training_state(path: Path) -> dict:
-    """Our own resume file. RNG states hold numpy arrays and tuples, so this file (written by us,
-    never user-supplied) is read with the full unpickler restricted to the run folder."""
+    """Our own resume file. RNG states hold numpy arrays and tuples, so it needs the full unpickler:
+    only ever point ``--resume`` at a run folder this script wrote, never at a downloaded file."""
     if not path.is_file():
         raise FileNotFoundError(f"no training state at {path}; nothing to resume")
     return torch.load(path, map_location="cpu", weights_only=False)

@@ -124,3 +124,21 @@ def copy_config(config_path: str | os.PathLike, run_dir: Path) -> None:
 
 def to_float_dict(values: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in values.items()}
+
+
+def end_distributed_training(accelerator: Any, drain_seconds: float = 0.2) -> None:
+    """``accelerator.end_training()`` without PyTorch's gloo teardown deadlock.
+
+    A gloo worker thread that finishes a collective frees its Python-owned tensors, which needs
+    the GIL. If the process group's last reference dies on the main thread (say when the DDP
+    reducer is freed as ``main`` returns), its destructor holds the GIL while it joins those
+    threads, and both wait forever (seen here in about one run in five on a loaded 2-core
+    machine). So every rank meets at a barrier, sleeps briefly with the GIL released so the
+    workers finish freeing, and only then tears the group down.
+    """
+    if accelerator.num_processes > 1:
+        import time
+
+        accelerator.wait_for_everyone()
+        time.sleep(drain_seconds)
+    accelerator.end_training()

@@ -35,7 +35,8 @@ from evotok.mllm.data import (TASKS, ChatDataset, build_pool, collate, corpus_te
 from evotok.mllm.model import tokenizer_digest  # noqa: E402
 from evotok.model import EvoTok  # noqa: E402
 from training.common import (Logger, batch_indices, copy_config, load_config, load_training_state,  # noqa: E402
-                             rng_state, save_training_state, set_rng_state, set_seed, to_float_dict)
+                             rng_state, save_training_state, set_rng_state, set_seed, to_float_dict,
+                             end_distributed_training)
 
 STATE_FILE = "training_state.pt"
 TENSOR_KEYS = ("input_ids", "attention_mask", "labels", "image_mask", "gen_mask", "image_codes", "gen_codes")
@@ -258,7 +259,7 @@ def main(argv: list[str] | None = None) -> dict:
     summary = {"steps": step, "seconds": elapsed, "history": history, "eval": evals}
     if accelerator.is_main_process:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    accelerator.end_training()
+    end_distributed_training(accelerator)
     return summary
 
 

@@ -36,7 +36,7 @@ from evotok.model import EvoTok  # noqa: E402
 from evotok.teacher import TinySigLIPConfig, TinySigLIPTeacher, load_teacher  # noqa: E402
 from training.common import (Logger, batch_indices, copy_config, iterate_batches, load_config,  # noqa: E402
                              load_training_state, rng_state, save_training_state, set_rng_state,
-                             set_seed, to_float_dict)
+                             end_distributed_training, set_seed, to_float_dict)
 from training.step import Optimizations, TokenizerTrainer, gather_digests  # noqa: E402
 
 STATE_FILE = "training_state.pt"
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> dict:
                "rank_digests": digests}
     if accelerator.is_main_process:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    accelerator.end_training()
+    end_distributed_training(accelerator)
     return summary
 
 

@@ -134,6 +134,9 @@ def match_targets(true_texts: Sequence[str | Collection[str]], texts: Sequence[s
 # ------------------------------------------------------------------------------------------------
 # The bundled teacher
 # ------------------------------------------------------------------------------------------------
+POOLS = ("max", "max_where", "map", "mean")
+
+
 @dataclass
 class TinySigLIPConfig:
     image_size: int = 64          # input resolution
@@ -143,7 +146,8 @@ class TinySigLIPConfig:
     num_heads: int = 4
     mlp_ratio: float = 4.0
     embed_dim: int = 256          # E, the shared image-text space
-    pool: str = "max"             # "max" over tokens, "map" (attention pooling, as SigLIP) or "mean"
+    pool: str = "max"             # "max" over tokens, "max_where" (max plus where each channel peaks,
+                                  # see ``where_pool``), "map" (attention pooling, as SigLIP) or "mean"
     stem: str = "conv"            # "conv": a small GroupNorm CNN (``conv_stem``; learns shapes far faster
                                   # from scratch); "patch": one patch_size×patch_size linear patch embedding
     text_dim: int = 384           # width of the frozen sentence embeddings (all-MiniLM-L6-v2)
@@ -159,8 +163,8 @@ class TinySigLIPConfig:
             raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
         if self.depth < 2:
             raise ValueError("depth must be >= 2 (features are read before the last block)")
-        if self.pool not in ("map", "mean", "max"):
-            raise ValueError(f"pool must be 'map', 'mean' or 'max', got {self.pool!r}")
+        if self.pool not in POOLS:
+            raise ValueError(f"pool must be one of {POOLS}, got {self.pool!r}")
         if self.stem not in ("conv", "patch"):
             raise ValueError(f"stem must be 'conv' or 'patch', got {self.stem!r}")
         if self.stem == "conv" and self.patch_size & (self.patch_size - 1):
@@ -183,6 +187,24 @@ def conv_stem(width: int, patch_size: int) -> nn.Sequential:
         if i < len(channels) - 2:
             layers += [nn.GroupNorm(8, channels[i + 1]), nn.GELU()]
     return nn.Sequential(*layers)
+
+
+def where_pool(tokens: Tensor, grid_size: int) -> Tensor:
+    """Where each channel peaks: a soft arg-max of every channel over the token grid, as ``b 2C``
+    (x then y, in [-1, 1]).
+
+    Max pooling forgets where things are, so a teacher pooled that way stays at chance on
+    "the red circle is left of the blue square" vs "... right of ...". With each channel's soft
+    peak position beside its max, a relation becomes linear in the pooled vector (the x of the
+    "red" channels minus the x of the "square" channels), which the image projection can carry
+    (the spatial soft-argmax of Levine et al., 2016).
+    """
+    b, n, c = tokens.shape
+    axis = torch.linspace(-1.0, 1.0, grid_size, device=tokens.device, dtype=tokens.dtype)
+    ys, xs = torch.meshgrid(axis, axis, indexing="ij")
+    coords = torch.stack([xs.reshape(-1), ys.reshape(-1)], dim=-1)   # N × 2, row-major like the tokens
+    weights = tokens.softmax(dim=1)                                    # b N C: one distribution per channel
+    return torch.einsum("bnc,nk->bkc", weights, coords).reshape(b, 2 * c)
 
 
 class AttentionPool(nn.Module):
@@ -234,7 +256,8 @@ class TinySigLIPTeacher(PretrainedMixin, Teacher):
         self.norm = nn.LayerNorm(config.width, eps=config.layer_norm_eps)
         self.pool = (AttentionPool(config.width, config.num_heads, config.mlp_ratio, config.layer_norm_eps)
                      if config.pool == "map" else None)
-        self.image_proj = nn.Linear(config.width, config.embed_dim)
+        pooled_width = 3 * config.width if config.pool == "max_where" else config.width
+        self.image_proj = nn.Linear(pooled_width, config.embed_dim)
         if config.text_hidden:
             self.text_proj = nn.Sequential(nn.Linear(config.text_dim, config.text_hidden), nn.GELU(),
                                            nn.Linear(config.text_hidden, config.embed_dim))
@@ -265,6 +288,8 @@ class TinySigLIPTeacher(PretrainedMixin, Teacher):
         x = self.norm(self.blocks[-1](features))
         if self.pool is not None:
             pooled = self.pool(x)
+        elif self.config.pool == "max_where":
+            pooled = torch.cat([x.amax(dim=1), where_pool(x, self.grid_size)], dim=-1)
         else:
             pooled = x.amax(dim=1) if self.config.pool == "max" else x.mean(dim=1)
         return self.image_proj(pooled)

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from evotok.hub import CheckpointError
-from evotok.teacher import (HFVisionTeacher, TinySigLIPConfig, TinySigLIPTeacher, load_teacher,
-                            match_targets, sigmoid_loss)
+from evotok.teacher import (POOLS, HFVisionTeacher, TinySigLIPConfig, TinySigLIPTeacher, load_teacher,
+                            match_targets, sigmoid_loss, where_pool)
 from evotok.text_encoder import SentenceEncoder
 
 TINY = dict(image_size=32, patch_size=8, width=32, depth=2, num_heads=2, embed_dim=16)
@@ -55,8 +55,9 @@ def test_sentence_encoder_cache_is_bounded(sentences):
 
 
 # ---------------------------------------------------------------------------- TinySigLIP
-def test_tiny_teacher_shapes_and_head_consistency(sentences):
-    teacher = tiny_teacher(sentences).eval()
+@pytest.mark.parametrize("pool", POOLS)
+def test_tiny_teacher_shapes_and_head_consistency(sentences, pool):
+    teacher = tiny_teacher(sentences, pool=pool).eval()
     x = images(3)
     features = teacher.image_features(x)
     assert features.shape == (3, 16, 32) and not features.requires_grad
@@ -68,6 +69,21 @@ def test_tiny_teacher_shapes_and_head_consistency(sentences):
     assert text_embeds.shape == (2, 16)
     # other resolutions are resized to the teacher's
     assert teacher.image_features(images(2, size=48)).shape == (2, 16, 32)
+
+
+def test_where_pool_reports_where_each_channel_peaks():
+    grid = 4
+    tokens = torch.zeros(2, grid * grid, 3)
+    tokens[0, 0 * grid + 3, 0] = 50.0   # channel 0 of image 0 peaks at the top-right token
+    tokens[0, 3 * grid + 0, 1] = 50.0   # channel 1 at the bottom-left token
+    tokens[1, 2 * grid + 1, 0] = 50.0
+    where = where_pool(tokens, grid).view(2, 2, 3)  # b, (x, y), C
+    torch.testing.assert_close(where[0, :, 0], torch.tensor([1.0, -1.0]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(where[0, :, 1], torch.tensor([-1.0, 1.0]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(where[1, :, 0], torch.tensor([-1 / 3, 1 / 3]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(where[:, :, 2], torch.zeros(2, 2))  # a flat channel sits at the centre
+    # so "left of" is linear in the pooled vector: image 0's channel 0 is right of its channel 1
+    assert where[0, 0, 0] > where[0, 0, 1]
 
 
 def test_tiny_teacher_loss_falls_when_training(sentences):
@@ -100,7 +116,7 @@ def test_sigmoid_loss_prefers_the_right_pairs():
 
 
 def test_save_load_round_trip_is_exact_and_excludes_minilm(sentences, tmp_path):
-    teacher = tiny_teacher(sentences, pool="mean", text_hidden=24).eval()
+    teacher = tiny_teacher(sentences, pool="max_where", text_hidden=24).eval()
     with torch.no_grad():
         teacher.bias.fill_(-3.0)
     folder = teacher.save_pretrained(tmp_path / "teacher")

@@ -56,3 +56,15 @@ def test_a_killed_save_keeps_the_previous_state(tmp_path, monkeypatch):
 def test_batch_indices_partition_the_data_across_ranks():
     seen = [i for step in range(3) for rank in range(2) for i in common.batch_indices(step, 4, rank, 2)]
     assert seen == list(range(24))
+
+
+def test_the_run_records_the_config_it_actually_used(tmp_path):
+    source = tmp_path / "source.yaml"
+    source.write_text("# a comment worth keeping\ntrain:\n  steps: 10\n  lr: 0.001\n")
+    common.copy_config(source, tmp_path / "plain")
+    assert (tmp_path / "plain" / "config.yaml").read_text() == source.read_text()
+
+    common.copy_config(source, tmp_path / "overridden", ["train.steps=700"])
+    recorded = (tmp_path / "overridden" / "config.yaml").read_text()
+    assert recorded.startswith(f"# {source} with --set train.steps=700")
+    assert common.load_config(tmp_path / "overridden" / "config.yaml") == {"train": {"steps": 700, "lr": 0.001}}

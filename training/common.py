@@ -117,9 +117,16 @@ class Logger:
             self.writer.close()
 
 
-def copy_config(config_path: str | os.PathLike, run_dir: Path) -> None:
+def copy_config(config_path: str | os.PathLike, run_dir: Path, overrides: list[str] | None = None) -> None:
+    """Record the run's configuration as ``run_dir/config.yaml``: the file itself (comments kept)
+    or, when ``--set`` overrides were given, the resolved configuration they produce."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(config_path, run_dir / "config.yaml")
+    if not overrides:
+        shutil.copyfile(config_path, run_dir / "config.yaml")
+        return
+    header = f"# {config_path} with --set {' '.join(overrides)}\n"
+    resolved = yaml.safe_dump(load_config(config_path, overrides), sort_keys=False)
+    (run_dir / "config.yaml").write_text(header + resolved)
 
 
 def to_float_dict(values: dict[str, Any]) -> dict[str, float]:

@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
     elif args.resume:
         accelerator.print(f"--resume: no state in {run_dir}, starting fresh")
     if accelerator.is_main_process:
-        copy_config(args.config, run_dir)
+        copy_config(args.config, run_dir, args.set)
 
     wrapped, opt = accelerator.prepare(model, opt)
     model = accelerator.unwrap_model(wrapped)

@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"resumed {run_dir} at step {step}")
     elif args.resume:
         print(f"--resume: no state in {run_dir}, starting fresh")
-    copy_config(args.config, run_dir)
+    copy_config(args.config, run_dir, args.set)
 
     dataset = build_dataset(data_cfg, "train")
     batch_size, total_steps = int(train_cfg["batch_size"]), int(train_cfg["steps"])

@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
     elif args.resume:
         accelerator.print(f"--resume: no state in {run_dir}, starting fresh")
     if accelerator.is_main_process:
-        copy_config(args.config, run_dir)
+        copy_config(args.config, run_dir, args.set)
 
     trainer.prepare(accelerator)
     model = trainer.model

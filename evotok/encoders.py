@@ -7,6 +7,7 @@ from diffusers.models.autoencoders.vae import Encoder
 from torch import nn
 
 from .config import EvoTokConfig
+from .hf_vision import penultimate_patch_features, tower_geometry, vision_tower
 
 
 def tanh_mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
@@ -43,36 +44,34 @@ def build_hf_vision_model(config: EvoTokConfig, load_weights: bool) -> nn.Module
         model = AutoModel.from_pretrained(config.encoder_name_or_path)
     else:
         model = AutoModel.from_config(hf_config)
-    return getattr(model, "vision_model", model)
-
-
-def penultimate_patch_features(vision_model: nn.Module, pixel_values: torch.Tensor, grid: int) -> torch.Tensor:
-    """Patch tokens of the second-to-last layer, ``b (grid grid) C``; a leading CLS token is dropped."""
-    out = vision_model(pixel_values=pixel_values, output_hidden_states=True)
-    hidden = out.hidden_states[-2]
-    extra = hidden.shape[1] - grid * grid
-    if extra < 0:
-        raise ValueError(f"vision model gave {hidden.shape[1]} tokens for a {grid}×{grid} grid")
-    return hidden[:, extra:]
+    return vision_tower(model)
 
 
 class HFVisionEncoder(nn.Module):
-    """Any transformers vision model; penultimate patch features -> Linear–Tanh–Linear -> ``d``."""
+    """Any transformers vision model; penultimate patch features -> Linear–Tanh–Linear -> ``d``.
+
+    Images in ``[-1, 1]`` go in unchanged: that is SigLIP's and SigLIP2's normalisation
+    (mean = std = 0.5); the tower is fine-tuned, so other families adapt to it.
+    """
 
     def __init__(self, config: EvoTokConfig, load_weights: bool = False):
         super().__init__()
+        from transformers import AutoConfig
+
         self.backbone = build_hf_vision_model(config, load_weights)
-        vision = config.encoder_hf_config.get("vision_config", config.encoder_hf_config)
-        width = int(vision["hidden_size"])
-        self.image_size = int(vision.get("image_size", config.image_size))
+        self.geometry = tower_geometry(self.backbone, AutoConfig.for_model(**config.encoder_hf_config))
+        if self.geometry.grid_size != config.grid_size:
+            raise ValueError(f"the vision tower has a {self.geometry.grid_size}×{self.geometry.grid_size} patch grid "
+                             f"but the tokenizer's grid is {config.grid_size}×{config.grid_size}")
+        self.image_size = self.geometry.image_size
         self.grid = config.grid_size
-        self.proj = tanh_mlp(width, width, config.code_dim)
+        self.proj = tanh_mlp(self.geometry.width, self.geometry.width, config.code_dim)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.shape[-1] != self.image_size or images.shape[-2] != self.image_size:
             images = F.interpolate(images, size=(self.image_size, self.image_size), mode="bicubic",
                                    align_corners=False).clamp(-1, 1)
-        feats = penultimate_patch_features(self.backbone, images, self.grid)
+        feats = penultimate_patch_features(self.backbone, images, self.geometry)
         b = feats.shape[0]
         return self.proj(feats).reshape(b, self.grid, self.grid, -1)
 

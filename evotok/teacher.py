@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from evotok.hf_vision import encoder_layers, penultimate_patch_features, tower_geometry, vision_tower
 from evotok.hub import CONFIG_NAME, CheckpointError, PretrainedMixin, resolve_checkpoint
 from evotok.text_encoder import SentenceEncoder
 
@@ -364,28 +365,6 @@ class _eval_mode:
 # ------------------------------------------------------------------------------------------------
 # Any transformers vision(-language) model
 # ------------------------------------------------------------------------------------------------
-def _vision_tower(model: nn.Module) -> nn.Module:
-    """The module that owns embeddings + encoder: CLIP/SigLIP keep it under ``vision_model``."""
-    tower = model
-    for _ in range(3):
-        inner = next((getattr(tower, a) for a in ("vision_model", "vision_tower", "visual")
-                      if isinstance(getattr(tower, a, None), nn.Module)), None)
-        if inner is None:
-            break
-        tower = inner
-    return tower
-
-
-def _encoder_layers(tower: nn.Module) -> nn.ModuleList:
-    for owner in (getattr(tower, "encoder", None), tower):
-        for name in ("layers", "layer"):
-            layers = getattr(owner, name, None)
-            if isinstance(layers, nn.ModuleList) and len(layers) >= 2:
-                return layers
-    raise ValueError(f"{type(tower).__name__} has no list of transformer blocks (encoder.layers, layers, ...); "
-                     "HFVisionTeacher supports ViT-style vision towers (SigLIP, SigLIP2, CLIP, ViT, DINOv2, ...)")
-
-
 def _first_tensor(output: Any) -> Tensor:
     if isinstance(output, Tensor):
         return output
@@ -425,20 +404,11 @@ class HFVisionTeacher(Teacher):
         kwargs = {"dtype": dtype} if dtype is not None else {}
         self.model = AutoModel.from_pretrained(str(folder), **kwargs).to(device).eval()
         self.model.requires_grad_(False)
-        self.tower = _vision_tower(self.model)
-        self.last_layer = _encoder_layers(self.tower)[-1]
-
-        vision_config = getattr(config, "vision_config", None) or config
-        self.patch_size = int(vision_config.patch_size)
-        self.naflex = "spatial_shapes" in inspect.signature(self.tower.forward).parameters
-        if self.naflex:  # SigLIP2 NaFlex: a fixed square grid of num_patches
-            self.grid_size = math.isqrt(int(vision_config.num_patches))
-            self.image_size = self.grid_size * self.patch_size
-        else:
-            size = vision_config.image_size
-            self.image_size = int(size[0] if isinstance(size, (list, tuple)) else size)
-            self.grid_size = self.image_size // self.patch_size
-        self.feature_dim = int(vision_config.hidden_size)
+        self.tower = vision_tower(self.model)
+        self.last_layer = encoder_layers(self.tower)[-1]
+        self.geometry = tower_geometry(self.tower, config)
+        self.patch_size, self.grid_size = self.geometry.patch_size, self.geometry.grid_size
+        self.image_size, self.feature_dim = self.geometry.image_size, self.geometry.width
 
         processor = _read_json(folder / "preprocessor_config.json")
         mean = torch.tensor(processor.get("image_mean", [0.5, 0.5, 0.5]), dtype=torch.float32)
@@ -477,19 +447,7 @@ class HFVisionTeacher(Teacher):
 
     @torch.no_grad()
     def image_features(self, images: Tensor) -> Tensor:
-        pixels = self._pixel_values(images).to(self._dtype)
-        if self.naflex:
-            b, p, g = pixels.shape[0], self.patch_size, self.grid_size
-            # the SigLIP2 processor's layout: (rows, cols) of p×p×3 patches, channels last
-            patches = pixels.reshape(b, 3, g, p, g, p).permute(0, 2, 4, 3, 5, 1).reshape(b, g * g, p * p * 3)
-            out = self.tower(pixel_values=patches,
-                             pixel_attention_mask=torch.ones(b, g * g, dtype=torch.long, device=pixels.device),
-                             spatial_shapes=torch.tensor([[g, g]] * b, device=pixels.device),
-                             output_hidden_states=True)
-        else:
-            out = self.tower(pixel_values=pixels, output_hidden_states=True)
-        hidden = out.hidden_states[-2]
-        return hidden[:, hidden.shape[1] - self.num_patches:]  # drop class / register tokens
+        return penultimate_patch_features(self.tower, self._pixel_values(images).to(self._dtype), self.geometry)
 
     def _pool(self, features: Tensor) -> Tensor:
         x = _first_tensor(self.last_layer(features, attention_mask=None))

@@ -1,7 +1,7 @@
 """The tokenizer's configuration: its typed fields *are* the saved ``config.json``."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 
 @dataclass
@@ -53,6 +53,7 @@ class EvoTokConfig:
     semantic_heads: int = 8
     teacher_dim: int = 1024
     teacher: str | None = None
+    teacher_sha256: str | None = None   # weights_digest of the teacher it was trained against (set by training)
 
     def __post_init__(self) -> None:
         self.channels = tuple(self.channels)

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from plotly.subplots import make_subplots
 from PIL import Image
 
-from .hub import CheckpointError, resolve_checkpoint
+from .hub import CheckpointError, resolve_checkpoint, weights_digest
 from .images import ImageError, load_image_safely, pil_to_tensor, tensor_to_pil
 from .metrics import psnr, semantic_cosine, ssim
 from .model import EvoTok
@@ -372,6 +372,10 @@ class Explorer:
                     f"match the tokenizer's semantic decoder ({grid}×{grid} × {width}); semantic views are off.")
         if teacher.embed_dim is None:
             return "The teacher has no text side, so there is no zero-shot probe; semantic views are off."
+        expected = self.config.teacher_sha256
+        if expected and weights_digest(teacher) != expected:
+            return (f"This teacher is not the one the tokenizer was trained against (its weights' sha256 should start "
+                    f"{expected[:12]}); its probe would read features the tokenizer never learned, so semantic views are off.")
         return ""
 
     @property

@@ -26,6 +26,19 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, corrupt, or does not match the model it is loaded into."""
 
 
+def weights_digest(module: torch.nn.Module) -> str:
+    """sha256 of a module's state dict (names and fp32 values): identifies the exact checkpoint,
+    whatever folder or dtype it was loaded from."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu", torch.float32 if tensor.is_floating_point() else tensor.dtype)
+                      .contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def resolve_checkpoint(name_or_path: str | os.PathLike, **hub_kwargs: Any) -> Path:
     """A local folder as is, otherwise a Hugging Face Hub id fetched with ``snapshot_download``."""
     path = Path(name_or_path).expanduser()

@@ -15,6 +15,7 @@ from evotok import EvoTok, small_config
 from evotok.explore import (Explorer, ModelCard, codebook_figure, codes_figure, codes_from_json, codes_to_json,
                             metrics_figure, parse_labels, prepare_image, probe_figure, probe_rows, read_model_card,
                             stage_features, umap_figure, upscale_for_display)
+from evotok.hub import weights_digest
 from evotok.images import ImageError
 from evotok.metrics import psnr, semantic_cosine
 from evotok.probe import DEFAULT_LABELS
@@ -280,3 +281,20 @@ def test_load_finds_the_teacher_named_in_the_config(tmp_path):
     assert alone.teacher is None and "none" in alone.teacher_note
     with pytest.raises(Exception):
         Explorer.load(tmp_path / "assets" / "tokenizer", teacher=str(tmp_path / "no-such-teacher"))
+
+
+def test_a_teacher_other_than_the_one_trained_against_is_refused(tmp_path):
+    def make_teacher(seed: int) -> TinySigLIPTeacher:
+        torch.manual_seed(seed)
+        return TinySigLIPTeacher(TinySigLIPConfig(image_size=SIZE, patch_size=SIZE // GRID, width=24, depth=2,
+                                                  num_heads=2, embed_dim=16))
+
+    trained_against, other = make_teacher(0), make_teacher(1)
+    model = EvoTok(tiny_config(teacher_dim=24, teacher_sha256=weights_digest(trained_against)))
+    assert Explorer(model, trained_against).teacher is not None
+    refused = Explorer(model, other)  # same shapes, different weights: its probe would be meaningless
+    assert refused.teacher is None and "not the one the tokenizer was trained against" in refused.teacher_note
+    # the fingerprint survives a save/load round trip; tokenizers without one accept any fitting teacher
+    model.save_pretrained(tmp_path / "tok")
+    assert EvoTok.from_pretrained(tmp_path / "tok").config.teacher_sha256 == weights_digest(trained_against)
+    assert Explorer(EvoTok(tiny_config(teacher_dim=24)), other).teacher is not None

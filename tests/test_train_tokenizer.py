@@ -24,6 +24,7 @@ def test_short_run_lowers_the_loss_and_saves_a_loadable_tokenizer(tmp_path):
 
     tok = EvoTok.from_pretrained(tmp_path / "run" / "final")
     assert tok.encode(torch.zeros(1, 3, 32, 32)).shape == (1, 8, 8, 4)
+    assert len(tok.config.teacher_sha256) == 64  # the teacher it learned from, for the explorer's check
     assert (tmp_path / "run" / "eval.jsonl").read_text().count("psnr") == 1
 
 

@@ -165,7 +165,8 @@ def write_card(folder: Path, results: dict) -> Path:
     minutes = training.get("seconds", 0) / 60
     stem = ("a small GroupNorm CNN (3×3 convs, three of stride 2)" if config.get("stem", "patch") == "conv"
             else "a linear patch embedding")
-    pool = {"map": "attention pooling", "max": "max pooling over tokens", "mean": "mean pooling"}[config["pool"]]
+    pool = {"map": "attention pooling", "max": "max pooling over tokens", "mean": "mean pooling",
+            "max_where": "max pooling over tokens beside each channel's soft-argmax position (x, y)"}[config["pool"]]
     data_cfg = cfg.get("data", {})
     extras = []
     if data_cfg.get("hard_negatives"):

@@ -32,9 +32,10 @@ from evotok.analysis import evaluate_depths  # noqa: E402
 from evotok.config import PRESETS  # noqa: E402
 from evotok.data.mixture import build_mixture  # noqa: E402
 from evotok.losses import FeatureDistance, LossWeights, PatchDiscriminator, sample_pixel_depths  # noqa: E402
+from evotok.hub import weights_digest  # noqa: E402
 from evotok.model import EvoTok  # noqa: E402
 from evotok.teacher import TinySigLIPConfig, TinySigLIPTeacher, load_teacher  # noqa: E402
-from training.common import (Logger, batch_indices, copy_config, iterate_batches, load_config,  # noqa: E402
+from training.common import (Logger, copy_config, iterate_batches, load_config,  # noqa: E402
                              load_training_state, rng_state, save_training_state, set_rng_state,
                              end_distributed_training, set_seed, to_float_dict)
 from training.step import Optimizations, TokenizerTrainer, gather_digests  # noqa: E402
@@ -102,6 +103,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     tokenizer = build_tokenizer(config["model"])
     teacher = build_teacher(config.get("teacher"))
+    if teacher is not None:  # so a tokenizer is never probed through a teacher it was not trained on
+        tokenizer.config.teacher_sha256 = weights_digest(teacher)
     weights = LossWeights(**config.get("loss", {}))
     perceptual = build_perceptual(config.get("perceptual_net"))
     if weights.perceptual > 0 and perceptual is None:

@@ -13,7 +13,6 @@ the saved model records which one it was trained with (path and a digest of its 
 """
 from __future__ import annotations
 
-import hashlib
 import inspect
 import os
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..hub import CheckpointError, PretrainedMixin, resolve_checkpoint
+from ..hub import CheckpointError, PretrainedMixin, resolve_checkpoint, weights_digest
 from .chat import IGNORE
 from .config import MLLMConfig
 from .depth_transformer import DepthTransformer
@@ -56,12 +55,7 @@ def build_lm(lm_config: dict[str, Any]) -> nn.Module:
 
 def tokenizer_digest(tokenizer: nn.Module) -> str:
     """sha256 of a tokenizer's weights: identifies the checkpoint a model was trained with."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(tokenizer.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().to("cpu", torch.float32 if tensor.is_floating_point() else tensor.dtype)
-                      .contiguous().numpy().tobytes())
-    return digest.hexdigest()
+    return weights_digest(tokenizer)
 
 
 class EvoTokMLLM(nn.Module, PretrainedMixin):

@@ -1,6 +1,7 @@
 """Pieces every training entry point shares: configs, exact resume, atomic checkpoints, logging."""
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -11,6 +12,9 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 import yaml
+
+
+STATE_FILE = "training_state.pt"  # the resumable state a run keeps in its output folder
 
 
 def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> dict:
@@ -131,6 +135,29 @@ def copy_config(config_path: str | os.PathLike, run_dir: Path, overrides: list[s
 
 def to_float_dict(values: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in values.items()}
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def save_checkpoint(accelerator: Any, run_dir: Path, state: dict, model: Any, final: bool) -> None:
+    """All ranks meet; the main process writes the resumable ``state`` and the model folder
+    (``final`` or ``latest``), each atomically; all ranks meet again before training goes on."""
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_training_state(run_dir / STATE_FILE, state)
+        model.save_pretrained(run_dir / ("final" if final else "latest"))
+    accelerator.wait_for_everyone()
+
+
+def finish_run(accelerator: Any, run_dir: Path, summary: dict) -> dict:
+    """Write ``summary.json`` (main process) and end the distributed run cleanly."""
+    if accelerator.is_main_process:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    end_distributed_training(accelerator)
+    return summary
 
 
 def end_distributed_training(accelerator: Any, drain_seconds: float = 0.2) -> None:

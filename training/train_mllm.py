@@ -15,7 +15,6 @@ chunks), so training steps touch only the language model, the projector and the 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -34,11 +33,10 @@ from evotok.mllm.data import (TASKS, ChatDataset, build_pool, collate, corpus_te
                               load_pool)
 from evotok.mllm.model import tokenizer_digest  # noqa: E402
 from evotok.model import EvoTok  # noqa: E402
-from training.common import (Logger, batch_indices, copy_config, load_config, load_training_state,  # noqa: E402
-                             rng_state, save_training_state, set_rng_state, set_seed, to_float_dict,
-                             end_distributed_training)
+from training.common import (STATE_FILE, Logger, append_jsonl, batch_indices, copy_config,  # noqa: E402
+                             finish_run, load_config, load_training_state, rng_state, save_checkpoint,
+                             set_rng_state, set_seed, to_float_dict)
 
-STATE_FILE = "training_state.pt"
 TENSOR_KEYS = ("input_ids", "attention_mask", "labels", "image_mask", "gen_mask", "image_codes", "gen_codes")
 
 
@@ -201,13 +199,9 @@ def main(argv: list[str] | None = None) -> dict:
     depth_weight = float(train_cfg.get("depth_loss_weight", 1.0))
 
     def save(final: bool = False) -> None:
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                     "step": step, "rng": [rng_state()], "config": config}
-            save_training_state(run_dir / STATE_FILE, state)
-            model.save_pretrained(run_dir / ("final" if final else "latest"))
-        accelerator.wait_for_everyone()
+        state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                 "step": step, "rng": [rng_state()], "config": config}
+        save_checkpoint(accelerator, run_dir, state, model, final)
 
     history: list[dict] = []
     evals: list[dict] = []
@@ -221,8 +215,7 @@ def main(argv: list[str] | None = None) -> dict:
         if accelerator.is_main_process:
             acc = f"; held-out answer accuracy {report['answer_accuracy']:.3f}" if "answer_accuracy" in report else ""
             bar.write(f"step {step}: held-out lm {report['lm_loss']:.3f} depth {report['depth_loss']:.3f}{acc}")
-            with open(run_dir / "eval.jsonl", "a") as f:
-                f.write(json.dumps({"step": step, **report}) + "\n")
+            append_jsonl(run_dir / "eval.jsonl", {"step": step, **report})
 
     if eval_batch is not None and step == 0 and eval_cfg.get("at_start", True):
         run_eval()  # the untrained baseline
@@ -256,11 +249,7 @@ def main(argv: list[str] | None = None) -> dict:
     elapsed = time.time() - started
     save(final=True)
     logger.close()
-    summary = {"steps": step, "seconds": elapsed, "history": history, "eval": evals}
-    if accelerator.is_main_process:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    end_distributed_training(accelerator)
-    return summary
+    return finish_run(accelerator, run_dir, {"steps": step, "seconds": elapsed, "history": history, "eval": evals})
 
 
 if __name__ == "__main__":

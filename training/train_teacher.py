@@ -37,11 +37,10 @@ from evotok.images import ImageError, pil_to_tensor  # noqa: E402
 from evotok.probe import fill_template, scene_questions, scene_statements  # noqa: E402
 from evotok.teacher import TinySigLIPConfig, TinySigLIPTeacher, match_targets  # noqa: E402
 from evotok.text_encoder import SentenceEncoder  # noqa: E402
-from training.common import (Logger, copy_config, iterate_batches, load_config, load_training_state,  # noqa: E402
+from training.common import (STATE_FILE, Logger, copy_config, iterate_batches, load_config, load_training_state,  # noqa: E402
                              rng_state, save_training_state, set_rng_state, set_seed)
 from training.eval_teacher import scene_zero_shot  # noqa: E402
 
-STATE_FILE = "training_state.pt"
 TEXT_SEPARATOR = "\n"  # captions never contain it; joins a sample's true texts into one string
 
 

@@ -35,12 +35,10 @@ from evotok.losses import FeatureDistance, LossWeights, PatchDiscriminator, samp
 from evotok.hub import weights_digest  # noqa: E402
 from evotok.model import EvoTok  # noqa: E402
 from evotok.teacher import TinySigLIPConfig, TinySigLIPTeacher, load_teacher  # noqa: E402
-from training.common import (Logger, copy_config, iterate_batches, load_config,  # noqa: E402
-                             load_training_state, rng_state, save_training_state, set_rng_state,
-                             end_distributed_training, set_seed, to_float_dict)
+from training.common import (STATE_FILE, Logger, append_jsonl, copy_config, finish_run,  # noqa: E402
+                             iterate_batches, load_config, load_training_state, rng_state, save_checkpoint,
+                             set_rng_state, set_seed, to_float_dict)
 from training.step import Optimizations, TokenizerTrainer, gather_digests  # noqa: E402
-
-STATE_FILE = "training_state.pt"
 
 
 def build_tokenizer(model_cfg: dict) -> EvoTok:
@@ -147,12 +145,8 @@ def main(argv: list[str] | None = None) -> dict:
                                          (("log_every", 10), ("eval_every", 500), ("save_every", 500)))
 
     def save(final: bool = False) -> None:
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            state = {**trainer.state_dict(), "step": step, "rng": [rng_state()], "config": config}
-            save_training_state(run_dir / STATE_FILE, state)
-            model.save_pretrained(run_dir / "final" if final else run_dir / "latest")
-        accelerator.wait_for_everyone()
+        state = {**trainer.state_dict(), "step": step, "rng": [rng_state()], "config": config}
+        save_checkpoint(accelerator, run_dir, state, model, final)
 
     history: list[dict] = []
     started = time.time()
@@ -191,8 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
                 bar.write(f"step {step}: PSNR by depth [{psnrs}] dB" + (
                     f"; semantic cos at depth {model.config.semantic_depth}: {report.semantic_cosine[-1]:.3f}"
                     if report.semantic_cosine else ""))
-                with open(run_dir / "eval.jsonl", "a") as f:
-                    f.write(json.dumps({"step": step, **report.as_dict()}) + "\n")
+                append_jsonl(run_dir / "eval.jsonl", {"step": step, **report.as_dict()})
         if step % save_every == 0 and step < total_steps:
             save()
     bar.close()
@@ -204,13 +197,9 @@ def main(argv: list[str] | None = None) -> dict:
     if any(d != digests[0] for d in digests):
         accelerator.print("WARNING: the ranks' quantizer buffers or weights differ at the end of training: "
                           + json.dumps(digests))
-    summary = {"steps": step, "seconds": elapsed, "history": history,
-               "config": dataclasses.asdict(model.config), "optimizations": optimizations.as_dict(),
-               "rank_digests": digests}
-    if accelerator.is_main_process:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    end_distributed_training(accelerator)
-    return summary
+    return finish_run(accelerator, run_dir, {
+        "steps": step, "seconds": elapsed, "history": history, "config": dataclasses.asdict(model.config),
+        "optimizations": optimizations.as_dict(), "rank_digests": digests})
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 import evotok.explore as explore_mod
@@ -19,38 +18,10 @@ from evotok.hub import weights_digest
 from evotok.images import ImageError
 from evotok.metrics import psnr, semantic_cosine
 from evotok.probe import DEFAULT_LABELS
-from evotok.teacher import Teacher, TinySigLIPConfig, TinySigLIPTeacher
+from evotok.teacher import TinySigLIPConfig, TinySigLIPTeacher
+from helpers import ColourTeacher
 
 SIZE, GRID, STAGES = 32, 4, 4
-
-
-class ColourTeacher(Teacher):
-    """A hand-built teacher: patch features are 8×8 patch mean colours, a text is its colour word's RGB."""
-
-    COLOURS = {"red": (1.0, -1.0, -1.0), "green": (-1.0, 1.0, -1.0), "blue": (-1.0, -1.0, 1.0)}
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.feature_dim, self.embed_dim, self.grid_size, self.image_size = 3, 3, GRID, SIZE
-
-    def image_features(self, images):
-        return F.avg_pool2d(self._prepare_images(images), SIZE // GRID).flatten(2).transpose(1, 2)
-
-    def embed_features(self, features):
-        self._check_features(features)
-        return F.normalize(features.mean(dim=1), dim=-1)
-
-    def embed_text(self, texts):
-        rows = [next(v for k, v in self.COLOURS.items() if k in t) for t in texts]
-        return F.normalize(torch.tensor(rows), dim=-1)
-
-    @property
-    def logit_scale(self):
-        return torch.tensor(10.0)
-
-    @property
-    def logit_bias(self):
-        return torch.tensor(-5.0)
 
 
 def tiny_config(**overrides):
@@ -72,7 +43,7 @@ def tok():
 
 @pytest.fixture(scope="module")
 def explorer(tok):
-    return Explorer(tok, ColourTeacher(), ModelCard(max_train_depth=3), source="tiny")
+    return Explorer(tok, ColourTeacher(GRID, SIZE), ModelCard(max_train_depth=3), source="tiny")
 
 
 def solid_png(rgb=(220, 30, 30), size=(48, 40), mode="RGB") -> bytes:
@@ -247,14 +218,14 @@ def test_umap_is_cached_in_memory_and_on_disk(tok, tmp_path, monkeypatch):
     monkeypatch.setattr(explore_mod, "umap_embedding", fake_embedding)
     monkeypatch.setattr(explore_mod, "load_sample_set", lambda *a, **k: explore_mod.SampleSet(
         images=fake_set.images, labels=list(fake_set.labels), sources=list(fake_set.sources)))
-    first = Explorer(tok, ColourTeacher())
+    first = Explorer(tok, ColourTeacher(GRID, SIZE))
     messages = []
     emb, samples, cached = first.umap(2, "latent", cache_dir=tmp_path, per_source=2,
                                       progress=lambda f, m: messages.append((f, m)))
     assert emb.shape == (6, 2) and not cached and samples.labels == fake_set.labels
     assert messages[-1][0] == 1.0 and len(calls) == 1
     assert first.umap(2, "latent", cache_dir=tmp_path, per_source=2)[2] is True
-    second = Explorer(tok, ColourTeacher())  # a new process: reads the disk cache
+    second = Explorer(tok, ColourTeacher(GRID, SIZE))  # a new process: reads the disk cache
     emb2, _, cached2 = second.umap(2, "latent", cache_dir=tmp_path, per_source=2)
     assert cached2 and np.array_equal(emb, emb2) and len(calls) == 1
     assert len(list(tmp_path.glob("*.npz"))) == 2

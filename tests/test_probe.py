@@ -3,44 +3,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from evotok.probe import DEFAULT_LABELS, LABEL_GROUPS, ProbeResult, fill_template, top_labels, zero_shot
-from evotok.teacher import Teacher
-
-
-class ColourTeacher(Teacher):
-    """A hand-built teacher whose answer is known: an image "is" the colour of its mean pixel.
-
-    Patch features are the image's 2×2 patch means (C = 3); the image embedding is the normalised
-    mean colour; a text's embedding is the RGB of the colour word it contains.
-    """
-
-    COLOURS = {"red": (1.0, -1.0, -1.0), "green": (-1.0, 1.0, -1.0), "blue": (-1.0, -1.0, 1.0)}
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.feature_dim, self.embed_dim, self.grid_size, self.image_size = 3, 3, 2, 8
-
-    def image_features(self, images):
-        images = self._prepare_images(images)
-        return F.avg_pool2d(images, 4).flatten(2).transpose(1, 2)
-
-    def embed_features(self, features):
-        self._check_features(features)
-        return F.normalize(features.mean(dim=1), dim=-1)
-
-    def embed_text(self, texts):
-        rows = [next(v for k, v in self.COLOURS.items() if k in t) for t in texts]
-        return F.normalize(torch.tensor(rows), dim=-1)
-
-    @property
-    def logit_scale(self):
-        return torch.tensor(10.0)
-
-    @property
-    def logit_bias(self):
-        return torch.tensor(-5.0)
+from helpers import ColourTeacher
 
 
 def solid(rgb: tuple[float, float, float], size: int = 8) -> torch.Tensor:

@@ -160,9 +160,10 @@ def weak_spots(results: dict) -> str:
     position = results.get("zero_shot_scenes", {}).get("position")
     if position is not None and position < 0.65:
         notes.append(f"Relations are barely learned: {position:.0%} on left/right and above/below questions, where "
-                     "chance is 50%. The frozen MiniLM sentence embedding hardly changes with the relation word "
-                     "(cosine 0.988 between \"... left of ...\" and \"... right of ...\"), so the text side gives "
-                     "the loss little to separate.")
+                     "chance is 50% (about the same on training scenes). Mean-pooled MiniLM is nearly blind to word "
+                     "order: \"a red circle right of a blue square\" and \"a blue square right of a red circle\" "
+                     "say opposite things yet sit at cosine 0.995, closer than a flipped relation word (\"left of\" "
+                     "against \"right of\", 0.988), so the statements the loss must separate nearly coincide.")
     clipart = results.get("retrieval", {}).get("clipart", {}).get("recall@1")
     if clipart is not None and clipart < 0.05:
         notes.append(f"Clip-art caption retrieval is near zero (R@1 {clipart:.1%} among "

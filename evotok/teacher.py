@@ -153,6 +153,9 @@ class TinySigLIPConfig:
                                   # from scratch); "patch": one patch_size×patch_size linear patch embedding
     text_dim: int = 384           # width of the frozen sentence embeddings (all-MiniLM-L6-v2)
     text_hidden: int = 0          # 0: linear text projection; >0: a two-layer MLP of this width
+    text_pool: str = "mean"       # "mean": MiniLM's own mean-pooled sentence embedding (nearly blind to
+                                  # word order); "attention": a learned attention pooling over its token
+                                  # states, which keep order ("A left of B" vs "B left of A")
     init_logit_scale: float = math.log(10.0)   # SigLIP's t' and b; b should be about -log(texts per
     init_logit_bias: float = -10.0             # image in a batch), so small batches want ~-5
     layer_norm_eps: float = 1e-6
@@ -166,6 +169,8 @@ class TinySigLIPConfig:
             raise ValueError("depth must be >= 2 (features are read before the last block)")
         if self.pool not in POOLS:
             raise ValueError(f"pool must be one of {POOLS}, got {self.pool!r}")
+        if self.text_pool not in ("mean", "attention"):
+            raise ValueError(f"text_pool must be 'mean' or 'attention', got {self.text_pool!r}")
         if self.stem not in ("conv", "patch"):
             raise ValueError(f"stem must be 'conv' or 'patch', got {self.stem!r}")
         if self.stem == "conv" and self.patch_size & (self.patch_size - 1):
@@ -219,9 +224,11 @@ class AttentionPool(nn.Module):
         hidden = int(width * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
 
-    def forward(self, tokens: Tensor) -> Tensor:
+    def forward(self, tokens: Tensor, mask: Tensor | None = None) -> Tensor:
+        """``b N C`` tokens (``mask``: ``b N``, True for real tokens) -> ``b C``."""
         query = self.probe.expand(tokens.shape[0], -1, -1)
-        pooled = self.attention(query, tokens, tokens, need_weights=False)[0]
+        padding = ~mask if mask is not None else None
+        pooled = self.attention(query, tokens, tokens, key_padding_mask=padding, need_weights=False)[0]
         pooled = pooled + self.mlp(self.norm(pooled))
         return pooled[:, 0]
 
@@ -259,6 +266,8 @@ class TinySigLIPTeacher(PretrainedMixin, Teacher):
                      if config.pool == "map" else None)
         pooled_width = 3 * config.width if config.pool == "max_where" else config.width
         self.image_proj = nn.Linear(pooled_width, config.embed_dim)
+        self.text_pool = (AttentionPool(config.text_dim, 4, config.mlp_ratio, config.layer_norm_eps)
+                          if config.text_pool == "attention" else None)
         if config.text_hidden:
             self.text_proj = nn.Sequential(nn.Linear(config.text_dim, config.text_hidden), nn.GELU(),
                                            nn.Linear(config.text_hidden, config.embed_dim))
@@ -295,21 +304,31 @@ class TinySigLIPTeacher(PretrainedMixin, Teacher):
             pooled = x.amax(dim=1) if self.config.pool == "max" else x.mean(dim=1)
         return self.image_proj(pooled)
 
-    def project_text(self, sentence_embeds: Tensor) -> Tensor:
-        """Frozen ``n 384`` sentence embeddings -> unnormalised ``n E`` text embeddings."""
-        return self.text_proj(sentence_embeds.to(self.pos_embed.device, self.pos_embed.dtype))
+    def project_text(self, sentences: Tensor | tuple[Tensor, Tensor]) -> Tensor:
+        """Frozen MiniLM output (``encode_sentences``) -> unnormalised ``n E`` text embeddings."""
+        device, dtype = self.pos_embed.device, self.pos_embed.dtype
+        if self.text_pool is not None:
+            states, mask = sentences
+            pooled = self.text_pool(states.to(device, dtype), mask.to(device))
+        else:
+            pooled = sentences.to(device, dtype)
+        return self.text_proj(pooled)
 
-    def encode_sentences(self, texts: list[str]) -> Tensor:
-        """Texts -> frozen MiniLM embeddings (cached), on this model's device."""
+    def encode_sentences(self, texts: list[str]) -> Tensor | tuple[Tensor, Tensor]:
+        """Texts -> frozen MiniLM output (cached), on this model's device: ``n 384`` sentence
+        embeddings, or with ``text_pool="attention"`` the token states ``n T 384`` and their mask."""
         _check_texts(texts)
+        if self.text_pool is not None:
+            states, mask = self.text_encoder.encode_tokens(list(texts))
+            return states.to(self.pos_embed.device), mask.to(self.pos_embed.device)
         return self.text_encoder.encode(list(texts)).to(self.pos_embed.device)
 
     def forward(self, images: Tensor, texts: list[str] | Tensor) -> tuple[Tensor, Tensor]:
         """Training forward: normalised ``b E`` image and ``n E`` text embeddings, with grad.
 
-        ``texts`` may be strings or precomputed ``n 384`` sentence embeddings.
+        ``texts`` may be strings or their precomputed ``encode_sentences`` output.
         """
-        sentence = texts if isinstance(texts, Tensor) else self.encode_sentences(texts)
+        sentence = texts if isinstance(texts, (Tensor, tuple)) else self.encode_sentences(texts)
         image_embeds = F.normalize(self.head(self.patch_tokens(images)), dim=-1)
         text_embeds = F.normalize(self.project_text(sentence), dim=-1)
         return image_embeds, text_embeds

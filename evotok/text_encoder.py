@@ -56,6 +56,7 @@ class SentenceEncoder:
         self._model = None
         self._tokenizer = None
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._token_cache: OrderedDict[str, torch.Tensor] = OrderedDict()  # fp16 ``T × 384`` per string
 
     def _load(self) -> None:
         from transformers import AutoModel, AutoTokenizer
@@ -80,18 +81,48 @@ class SentenceEncoder:
         return self
 
     @torch.no_grad()
-    def _encode_uncached(self, texts: list[str]) -> torch.Tensor:
+    def _hidden_states(self, texts: list[str]):
+        """Yield ``(last_hidden_state, attention_mask)`` per batch of at most ``batch_size`` texts."""
         if self._model is None:
             self._load()
-        chunks = []
         for start in range(0, len(texts), self.batch_size):
             batch = self._tokenizer(texts[start:start + self.batch_size], padding=True, truncation=True,
                                     max_length=128, return_tensors="pt").to(self.device)
-            hidden = self._model(**batch).last_hidden_state
-            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            yield self._model(**batch).last_hidden_state, batch["attention_mask"]
+
+    def _encode_uncached(self, texts: list[str]) -> torch.Tensor:
+        chunks = []
+        for hidden, attention in self._hidden_states(texts):
+            mask = attention.unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
             chunks.append(F.normalize(pooled.float(), dim=-1).cpu())
         return torch.cat(chunks)
+
+    def encode_tokens(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """MiniLM's last hidden states before pooling: ``n × T × 384`` (float32, CPU, zero-padded)
+        and the ``n × T`` bool mask of real tokens. Unlike the mean-pooled embedding they keep word
+        order (each state carries its position), which a learned pooling can read."""
+        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+            raise TypeError("texts must be a list of strings")
+        missing = list(dict.fromkeys(t for t in texts if t not in self._token_cache))
+        for start in range(0, len(missing), self.batch_size):
+            chunk = missing[start:start + self.batch_size]
+            for hidden, attention in self._hidden_states(chunk):
+                for text, states, keep in zip(chunk, hidden, attention.bool()):
+                    self._token_cache[text] = states[keep].to("cpu", torch.float16)
+        rows = []
+        for text in texts:
+            rows.append(self._token_cache[text])
+            self._token_cache.move_to_end(text)
+        while len(self._token_cache) > max(self.cache_size // 4, len(set(texts))):
+            self._token_cache.popitem(last=False)
+        length = max((r.shape[0] for r in rows), default=0)
+        states = torch.zeros(len(rows), length, self.dim)
+        mask = torch.zeros(len(rows), length, dtype=torch.bool)
+        for i, r in enumerate(rows):
+            states[i, :r.shape[0]] = r.float()
+            mask[i, :r.shape[0]] = True
+        return states, mask
 
     def encode(self, texts: list[str]) -> torch.Tensor:
         """``n × 384`` L2-normalised sentence embeddings (float32, on CPU)."""
@@ -125,3 +156,4 @@ class SentenceEncoder:
 
     def clear_cache(self) -> None:
         self._cache.clear()
+        self._token_cache.clear()

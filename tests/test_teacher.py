@@ -71,6 +71,35 @@ def test_tiny_teacher_shapes_and_head_consistency(sentences, pool):
     assert teacher.image_features(images(2, size=48)).shape == (2, 16, 32)
 
 
+def test_token_states_keep_word_order_and_match_the_pooled_embedding(sentences):
+    texts = ["a red circle left of a blue square", "a blue square left of a red circle", "a star"]
+    states, mask = sentences.encode_tokens(texts)
+    assert states.shape[0] == 3 and states.shape[2] == 384 and mask.dtype == torch.bool
+    assert mask[2].sum() < mask[0].sum() and not states[2, mask[2].sum():].any()  # padding is zero
+    # mean pooling the states gives MiniLM's own sentence embedding ...
+    pooled = F.normalize((states * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True), dim=-1)
+    torch.testing.assert_close(pooled, sentences.encode(texts), atol=2e-3, rtol=0)  # states are cached as fp16
+    # ... which barely tells the two orders apart, while the states themselves differ position by position
+    assert F.cosine_similarity(pooled[0], pooled[1], dim=0) > 0.98
+    assert F.cosine_similarity(states[0, 3], states[1, 3], dim=0) < 0.9
+    again, _ = sentences.encode_tokens(texts[:1])  # served from the cache
+    torch.testing.assert_close(again[0], states[0, :again.shape[1]])
+
+
+def test_attention_text_pooling_trains_saves_and_loads(sentences, tmp_path):
+    teacher = tiny_teacher(sentences, text_pool="attention")
+    texts = ["a red circle left of a blue square", "a blue square left of a red circle"]
+    embeds = teacher.embed_text(texts)
+    assert embeds.shape == (2, 16) and not torch.allclose(embeds[0], embeds[1], atol=1e-4)
+    loss = teacher.loss(images(2), teacher.encode_sentences(texts), torch.eye(2))
+    loss.backward()
+    assert teacher.text_pool.probe.grad is not None
+    folder = teacher.save_pretrained(tmp_path / "teacher")
+    loaded = TinySigLIPTeacher.from_pretrained(folder)
+    loaded.text_encoder = sentences
+    torch.testing.assert_close(loaded.embed_text(texts), teacher.embed_text(texts), rtol=0, atol=0)
+
+
 def test_where_pool_reports_where_each_channel_peaks():
     grid = 4
     tokens = torch.zeros(2, grid * grid, 3)

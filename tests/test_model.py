@@ -36,6 +36,9 @@ def test_public_api_shapes(tok):
     every = tok.decode_all_depths(codes)
     assert every.shape == (4, 2, 3, 32, 32)
     assert torch.allclose(every[1], recon, atol=1e-5)
+    # encode + decode in batches, at the pixel depth unless told otherwise
+    torch.testing.assert_close(tok.reconstruct(images, batch_size=1), tok.decode(codes), atol=1e-5, rtol=0)
+    torch.testing.assert_close(tok.reconstruct(images, depth=2), recon, atol=1e-5, rtol=0)
     assert (tok.config.num_stages, tok.config.pixel_depth, tok.config.semantic_depth,
             tok.config.codebook_size) == (4, 2, 4, 64)
 

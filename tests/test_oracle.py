@@ -221,18 +221,11 @@ def test_oracle_judges_renders_of_true_and_false_prompts(oracle):
 
 def tiny_mllm(folder: Path) -> Path:
     """A random 32-px multimodal model saved with its tokenizer (what the benchmark loads)."""
-    from evotok import EvoTok, small_config
     from evotok.mllm import EvoTokMLLM, TextTokenizer, qwen2_lm_config
+    from test_mllm import tiny_tokenizer
 
-    torch.manual_seed(0)
-    config = small_config(image_size=32, channels=(16, 32, 32, 32), norm_num_groups=8, num_stages=4,
-                          codebook_size=64, code_dim=8, pixel_depth=2, semantic_depth=4, semantic_layers=1,
-                          semantic_width=32, semantic_heads=2, teacher_dim=24, teacher=None)
-    tok = EvoTok(config)
-    tok.train()
-    with torch.no_grad():
-        tok(torch.rand(8, 3, 32, 32) * 2 - 1)
-    tok.eval().save_pretrained(folder / "tok")
+    tok = tiny_tokenizer(seed=0)
+    tok.save_pretrained(folder / "tok")
     captions = [s.prompt for s in geneval_prompts(10, seed=0)]
     text = TextTokenizer.train(captions, vocab_size=300, min_frequency=1)
     lm = qwen2_lm_config(len(text), hidden_size=32, layers=1, heads=2, kv_heads=1, intermediate_size=64)

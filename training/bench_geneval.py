@@ -94,16 +94,6 @@ def markdown(ceiling: dict, generated: dict | None = None, recon: dict | None = 
     return "\n".join(rows)
 
 
-def reconstruct(model: Any, real: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
-    """The reference renders through the model's image tokenizer at its pixel depth: the best any
-    generator writing these codes can hope to draw."""
-    out = []
-    for chunk in real.split(batch_size):
-        codes = model.encode_images(chunk)
-        out.append(model.decode_codes(codes, depth=model.config.pixel_depth).float().cpu())
-    return torch.cat(out)
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="assets/mllm", help="saved EvoTokMLLM folder or hub id")
@@ -146,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     generated = recon = None
     if model is not None:
         real = torch.stack([pil_to_tensor(img, size) for img in renders])
-        reconstructions = reconstruct(model, real.to(args.device))
+        reconstructions = model.tokenizer.reconstruct(real.to(model.device)).float().cpu()
         recon = render_accuracy(oracle, specs, list(reconstructions), seed=args.seed)
         results["reconstructions"] = recon
         print(f"generating {len(specs)} images ({args.per_category} per category, guidance {args.guidance}, "

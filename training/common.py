@@ -166,7 +166,7 @@ def end_distributed_training(accelerator: Any, drain_seconds: float = 0.2) -> No
     A gloo worker thread that finishes a collective frees its Python-owned tensors, which needs
     the GIL. If the process group's last reference dies on the main thread (say when the DDP
     reducer is freed as ``main`` returns), its destructor holds the GIL while it joins those
-    threads, and both wait forever (seen here in about one run in five on a loaded 2-core
+    threads, and both wait forever (seen here in 2 of 13 runs on a loaded 2-core
     machine). So every rank meets at a barrier, sleeps briefly with the GIL released so the
     workers finish freeing, and only then tears the group down.
     """

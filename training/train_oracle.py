@@ -258,9 +258,7 @@ def reconstructions(tokenizer_path: str, images: list[Image.Image], batch_size: 
     tok = EvoTok.from_pretrained(tokenizer_path).eval()
     size, depth = tok.config.image_size, tok.config.pixel_depth
     x = torch.stack([pil_to_tensor(img, size) for img in images])
-    with torch.no_grad():
-        out = torch.cat([tok.decode(tok.encode(chunk), depth=depth) for chunk in x.split(batch_size)])
-    return out, depth
+    return tok.reconstruct(x, depth, batch_size), depth
 
 
 # Fixed harsher degradations for the robustness table: (downsample factor, Gaussian blur radius).

@@ -42,6 +42,9 @@ def _check_texts(texts: list[str]) -> None:
         raise TypeError("texts must be a list of strings")
 
 
+MAX_TOKENS = 128  # MiniLM inputs are truncated to this many word pieces
+
+
 class SentenceEncoder:
     """Frozen all-MiniLM-L6-v2: ``encode(texts) -> n × 384`` unit vectors, cached per string.
 
@@ -93,7 +96,7 @@ class SentenceEncoder:
             self._load()
         for start in range(0, len(texts), self.batch_size):
             batch = self._tokenizer(texts[start:start + self.batch_size], padding=True, truncation=True,
-                                    max_length=128, return_tensors="pt").to(self.device)
+                                    max_length=MAX_TOKENS, return_tensors="pt").to(self.device)
             yield self._model(**batch).last_hidden_state, batch["attention_mask"]
 
     def _encode_uncached(self, texts: list[str]) -> torch.Tensor:

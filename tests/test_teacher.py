@@ -86,14 +86,15 @@ def test_token_states_keep_word_order_and_match_the_pooled_embedding(sentences):
     torch.testing.assert_close(again[0], states[0, :again.shape[1]])
 
 
-def test_attention_text_pooling_trains_saves_and_loads(sentences, tmp_path):
-    teacher = tiny_teacher(sentences, text_pool="attention")
+@pytest.mark.parametrize("text_pool", ["attention", "transformer"])
+def test_learned_text_pooling_trains_saves_and_loads(sentences, tmp_path, text_pool):
+    teacher = tiny_teacher(sentences, text_pool=text_pool, text_width=16)
     texts = ["a red circle left of a blue square", "a blue square left of a red circle"]
     embeds = teacher.embed_text(texts)
     assert embeds.shape == (2, 16) and not torch.allclose(embeds[0], embeds[1], atol=1e-4)
     loss = teacher.loss(images(2), teacher.encode_sentences(texts), torch.eye(2))
     loss.backward()
-    assert teacher.text_pool.probe.grad is not None
+    assert all(p.grad is not None for p in teacher.text_pool.parameters())
     folder = teacher.save_pretrained(tmp_path / "teacher")
     loaded = TinySigLIPTeacher.from_pretrained(folder)
     loaded.text_encoder = sentences
@@ -145,7 +146,7 @@ def test_sigmoid_loss_prefers_the_right_pairs():
 
 
 def test_save_load_round_trip_is_exact_and_excludes_minilm(sentences, tmp_path):
-    teacher = tiny_teacher(sentences, pool="max_where", text_hidden=24).eval()
+    teacher = tiny_teacher(sentences, pool="max_where", pool_norm=True, text_hidden=24).eval()
     with torch.no_grad():
         teacher.bias.fill_(-3.0)
     folder = teacher.save_pretrained(tmp_path / "teacher")
@@ -258,7 +259,8 @@ def test_hf_vision_only_teacher_has_no_text_side(tmp_path):
 
 
 # ---------------------------------------------------------------------------- the training script
-def _train(tmp_path, name: str, steps: int, resume: bool = False) -> dict:
+def _train(tmp_path, name: str, steps: int, resume: bool = False,
+           config: str = "training/configs/teacher_tiny.yaml") -> dict:
     from training.train_teacher import main
 
     overrides = ["model.image_size=32", "model.width=16", "model.depth=2", "model.num_heads=2", "model.embed_dim=8",
@@ -266,7 +268,7 @@ def _train(tmp_path, name: str, steps: int, resume: bool = False) -> dict:
                  "train.batch_size=6", "train.schedule=constant", "train.warmup_steps=0", "train.eval_every=0",
                  "train.save_every=2", "train.num_workers=0", "train.log_every=1", "train.cpu_threads=0",
                  f"train.output_dir={tmp_path / name}"]
-    argv = ["--config", "training/configs/teacher_tiny.yaml", "--out", str(tmp_path / name / "teacher"),
+    argv = ["--config", config, "--out", str(tmp_path / name / "teacher"),
             "--set", *overrides]
     return main(argv + (["--resume"] if resume else []))
 
@@ -285,6 +287,27 @@ def test_train_script_saves_a_loadable_teacher_and_resumes_exactly(tmp_path):
     b = load_file(str(tmp_path / "resumed" / "teacher" / "model.safetensors"))
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
+
+
+def test_relations_recipe_trains_its_text_adapter(tmp_path):
+    summary = _train(tmp_path, "relations", steps=2, config="training/configs/teacher_relations.yaml")
+    assert summary["config_file"] == "training/configs/teacher_relations.yaml"
+    teacher = load_teacher(tmp_path / "relations" / "teacher")
+    assert teacher.config.text_pool == "transformer" and teacher.config.pool_norm
+    texts = ["a photo of a red circle left of a blue square", "a photo of a blue square left of a red circle"]
+    assert teacher.embed_text(texts).shape == (2, 8)
+
+
+def test_own_hard_negatives_weigh_more():
+    from training.train_teacher import TEXT_SEPARATOR, weight_hard_negatives
+
+    texts = ["a red circle left of a blue star", "a green cross", "a red circle right of a blue star"]
+    batch = {"negatives": [texts[2], ""], "text": texts[:2]}
+    weights = weight_hard_negatives(batch, texts, 10.0, None)
+    torch.testing.assert_close(weights, torch.tensor([[1.0, 1.0, 10.0], [1.0, 1.0, 1.0]]))
+    mask = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 1.0]])  # a masked-out pair stays out
+    assert weight_hard_negatives(batch, texts, 10.0, mask)[0, 2] == 0
+    assert weight_hard_negatives(batch, texts, 1.0, None) is None and TEXT_SEPARATOR not in texts[0]
 
 
 def test_training_texts_include_true_statements():

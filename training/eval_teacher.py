@@ -161,7 +161,7 @@ def weak_spots(results: dict) -> str:
     if position is not None and position < 0.65:
         notes.append(f"Relations are barely learned: {position:.0%} on left/right and above/below questions, where "
                      "chance is 50%. What was tried and measured is in the comments on `pool` and `text_pool` in "
-                     "`training/configs/teacher_tiny.yaml`.")
+                     "`training/configs/teacher_tiny.yaml` and `training/configs/teacher_relations.yaml`.")
     clipart = results.get("retrieval", {}).get("clipart", {}).get("recall@1")
     if clipart is not None and clipart < 0.05:
         notes.append(f"Clip-art caption retrieval is near zero (R@1 {clipart:.1%} among "
@@ -179,12 +179,17 @@ def write_card(folder: Path, results: dict) -> Path:
     size_mb = (folder / "model.safetensors").stat().st_size / 2**20
     minutes = training.get("seconds", 0) / 60
     strides = int(config["patch_size"]).bit_length() - 1
+    config_file = training.get("config_file", "training/configs/teacher_tiny.yaml")
     stem = (f"a small GroupNorm CNN (3×3 convs, {strides} of stride 2)" if config.get("stem", "patch") == "conv"
             else "a linear patch embedding")
     pool = {"map": "attention pooling", "max": "max pooling over tokens", "mean": "mean pooling",
             "max_where": "max pooling over tokens beside each channel's soft-argmax position (x, y)"}[config["pool"]]
-    text_pool = ("learned attention pooling over its 384-d token states"
-                 if config.get("text_pool") == "attention" else "mean pooling, L2-normalised, 384-d")
+    text_pool = {"attention": "learned attention pooling over its 384-d token states",
+                 "transformer": f"its 384-d token states through {config.get('text_layers', 1)} trainable transformer "
+                                f"block(s) of width {config.get('text_width')} with learned positions, mean-pooled",
+                 "mean": "mean pooling, L2-normalised, 384-d"}[config.get("text_pool", "mean")]
+    if config.get("pool_norm"):
+        pool += " (each group LayerNorm-ed)"
     data_cfg = cfg.get("data", {})
     extras = []
     if data_cfg.get("hard_negatives"):
@@ -229,7 +234,7 @@ and its text side lets the zero-shot probe read those features at every depth.
   lr {cfg.get('train', {}).get('lr', '?')} with warm-up and cosine decay, grad clip {cfg.get('train', {}).get('grad_clip', '?')}.
 - Time: **{minutes:.1f} minutes** on {training.get('device', 'cpu')} ({training.get('threads', '?')} threads, CPU shared with other jobs);
   final training loss {training.get('final_loss', float('nan')):.3f}.
-- Reproduce: `python training/train_teacher.py --config training/configs/teacher_tiny.yaml --out {folder.as_posix()}`
+- Reproduce: `python training/train_teacher.py --config {config_file} --out {folder.as_posix()}`
   then `python training/eval_teacher.py --teacher {folder.as_posix()} --card`.
 
 ## Evaluation (held out)

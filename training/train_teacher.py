@@ -189,6 +189,22 @@ def batch_texts(batch: dict) -> list[str]:
     return texts + [n for n in dict.fromkeys(negatives) if n not in chosen]
 
 
+def weight_hard_negatives(batch: dict, texts: list[str], weight: float, mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Per-pair loss weights: each image's own hard negatives count ``weight`` times.
+
+    A flipped relation is one text among hundreds in a batch, and with order-blind text it looks
+    like the true one, so unweighted it barely moves the loss: relations stayed at chance.
+    """
+    if weight == 1.0:
+        return mask
+    weights = mask.clone() if mask is not None else torch.ones(len(batch["negatives"]), len(texts))
+    column = {text: j for j, text in enumerate(texts)}
+    for i, joined in enumerate(batch["negatives"]):
+        for negative in filter(None, joined.split(TEXT_SEPARATOR)):
+            weights[i, column[negative]] *= weight
+    return weights
+
+
 def learning_rate(step: int, train_cfg: dict) -> float:
     """Linear warm-up, then cosine decay to ``min_lr`` (``schedule: constant`` keeps ``lr``)."""
     lr, warmup, total = float(train_cfg["lr"]), int(train_cfg.get("warmup_steps", 0)), int(train_cfg["steps"])
@@ -271,6 +287,7 @@ def main(argv: list[str] | None = None) -> dict:
         texts = batch_texts(batch)
         targets = match_targets([t.split(TEXT_SEPARATOR) for t in batch["true_texts"]], texts)
         mask = cooccurrence_mask(batch_objects(batch), texts) if data_cfg.get("mask_cooccurrence_gaps") else None
+        mask = weight_hard_negatives(batch, texts, float(data_cfg.get("hard_negative_weight", 1.0)), mask)
         tock = time.time()
         sentence_embeds = model.encode_sentences(texts)  # frozen MiniLM, cached per string
         timing["data_s"] += tock - tick
@@ -312,7 +329,8 @@ def main(argv: list[str] | None = None) -> dict:
                "cpu_seconds_this_process": round(time.process_time(), 1),
                "images_seen": step * batch_size,
                "final_loss": next((h["loss"] for h in reversed(history) if "loss" in h), None),
-               "device": str(device), "threads": torch.get_num_threads(), "config": config, "history": history}
+               "device": str(device), "threads": torch.get_num_threads(), "config_file": Path(args.config).as_posix(),
+               "config": config, "history": history}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     (out_dir / "training.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2))
     logger.close()

@@ -310,6 +310,28 @@ def test_own_hard_negatives_weigh_more():
     assert weight_hard_negatives(batch, texts, 1.0, None) is None and TEXT_SEPARATOR not in texts[0]
 
 
+def test_ranking_pairs_point_each_hard_negative_at_its_true_statement(sentences):
+    from training.train_teacher import TEXT_SEPARATOR, batch_texts, ranking_pairs
+
+    batch = {"text": ["a red circle above a blue star", "a green cross"],
+             "negatives": [TEXT_SEPARATOR.join(["a photo of a red circle right of a blue star",
+                                                "a photo of a red circle below a blue star"]), ""],
+             "negative_truths": [TEXT_SEPARATOR.join(["a photo of a red circle left of a blue star",
+                                                      "a photo of a red circle above a blue star"]), ""]}
+    texts = batch_texts(batch)
+    pairs = ranking_pairs(batch, texts).tolist()
+    assert [(texts[t], texts[f]) for _, t, f in pairs] == [
+        ("a photo of a red circle left of a blue star", "a photo of a red circle right of a blue star"),
+        ("a photo of a red circle above a blue star", "a photo of a red circle below a blue star")]
+    assert all(i == 0 for i, _, _ in pairs)
+
+    teacher = tiny_teacher(sentences)
+    targets = torch.zeros(2, len(texts))
+    plain = teacher.loss(images(2), texts, targets)
+    ranked = teacher.loss(images(2), texts, targets, pairs=torch.tensor(pairs), pair_weight=1.0)
+    assert ranked > plain  # the ranking term is added (softplus is positive)
+
+
 def test_training_texts_include_true_statements():
     from evotok.data.base import Sample
     from training.train_teacher import true_texts
@@ -365,3 +387,13 @@ def test_cooccurrence_mask_leaves_out_only_gap_negatives():
     assert mask[1].tolist() == [1.0, 1.0, 1.0, 1.0]  # not a scene: nothing left out
     assert mask[2, 1].item() == 0.0  # "a {colour} object" vs a white {shape}: {colour} never takes {shape}
     assert mask[2, 2].item() == 1.0  # texts naming both a colour and a shape are always contrasted
+
+
+def test_relation_probe_fits_text_sides_on_frozen_pooled_features():
+    from training.probe_relations import main
+
+    rows = main(["--teacher", "assets/teacher", "--scenes", "60", "--heldout", "20", "--steps", "3",
+                 "--batch-size", "16"])
+    assert [(r["text"], r["groups LayerNorm-ed"]) for r in rows] == [
+        ("mean", False), ("transformer", False), ("mean", True), ("transformer", True)]
+    assert all(0.0 <= r["heldout"] <= 1.0 and 0.0 <= r["train"] <= 1.0 for r in rows)

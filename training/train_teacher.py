@@ -70,11 +70,20 @@ def hard_negatives(sample: Sample, split: str = "train") -> list[str]:
     """False statements one attribute away from a true one: the wrong candidates of the scene's
     questions (another shape, colour, count or relation). In the train split none names a
     held-out colour-shape pair, so those compositions stay unseen on the text side too."""
+    return list(hard_negative_truths(sample, split))
+
+
+def hard_negative_truths(sample: Sample, split: str = "train") -> dict[str, str]:
+    """Each hard negative (see ``hard_negatives``) -> the true statement of its question."""
     if sample.source != "scenes" or not sample.attributes:
-        return []
+        return {}
     excluded = [f"{colour} {shape}" for colour, shape in HELDOUT_PAIRS] if split == "train" else []
-    wrong = [c for q in scene_questions(sample.attributes) for j, c in enumerate(q.candidates) if j != q.answer]
-    return [c for c in dict.fromkeys(wrong) if not any(phrase in c for phrase in excluded)]
+    truths: dict[str, str] = {}
+    for q in scene_questions(sample.attributes):
+        for j, candidate in enumerate(q.candidates):
+            if j != q.answer and not any(phrase in candidate for phrase in excluded):
+                truths.setdefault(candidate, q.candidates[q.answer])
+    return truths
 
 
 class CaptionedImages(Dataset):
@@ -109,11 +118,13 @@ class CaptionedImages(Dataset):
             text = sample.caption
         else:
             text = texts[1 + int(rng.integers(len(texts) - 1))]
-        negatives = hard_negatives(sample, self.split) if self.negatives else []
+        truths = hard_negative_truths(sample, self.split) if self.negatives else {}
+        negatives = list(truths)
         if len(negatives) > self.negatives:
             negatives = [negatives[k] for k in sorted(rng.choice(len(negatives), self.negatives, replace=False))]
         return {"image": pil_to_tensor(sample.image, self.mixture.resolution), "text": text,
                 "true_texts": TEXT_SEPARATOR.join(texts), "negatives": TEXT_SEPARATOR.join(negatives),
+                "negative_truths": TEXT_SEPARATOR.join(truths[n] for n in negatives),
                 "objects": TEXT_SEPARATOR.join(f"{o['colour']} {o['shape']}" for o in objects_of(sample)),
                 "source": sample.source}
 
@@ -182,11 +193,23 @@ def batch_objects(batch: dict) -> list[list[tuple[str, str]]]:
 
 
 def batch_texts(batch: dict) -> list[str]:
-    """The batch's texts: one per image (in order), then its distinct hard negatives."""
+    """The batch's texts: one per image (in order), then its distinct hard negatives and the true
+    statements they are ranked against."""
     texts = list(batch["text"])
     chosen = set(texts)
-    negatives = [n for joined in batch.get("negatives", []) for n in joined.split(TEXT_SEPARATOR) if n]
-    return texts + [n for n in dict.fromkeys(negatives) if n not in chosen]
+    extra = [n for key in ("negatives", "negative_truths") for joined in batch.get(key, [])
+             for n in joined.split(TEXT_SEPARATOR) if n]
+    return texts + [n for n in dict.fromkeys(extra) if n not in chosen]
+
+
+def ranking_pairs(batch: dict, texts: list[str]) -> torch.Tensor:
+    """``P × 3`` rows (image, column of a true statement, column of its hard negative)."""
+    column = {text: j for j, text in enumerate(texts)}
+    rows = [(i, column[truth], column[negative])
+            for i, (negatives, truths) in enumerate(zip(batch.get("negatives", []), batch.get("negative_truths", [])))
+            for negative, truth in zip(filter(None, negatives.split(TEXT_SEPARATOR)),
+                                       filter(None, truths.split(TEXT_SEPARATOR)))]
+    return torch.tensor(rows, dtype=torch.long).reshape(-1, 3)
 
 
 def weight_hard_negatives(batch: dict, texts: list[str], weight: float, mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -269,6 +292,7 @@ def main(argv: list[str] | None = None) -> dict:
     log_every, eval_every, save_every = (int(train_cfg.get(k, d)) for k, d in
                                          (("log_every", 10), ("eval_every", 250), ("save_every", 100)))
     clip = float(train_cfg.get("grad_clip", 0.0))
+    ranking_weight = float(data_cfg.get("ranking_weight", 0.0))
 
     def save() -> None:
         save_training_state(run_dir / STATE_FILE, {
@@ -293,7 +317,8 @@ def main(argv: list[str] | None = None) -> dict:
         timing["data_s"] += tock - tick
         timing["text_s"] += time.time() - tock
         tick = time.time()
-        loss = model.loss(batch["image"].to(device), sentence_embeds, targets, mask)
+        pairs = ranking_pairs(batch, texts) if ranking_weight else None
+        loss = model.loss(batch["image"].to(device), sentence_embeds, targets, mask, pairs, ranking_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if clip:

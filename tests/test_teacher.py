@@ -324,6 +324,9 @@ def test_ranking_pairs_point_each_hard_negative_at_its_true_statement(sentences)
         ("a photo of a red circle left of a blue star", "a photo of a red circle right of a blue star"),
         ("a photo of a red circle above a blue star", "a photo of a red circle below a blue star")]
     assert all(i == 0 for i, _, _ in pairs)
+    mask = torch.ones(2, len(texts))
+    mask[0, pairs[0][2]] = 0.0  # a negative left out of the SigLIP sum is left out of the ranking too
+    assert ranking_pairs(batch, texts, mask).tolist() == pairs[1:]
 
     teacher = tiny_teacher(sentences)
     targets = torch.zeros(2, len(texts))

@@ -202,13 +202,16 @@ def batch_texts(batch: dict) -> list[str]:
     return texts + [n for n in dict.fromkeys(extra) if n not in chosen]
 
 
-def ranking_pairs(batch: dict, texts: list[str]) -> torch.Tensor:
-    """``P × 3`` rows (image, column of a true statement, column of its hard negative)."""
+def ranking_pairs(batch: dict, texts: list[str], mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``P × 3`` rows (image, column of a true statement, column of its hard negative); pairs whose
+    negative ``mask`` leaves out (a co-occurrence gap, see ``cooccurrence_mask``) are dropped, or
+    the ranking would teach "black means not a star" again."""
     column = {text: j for j, text in enumerate(texts)}
     rows = [(i, column[truth], column[negative])
             for i, (negatives, truths) in enumerate(zip(batch.get("negatives", []), batch.get("negative_truths", [])))
             for negative, truth in zip(filter(None, negatives.split(TEXT_SEPARATOR)),
-                                       filter(None, truths.split(TEXT_SEPARATOR)))]
+                                       filter(None, truths.split(TEXT_SEPARATOR)))
+            if mask is None or mask[i, column[negative]] > 0]
     return torch.tensor(rows, dtype=torch.long).reshape(-1, 3)
 
 
@@ -317,7 +320,7 @@ def main(argv: list[str] | None = None) -> dict:
         timing["data_s"] += tock - tick
         timing["text_s"] += time.time() - tock
         tick = time.time()
-        pairs = ranking_pairs(batch, texts) if ranking_weight else None
+        pairs = ranking_pairs(batch, texts, mask) if ranking_weight else None
         loss = model.loss(batch["image"].to(device), sentence_embeds, targets, mask, pairs, ranking_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -318,8 +318,9 @@ def test_ranking_pairs_point_each_hard_negative_at_its_true_statement(sentences)
                                                 "a photo of a red circle below a blue star"]), ""],
              "negative_truths": [TEXT_SEPARATOR.join(["a photo of a red circle left of a blue star",
                                                       "a photo of a red circle above a blue star"]), ""]}
-    texts = batch_texts(batch)
+    texts = batch_texts(batch, with_truths=True)
     pairs = ranking_pairs(batch, texts).tolist()
+    assert len(batch_texts(batch)) == len(texts) - 2  # the truths join only for the ranking loss
     assert [(texts[t], texts[f]) for _, t, f in pairs] == [
         ("a photo of a red circle left of a blue star", "a photo of a red circle right of a blue star"),
         ("a photo of a red circle above a blue star", "a photo of a red circle below a blue star")]

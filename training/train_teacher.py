@@ -89,7 +89,8 @@ def hard_negative_truths(sample: Sample, split: str = "train") -> dict[str, str]
 class CaptionedImages(Dataset):
     """Mixture item ``i`` with one training text and all texts true of it.
 
-    ``{"image": 3×R×R in [-1, 1], "text": str, "true_texts": str, "negatives": str, "source": str}``
+    ``{"image": 3×R×R in [-1, 1], "text": str, "true_texts": str, "negatives": str, "negative_truths": str,
+    "objects": str, "source": str}``
     (lists of texts joined by ``TEXT_SEPARATOR``). The text is the caption with probability
     ``caption_prob``, else a random true statement; up to ``negatives`` hard negatives come along.
     All choices are seeded by ``(seed, i)``, so resuming at a step sees the same texts.
@@ -192,26 +193,34 @@ def batch_objects(batch: dict) -> list[list[tuple[str, str]]]:
     return [[tuple(o.split(" ", 1)) for o in joined.split(TEXT_SEPARATOR) if o] for joined in batch["objects"]]
 
 
-def batch_texts(batch: dict) -> list[str]:
-    """The batch's texts: one per image (in order), then its distinct hard negatives and the true
-    statements they are ranked against."""
+def batch_texts(batch: dict, with_truths: bool = False) -> list[str]:
+    """The batch's texts: one per image (in order), then its distinct hard negatives and, with
+    ``with_truths`` (for the ranking loss), the true statements they are ranked against."""
     texts = list(batch["text"])
     chosen = set(texts)
-    extra = [n for key in ("negatives", "negative_truths") for joined in batch.get(key, [])
-             for n in joined.split(TEXT_SEPARATOR) if n]
+    keys = ("negatives", "negative_truths") if with_truths else ("negatives",)
+    extra = [n for key in keys for joined in batch.get(key, []) for n in joined.split(TEXT_SEPARATOR) if n]
     return texts + [n for n in dict.fromkeys(extra) if n not in chosen]
+
+
+def own_hard_negatives(batch: dict, texts: list[str]):
+    """Yield ``(image row, negative column, truth column)`` for each image's own hard negatives
+    (the truth column is None when ``texts`` were built without truths)."""
+    column = {text: j for j, text in enumerate(texts)}
+    truths = batch.get("negative_truths") or [""] * len(batch["negatives"])
+    for i, (joined_negatives, joined_truths) in enumerate(zip(batch["negatives"], truths)):
+        negatives = [n for n in joined_negatives.split(TEXT_SEPARATOR) if n]
+        true = [t for t in joined_truths.split(TEXT_SEPARATOR) if t] or [None] * len(negatives)
+        for negative, truth in zip(negatives, true):
+            yield i, column[negative], column.get(truth)
 
 
 def ranking_pairs(batch: dict, texts: list[str], mask: torch.Tensor | None = None) -> torch.Tensor:
     """``P × 3`` rows (image, column of a true statement, column of its hard negative); pairs whose
     negative ``mask`` leaves out (a co-occurrence gap, see ``cooccurrence_mask``) are dropped, or
     the ranking would teach "black means not a star" again."""
-    column = {text: j for j, text in enumerate(texts)}
-    rows = [(i, column[truth], column[negative])
-            for i, (negatives, truths) in enumerate(zip(batch.get("negatives", []), batch.get("negative_truths", [])))
-            for negative, truth in zip(filter(None, negatives.split(TEXT_SEPARATOR)),
-                                       filter(None, truths.split(TEXT_SEPARATOR)))
-            if mask is None or mask[i, column[negative]] > 0]
+    rows = [(i, truth, negative) for i, negative, truth in own_hard_negatives(batch, texts)
+            if truth is not None and (mask is None or mask[i, negative] > 0)]
     return torch.tensor(rows, dtype=torch.long).reshape(-1, 3)
 
 
@@ -224,10 +233,8 @@ def weight_hard_negatives(batch: dict, texts: list[str], weight: float, mask: to
     if weight == 1.0:
         return mask
     weights = mask.clone() if mask is not None else torch.ones(len(batch["negatives"]), len(texts))
-    column = {text: j for j, text in enumerate(texts)}
-    for i, joined in enumerate(batch["negatives"]):
-        for negative in filter(None, joined.split(TEXT_SEPARATOR)):
-            weights[i, column[negative]] *= weight
+    for i, negative, _ in own_hard_negatives(batch, texts):
+        weights[i, negative] *= weight
     return weights
 
 
@@ -311,7 +318,7 @@ def main(argv: list[str] | None = None) -> dict:
         batch = next(batches)
         for group in opt.param_groups:
             group["lr"] = learning_rate(step, train_cfg)
-        texts = batch_texts(batch)
+        texts = batch_texts(batch, with_truths=bool(ranking_weight))
         targets = match_targets([t.split(TEXT_SEPARATOR) for t in batch["true_texts"]], texts)
         mask = cooccurrence_mask(batch_objects(batch), texts) if data_cfg.get("mask_cooccurrence_gaps") else None
         mask = weight_hard_negatives(batch, texts, float(data_cfg.get("hard_negative_weight", 1.0)), mask)

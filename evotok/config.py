@@ -54,6 +54,8 @@ class EvoTokConfig:
     teacher_dim: int = 1024
     teacher: str | None = None
     teacher_sha256: str | None = None   # weights_digest of the teacher it was trained against (set by training)
+    teacher_features_sha256: str | None = None  # its feature_digest: the weights its patch features depend on;
+                                                # a teacher whose readout was refitted on them still matches
 
     def __post_init__(self) -> None:
         self.channels = tuple(self.channels)

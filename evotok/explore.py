@@ -33,11 +33,12 @@ import torch.nn.functional as F
 from plotly.subplots import make_subplots
 from PIL import Image
 
-from .hub import CheckpointError, resolve_checkpoint, weights_digest
+from .hub import CheckpointError, resolve_checkpoint
 from .images import ImageError, load_image_safely, pil_to_tensor, tensor_to_pil
 from .metrics import psnr, semantic_cosine, ssim
 from .model import EvoTok
 from .probe import DEFAULT_LABELS, zero_shot
+from .teacher import matches_pins
 
 __all__ = [
     "ModelCard", "read_model_card", "prepare_image", "parse_labels", "DepthProbe", "ExploreResult",
@@ -372,10 +373,11 @@ class Explorer:
                     f"match the tokenizer's semantic decoder ({grid}×{grid} × {width}); semantic views are off.")
         if teacher.embed_dim is None:
             return "The teacher has no text side, so there is no zero-shot probe; semantic views are off."
-        expected = self.config.teacher_sha256
-        if expected and weights_digest(teacher) != expected:
-            return (f"This teacher is not the one the tokenizer was trained against (its weights' sha256 should start "
-                    f"{expected[:12]}); its probe would read features the tokenizer never learned, so semantic views are off.")
+        if not matches_pins(teacher, self.config.teacher_features_sha256, self.config.teacher_sha256):
+            expected = self.config.teacher_features_sha256 or self.config.teacher_sha256
+            return (f"This teacher is not the one the tokenizer was trained against (the sha256 of the weights its "
+                    f"patch features depend on should start {expected[:12]}); its probe would read features the "
+                    "tokenizer never learned, so semantic views are off.")
         return ""
 
     @property

@@ -26,13 +26,16 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, corrupt, or does not match the model it is loaded into."""
 
 
-def weights_digest(module: torch.nn.Module) -> str:
+def weights_digest(module: torch.nn.Module, prefixes: tuple[str, ...] | None = None) -> str:
     """sha256 of a module's state dict (names and fp32 values): identifies the exact checkpoint,
-    whatever folder or dtype it was loaded from."""
+    whatever folder or dtype it was loaded from. With ``prefixes``, only the entries whose names
+    start with one of them (a part of the model, e.g. what a teacher's patch features depend on)."""
     import hashlib
 
     digest = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
+        if prefixes is not None and not name.startswith(prefixes):
+            continue
         digest.update(name.encode())
         digest.update(tensor.detach().to("cpu", torch.float32 if tensor.is_floating_point() else tensor.dtype)
                       .contiguous().numpy().tobytes())

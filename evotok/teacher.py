@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from evotok.hf_vision import encoder_layers, penultimate_patch_features, tower_geometry, vision_tower
-from evotok.hub import CONFIG_NAME, CheckpointError, PretrainedMixin, resolve_checkpoint
+from evotok.hub import CONFIG_NAME, CheckpointError, PretrainedMixin, resolve_checkpoint, weights_digest
 from evotok.text_encoder import MAX_TOKENS, SentenceEncoder
 
 
@@ -67,6 +67,15 @@ class Teacher(nn.Module, ABC):
     def logit_bias(self) -> Tensor:
         """Bias added to the scaled similarity before the sigmoid."""
 
+    def feature_digest(self) -> str:
+        """sha256 of the weights ``image_features`` depends on (by default all of them).
+
+        A tokenizer pins this: it learned to predict these patch features, and a teacher whose
+        readout (last block, pooling, projections, text side) was refitted on top of the same
+        frozen features is still the teacher it was trained against.
+        """
+        return weights_digest(self)
+
     def embed_images(self, images: Tensor) -> Tensor:
         """``b 3 H W`` -> ``b E`` L2-normalised image embeddings."""
         return self.embed_features(self.image_features(images))
@@ -101,6 +110,15 @@ class Teacher(nn.Module, ABC):
             raise ValueError(f"features must be b×{self.num_patches}×{self.feature_dim} for this teacher "
                              f"({self.grid_size}×{self.grid_size} patches of width {self.feature_dim}), "
                              f"got {tuple(features.shape)}")
+
+
+def matches_pins(teacher: Teacher, features_sha256: str | None, weights_sha256: str | None) -> bool:
+    """Is ``teacher`` the one a model pinned? By ``feature_digest`` when that pin exists (a teacher
+    whose readout was refitted on the same frozen features still matches), else by all its
+    weights; a model that pins nothing accepts any teacher."""
+    if features_sha256:
+        return teacher.feature_digest() == features_sha256
+    return not weights_sha256 or weights_digest(teacher) == weights_sha256
 
 
 def _check_texts(texts: list[str]) -> None:
@@ -325,6 +343,15 @@ class TinySigLIPTeacher(PretrainedMixin, Teacher):
         self.bias = nn.Parameter(torch.tensor(float(config.init_logit_bias)))
         # A plain attribute, not a submodule: its weights stay out of our state_dict.
         self.text_encoder = text_encoder or SentenceEncoder()
+
+    @property
+    def feature_prefixes(self) -> tuple[str, ...]:
+        """State-dict prefixes of the weights ``image_features`` depends on (stem, positions, all
+        blocks but the last); the rest is the readout."""
+        return ("patch_embed.", "pos_embed", *(f"blocks.{i}." for i in range(self.config.depth - 1)))
+
+    def feature_digest(self) -> str:
+        return weights_digest(self, self.feature_prefixes)
 
     def _apply(self, fn, *args, **kwargs):
         """``.to(device)`` / ``.cuda()`` also move the (unregistered) frozen sentence encoder."""

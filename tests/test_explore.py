@@ -269,3 +269,26 @@ def test_a_teacher_other_than_the_one_trained_against_is_refused(tmp_path):
     model.save_pretrained(tmp_path / "tok")
     assert EvoTok.from_pretrained(tmp_path / "tok").config.teacher_sha256 == weights_digest(trained_against)
     assert Explorer(EvoTok(tiny_config(teacher_dim=24)), other).teacher is not None
+
+
+def test_a_teacher_with_a_refitted_readout_still_matches_the_feature_pin():
+    torch.manual_seed(0)
+    config = TinySigLIPConfig(image_size=SIZE, patch_size=SIZE // GRID, width=24, depth=2, num_heads=2, embed_dim=16)
+    trained_against = TinySigLIPTeacher(config)
+    refitted = TinySigLIPTeacher(config)
+    refitted.load_state_dict(trained_against.state_dict())
+    with torch.no_grad():  # a new readout: last block, projections, logit bias; the patch features stay
+        for name, param in refitted.named_parameters():
+            if not name.startswith(refitted.feature_prefixes):
+                param.add_(0.1)
+    images = torch.rand(2, 3, SIZE, SIZE) * 2 - 1
+    assert torch.equal(refitted.image_features(images), trained_against.image_features(images))
+    assert refitted.feature_digest() == trained_against.feature_digest()
+    assert weights_digest(refitted) != weights_digest(trained_against)
+    pins = {"teacher_sha256": weights_digest(trained_against), "teacher_features_sha256": trained_against.feature_digest()}
+    model = EvoTok(tiny_config(teacher_dim=24, **pins))
+    assert Explorer(model, refitted).teacher is not None
+    with torch.no_grad():  # a change to the features themselves is refused
+        refitted.pos_embed.add_(0.1)
+    refused = Explorer(model, refitted)
+    assert refused.teacher is None and "not the one the tokenizer was trained against" in refused.teacher_note

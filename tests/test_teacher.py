@@ -260,14 +260,14 @@ def test_hf_vision_only_teacher_has_no_text_side(tmp_path):
 
 # ---------------------------------------------------------------------------- the training script
 def _train(tmp_path, name: str, steps: int, resume: bool = False,
-           config: str = "training/configs/teacher_tiny.yaml") -> dict:
+           config: str = "training/configs/teacher_tiny.yaml", extra: tuple[str, ...] = ()) -> dict:
     from training.train_teacher import main
 
     overrides = ["model.image_size=32", "model.width=16", "model.depth=2", "model.num_heads=2", "model.embed_dim=8",
                  "data.mixture.resolution=32", "data.mixture.weights={scenes: 1.0}", f"train.steps={steps}",
                  "train.batch_size=6", "train.schedule=constant", "train.warmup_steps=0", "train.eval_every=0",
                  "train.save_every=2", "train.num_workers=0", "train.log_every=1", "train.cpu_threads=0",
-                 f"train.output_dir={tmp_path / name}"]
+                 f"train.output_dir={tmp_path / name}", *extra]
     argv = ["--config", config, "--out", str(tmp_path / name / "teacher"),
             "--set", *overrides]
     return main(argv + (["--resume"] if resume else []))
@@ -401,3 +401,43 @@ def test_relation_probe_fits_text_sides_on_frozen_pooled_features():
     assert [(r["text"], r["groups LayerNorm-ed"]) for r in rows] == [
         ("mean", False), ("transformer", False), ("mean", True), ("transformer", True)]
     assert all(0.0 <= r["heldout"] <= 1.0 and 0.0 <= r["train"] <= 1.0 for r in rows)
+
+
+def test_locked_image_phase_refits_the_readout_and_keeps_the_patch_features(tmp_path):
+    from training.train_teacher import init_from_teacher
+
+    _train(tmp_path, "phase1", steps=2)
+    phase1 = tmp_path / "phase1" / "teacher"
+    summary = _train(tmp_path, "phase2", steps=2, config="training/configs/teacher_lit.yaml",
+                     extra=(f"train.init_from={phase1}",))
+    before, after = load_teacher(phase1), load_teacher(tmp_path / "phase2" / "teacher")
+    assert after.config.text_pool == "transformer" and after.config.pool_norm
+    images = torch.rand(3, 3, 32, 32) * 2 - 1
+    assert torch.equal(before.image_features(images), after.image_features(images))
+    assert before.feature_digest() == after.feature_digest() == summary["init_from"]["feature_sha256"]
+    assert not torch.equal(before.image_proj.weight, after.image_proj.weight)  # the readout did train
+    assert summary["init_from"]["training"]["steps"] == 2  # phase 1's record travels with phase 2
+    training = json.loads((tmp_path / "phase2" / "teacher" / "training.json").read_text())
+    assert training["init_from"]["path"] == phase1.as_posix()
+
+    # a module whose shapes changed starts fresh as a whole (weight and bias), the rest is copied
+    fresh_model = TinySigLIPTeacher(after.config, text_encoder=after.text_encoder)
+    fresh = init_from_teacher(fresh_model, phase1)
+    assert "text_proj.weight" in fresh and "text_proj.bias" in fresh and "image_proj.weight" not in fresh
+    assert torch.equal(fresh_model.image_proj.weight, before.image_proj.weight)
+    with pytest.raises(CheckpointError, match="not an EvoTok teacher"):
+        init_from_teacher(fresh_model, tmp_path)
+
+
+def test_lock_tower_freezes_the_last_block_too(sentences):
+    from training.train_teacher import lock_image_side, make_optimizer
+
+    teacher = tiny_teacher(sentences)
+    frozen = lock_image_side(teacher, "tower")
+    assert any(name.startswith("blocks.1.") for name in frozen) and "norm.weight" in frozen
+    trainable = {name for name, param in teacher.named_parameters() if param.requires_grad}
+    assert "image_proj.weight" in trainable and not any(name.startswith(("blocks.", "patch_embed")) for name in trainable)
+    optimised = {id(p) for group in make_optimizer(teacher, {"lr": 1e-3}).param_groups for p in group["params"]}
+    assert optimised == {id(p) for p in teacher.parameters() if p.requires_grad}
+    with pytest.raises(ValueError, match="train.lock"):
+        lock_image_side(teacher, "everything")

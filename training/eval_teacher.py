@@ -169,6 +169,36 @@ def weak_spots(results: dict) -> str:
     return "\n\n" + "\n\n".join(notes) if notes else ""
 
 
+def _run_line(training: dict) -> str:
+    cfg = training.get("config", {}).get("train", {})
+    return (f"{training.get('steps', '?')} steps × batch {training.get('batch_size', '?')} "
+            f"({training.get('images_seen', '?')} images), AdamW, lr {cfg.get('lr', '?')} with warm-up and cosine decay, "
+            f"grad clip {cfg.get('grad_clip', '?')}; {training.get('seconds', 0) / 60:.1f} minutes on "
+            f"{training.get('device', 'cpu')} ({training.get('threads', '?')} threads); final training loss "
+            f"{training.get('final_loss') or float('nan'):.3f}")
+
+
+def training_steps(training: dict, folder: Path) -> str:
+    """The card's run bullets: one run, or the image tower's run and the locked-image readout refit
+    on top of it (``train.init_from`` with ``train.lock``)."""
+    config_file = training.get("config_file", "training/configs/teacher_tiny.yaml")
+    reproduce = (f"python training/train_teacher.py --config {config_file} --out {folder.as_posix()}`\n"
+                 f"  then `python training/eval_teacher.py --teacher {folder.as_posix()} --card")
+    first = (training.get("init_from") or {}).get("training")
+    if not first:
+        return (f"- {_run_line(training)}.\n- Time: **{training.get('seconds', 0) / 60:.1f} minutes** (CPU shared "
+                f"with other jobs).\n- Reproduce: `{reproduce}`.")
+    lock = training.get("config", {}).get("train", {}).get("lock", "none")
+    total = (first.get("seconds", 0) + training.get("seconds", 0)) / 60
+    return (f"- Phase 1, image tower and a first readout (`{first.get('config_file', 'training/configs/teacher_tiny.yaml')}`): {_run_line(first)}.\n"
+            f"- Phase 2, locked-image readout refit (`{config_file}`, `train.lock: {lock}`): the weights the patch "
+            "features depend on are frozen and copied from phase 1, so the features the tokenizer learned to predict "
+            f"are bit-identical (feature sha256 `{training['init_from'].get('feature_sha256', '?')[:12]}…`); the last "
+            f"{'block, ' if lock == 'features' else ''}pooling norms, projections and text side train. {_run_line(training)}.\n"
+            f"- Time: **{total:.1f} minutes** in all (CPU shared with other jobs).\n"
+            f"- Reproduce: `python training/train_teacher.py --config {first.get('config_file', 'training/configs/teacher_tiny.yaml')}`, then `{reproduce}`.")
+
+
 def write_card(folder: Path, results: dict) -> Path:
     """The teacher's model card: what it is, what it saw, how long it trained, what it scores."""
     training = json.loads((folder / "training.json").read_text()) if (folder / "training.json").is_file() else {}
@@ -177,9 +207,7 @@ def write_card(folder: Path, results: dict) -> Path:
     mix = cfg.get("data", {}).get("mixture", {})
     weights = ", ".join(f"{k} {v}" for k, v in (mix.get("weights") or {}).items())
     size_mb = (folder / "model.safetensors").stat().st_size / 2**20
-    minutes = training.get("seconds", 0) / 60
     strides = int(config["patch_size"]).bit_length() - 1
-    config_file = training.get("config_file", "training/configs/teacher_tiny.yaml")
     stem = (f"a small GroupNorm CNN (3×3 convs, {strides} of stride 2)" if config.get("stem", "patch") == "conv"
             else "a linear patch embedding")
     pool = {"map": "attention pooling", "max": "max pooling over tokens", "mean": "mean pooling",
@@ -230,12 +258,7 @@ and its text side lets the zero-shot probe read those features at every depth.
   caption (probability {cfg.get('data', {}).get('caption_prob', 0.5)}) or a true short statement ("a photo of a trouser",
   "a photo of a red circle", "a photo of three blue stars", "a photo of a red circle left of a blue star").
   Texts that are true of several images in a batch are positives for all of them{'; ' + '; '.join(extras) if extras else ''}.
-- {training.get('steps', '?')} steps × batch {training.get('batch_size', '?')} ({training.get('images_seen', '?')} images), AdamW,
-  lr {cfg.get('train', {}).get('lr', '?')} with warm-up and cosine decay, grad clip {cfg.get('train', {}).get('grad_clip', '?')}.
-- Time: **{minutes:.1f} minutes** on {training.get('device', 'cpu')} ({training.get('threads', '?')} threads, CPU shared with other jobs);
-  final training loss {training.get('final_loss', float('nan')):.3f}.
-- Reproduce: `python training/train_teacher.py --config {config_file} --out {folder.as_posix()}`
-  then `python training/eval_teacher.py --teacher {folder.as_posix()} --card`.
+{training_steps(training, folder)}
 
 ## Evaluation (held out)
 

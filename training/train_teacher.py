@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from torch.utils.data import Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -33,6 +34,7 @@ from tqdm.auto import tqdm  # noqa: E402
 from evotok.data.base import Sample, item_rng  # noqa: E402
 from evotok.data.mixture import MixtureDataset, build_sources  # noqa: E402
 from evotok.data.scenes import COLOURS, HELDOUT_PAIRS, PLURALS, TRAIN_PAIRS, SceneWorld  # noqa: E402
+from evotok.hub import CONFIG_NAME, WEIGHTS_NAME, CheckpointError  # noqa: E402
 from evotok.images import ImageError, pil_to_tensor  # noqa: E402
 from evotok.probe import fill_template, scene_questions, scene_statements  # noqa: E402
 from evotok.teacher import TinySigLIPConfig, TinySigLIPTeacher, match_targets  # noqa: E402
@@ -250,10 +252,58 @@ def learning_rate(step: int, train_cfg: dict) -> float:
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 
+LOCKS = ("none", "features", "tower")
+
+
+def init_from_teacher(model: TinySigLIPTeacher, folder: str | Path) -> list[str]:
+    """Copy the modules of a trained teacher whose tensors all match ``model``'s by name and shape;
+    return the names left at their fresh initialisation (new modules such as a text adapter, or a
+    text projection whose input width changed: its bias is then fresh too)."""
+    folder = Path(folder)
+    config = json.loads((folder / CONFIG_NAME).read_text()) if (folder / CONFIG_NAME).is_file() else {}
+    if config.get("model_type") != TinySigLIPTeacher.model_type or not (folder / WEIGHTS_NAME).is_file():
+        raise CheckpointError(f"train.init_from: {folder} is not an EvoTok teacher folder ({CONFIG_NAME} with "
+                              f"model_type {TinySigLIPTeacher.model_type!r} and {WEIGHTS_NAME})")
+    source = load_file(str(folder / WEIGHTS_NAME))
+    own = model.state_dict()
+    def module(name: str) -> str:
+        return name.rsplit(".", 1)[0] if "." in name else name
+
+    mismatched = {module(n) for n, t in own.items() if n not in source or source[n].shape != t.shape}
+    loaded = {n: t for n, t in source.items() if n in own and module(n) not in mismatched}
+    model.load_state_dict(loaded, strict=False)
+    return sorted(set(own) - set(loaded))
+
+
+def lock_image_side(model: TinySigLIPTeacher, lock: str) -> list[str]:
+    """Freeze part of the image side for a readout refit (LiT-style locked-image tuning); return
+    the frozen parameter names.
+
+    ``features``: everything ``image_features`` depends on, so the patch features (and a tokenizer's
+    ``teacher_features_sha256`` pin) stay exactly as they were; ``tower``: also the last block and
+    its LayerNorm, so only pooling norms, projections, the text side and the logit scale/bias train.
+    """
+    if lock not in LOCKS:
+        raise ValueError(f"train.lock must be one of {LOCKS}, got {lock!r}")
+    if lock == "none":
+        return []
+    prefixes = model.feature_prefixes
+    if lock == "tower":
+        prefixes += (f"blocks.{model.config.depth - 1}.", "norm.")
+    frozen = [name for name, param in model.named_parameters() if name.startswith(prefixes)]
+    for name, param in model.named_parameters():
+        if name.startswith(prefixes):
+            param.requires_grad_(False)
+    return frozen
+
+
 def make_optimizer(model: TinySigLIPTeacher, train_cfg: dict) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases, norms, position embeddings and the logit scale/bias."""
+    """AdamW over the trainable parameters; no weight decay on biases, norms, position embeddings
+    and the logit scale/bias."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
         (decay if param.ndim >= 2 and "pos_embed" not in name and "probe" not in name else no_decay).append(param)
     groups = [{"params": decay, "weight_decay": float(train_cfg.get("weight_decay", 0.0))},
               {"params": no_decay, "weight_decay": 0.0}]
@@ -279,6 +329,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     sentences = SentenceEncoder(cache_size=int(train_cfg.get("text_cache_size", 65536)), device=device)
     model = TinySigLIPTeacher(TinySigLIPConfig(**config.get("model", {})), text_encoder=sentences).to(device)
+    init_from = train_cfg.get("init_from")
+    if init_from and not args.resume:
+        fresh = init_from_teacher(model, init_from)
+        print(f"initialised from {init_from}; fresh: {', '.join(fresh) or 'nothing'}")
+    frozen = lock_image_side(model, str(train_cfg.get("lock", "none")))
+    if frozen:
+        print(f"locked {len(frozen)} image-side tensors (train.lock: {train_cfg['lock']})")
     opt = make_optimizer(model, train_cfg)
     step, elapsed_before, history = 0, 0.0, []
     if args.resume and (run_dir / STATE_FILE).exists():
@@ -366,6 +423,10 @@ def main(argv: list[str] | None = None) -> dict:
                "final_loss": next((h["loss"] for h in reversed(history) if "loss" in h), None),
                "device": str(device), "threads": torch.get_num_threads(), "config_file": Path(args.config).as_posix(),
                "config": config, "history": history}
+    if init_from:  # the run it continued, so the card can report both phases and their total time
+        previous = Path(init_from) / "training.json"
+        summary["init_from"] = {"path": Path(init_from).as_posix(), "feature_sha256": model.feature_digest(),
+                                "training": json.loads(previous.read_text()) if previous.is_file() else None}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     (out_dir / "training.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2))
     logger.close()

@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
     teacher = build_teacher(config.get("teacher"))
     if teacher is not None:  # so a tokenizer is never probed through a teacher it was not trained on
         tokenizer.config.teacher_sha256 = weights_digest(teacher)
+        tokenizer.config.teacher_features_sha256 = teacher.feature_digest()
     weights = LossWeights(**config.get("loss", {}))
     perceptual = build_perceptual(config.get("perceptual_net"))
     if weights.perceptual > 0 and perceptual is None:

@@ -419,6 +419,13 @@ def test_locked_image_phase_refits_the_readout_and_keeps_the_patch_features(tmp_
     assert summary["init_from"]["training"]["steps"] == 2  # phase 1's record travels with phase 2
     training = json.loads((tmp_path / "phase2" / "teacher" / "training.json").read_text())
     assert training["init_from"]["path"] == phase1.as_posix()
+    from training.eval_teacher import training_steps
+
+    card = training_steps(training, tmp_path / "phase2" / "teacher")  # the model card's run bullets
+    assert "Phase 1" in card and "Phase 2" in card and before.feature_digest()[:12] in card
+    assert "teacher_lit.yaml" in card and "train.lock: features" in card
+    single = training_steps(json.loads((phase1 / "training.json").read_text()), phase1)
+    assert "Phase" not in single and "teacher_tiny.yaml" in single
 
     # a module whose shapes changed starts fresh as a whole (weight and bias), the rest is copied
     fresh_model = TinySigLIPTeacher(after.config, text_encoder=after.text_encoder)

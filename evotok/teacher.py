@@ -50,8 +50,14 @@ class Teacher(nn.Module, ABC):
         """``b 3 H W`` -> ``b N C`` penultimate-layer patch features (no grad)."""
 
     @abstractmethod
+    def readout(self, features: Tensor) -> Tensor:
+        """``embed_features`` with gradient flowing back to the features (the weights stay as they
+        are): a tokenizer's semantic decoder can then be trained to keep what the teacher's head reads."""
+
+    @torch.no_grad()
     def embed_features(self, features: Tensor) -> Tensor:
         """``b N C`` (real or predicted) patch features -> ``b E`` L2-normalised image embeddings."""
+        return self.readout(features)
 
     @abstractmethod
     def embed_text(self, texts: list[str]) -> Tensor:
@@ -437,8 +443,7 @@ class TinySigLIPTeacher(PretrainedMixin, Teacher):
         with _eval_mode(self):
             return self.patch_tokens(images)
 
-    @torch.no_grad()
-    def embed_features(self, features: Tensor) -> Tensor:
+    def readout(self, features: Tensor) -> Tensor:
         self._check_features(features)
         with _eval_mode(self):
             features = features.to(self.pos_embed.device, self.pos_embed.dtype)
@@ -573,8 +578,7 @@ class HFVisionTeacher(Teacher):
         projection = getattr(self.model, "visual_projection", None)
         return projection(pooled) if projection is not None else pooled
 
-    @torch.no_grad()
-    def embed_features(self, features: Tensor) -> Tensor:
+    def readout(self, features: Tensor) -> Tensor:
         self._check_features(features)
         return F.normalize(self._pool(features.to(self._device, self._dtype)).float(), dim=-1)
 

@@ -25,7 +25,7 @@ class ColourTeacher(Teacher):
         pooled = F.avg_pool2d(self._prepare_images(images), self.image_size // self.grid_size)
         return pooled.flatten(2).transpose(1, 2)
 
-    def embed_features(self, features):
+    def readout(self, features):
         self._check_features(features)
         return F.normalize(features.mean(dim=1), dim=-1)
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -292,3 +293,13 @@ def test_a_teacher_with_a_refitted_readout_still_matches_the_feature_pin():
         refitted.pos_embed.add_(0.1)
     refused = Explorer(model, refitted)
     assert refused.teacher is None and "not the one the tokenizer was trained against" in refused.teacher_note
+
+
+def test_the_bundled_tokenizer_accepts_the_bundled_teacher():
+    from evotok.config import EvoTokConfig
+    from evotok.hub import config_from_dict
+    from evotok.teacher import load_teacher
+
+    config = config_from_dict(EvoTokConfig, json.loads(Path("assets/tokenizer/config.json").read_text()))
+    teacher = load_teacher(config.teacher)
+    assert config.teacher_features_sha256 == teacher.feature_digest()

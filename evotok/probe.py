@@ -131,8 +131,12 @@ def _unique_relations(attributes: dict) -> list[tuple[dict, str, dict]]:
             if kinds.count(kinds[r["subject"]]) == 1 and kinds.count(kinds[r["object"]]) == 1]
 
 
-def scene_statements(attributes: dict) -> list[str]:
-    """True statements about a scene in the probe's phrasings (from ``Sample.attributes``)."""
+def scene_statements(attributes: dict, both_orders: bool = True) -> list[str]:
+    """True statements about a scene in the probe's phrasings (from ``Sample.attributes``).
+
+    A relation is stated both ways ("A left of B", "B right of A") unless ``both_orders`` is False:
+    then only with the earlier object as subject, the order the position questions use.
+    """
     objects = attributes["objects"]
     kind = attributes["scene_type"]
     out: list[str] = []
@@ -150,8 +154,10 @@ def scene_statements(attributes: dict) -> list[str]:
         out.append(f"a photo of {_count_phrase(n, main['colour'], main['shape'])}")
         if all(o["shape"] == main["shape"] for o in objects):
             out.append(f"a photo of {_count_phrase(n, None, main['shape'])}")
+    order = {id(o): i for i, o in enumerate(objects)}
     for subject, relation, obj in _unique_relations(attributes):
-        out.append(f"a photo of {_a(_noun(subject))} {relation} {_a(_noun(obj))}")
+        if both_orders or order[id(subject)] < order[id(obj)]:
+            out.append(f"a photo of {_a(_noun(subject))} {relation} {_a(_noun(obj))}")
     return list(dict.fromkeys(out))
 
 

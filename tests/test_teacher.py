@@ -351,6 +351,26 @@ def test_training_texts_include_true_statements():
     assert "a photo of an ankle boot" in fashion
 
 
+def test_relations_can_be_stated_in_the_order_the_position_questions_use():
+    from evotok.data.base import Sample
+    from evotok.probe import scene_questions
+    from training.train_teacher import true_texts
+
+    red, blue = ({"shape": "circle", "colour": "red", "size": "small", "centre": [0.3, 0.5]},
+                 {"shape": "square", "colour": "blue", "size": "small", "centre": [0.7, 0.5]})
+    scene = {"scene_type": "position", "objects": [red, blue],
+             "relations": [{"subject": 0, "relation": "left of", "object": 1},
+                           {"subject": 1, "relation": "right of", "object": 0}]}
+    sample = Sample(image=None, caption="a red circle left of a blue square", source="scenes", label="position",
+                    attributes=scene)
+    both, first = set(true_texts(sample)), set(true_texts(sample, both_orders=False))
+    assert {"a photo of a red circle left of a blue square", "a photo of a blue square right of a red circle"} <= both
+    assert "a photo of a red circle left of a blue square" in first
+    assert "a photo of a blue square right of a red circle" not in first
+    question = next(q for q in scene_questions(scene) if q.category == "position")
+    assert question.candidates[question.answer] in first
+
+
 
 def test_masked_pairs_do_not_count():
     logits = torch.tensor([[5.0, 5.0]])

@@ -46,12 +46,13 @@ from training.eval_teacher import scene_zero_shot  # noqa: E402
 TEXT_SEPARATOR = "\n"  # captions never contain it; joins a sample's true texts into one string
 
 
-def true_texts(sample: Sample) -> list[str]:
-    """The sample's caption and the simple statements that are also true of it."""
+def true_texts(sample: Sample, both_orders: bool = True) -> list[str]:
+    """The sample's caption and the simple statements that are also true of it (relations stated
+    both ways unless ``both_orders`` is False, see ``scene_statements``)."""
     texts = [sample.caption]
     label = sample.label or ""
     if sample.source == "scenes" and sample.attributes:
-        texts += scene_statements(sample.attributes)
+        texts += scene_statements(sample.attributes, both_orders)
     elif sample.source == "fashion_mnist" and label:
         texts += [fill_template("a photo of {}", label), label]
     elif sample.source == "clipart" and label:
@@ -99,7 +100,7 @@ class CaptionedImages(Dataset):
     """
 
     def __init__(self, mixture: MixtureDataset, caption_prob: float = 0.5, negatives: int = 0, seed: int = 0,
-                 split: str = "train") -> None:
+                 split: str = "train", both_orders: bool = True) -> None:
         if not 0.0 <= caption_prob <= 1.0:
             raise ValueError(f"caption_prob must be in [0, 1], got {caption_prob}")
         if negatives < 0:
@@ -109,13 +110,14 @@ class CaptionedImages(Dataset):
         self.negatives = negatives
         self.seed = seed
         self.split = split
+        self.both_orders = both_orders
 
     def __len__(self) -> int:
         return len(self.mixture)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample = self._sample(index)
-        texts = true_texts(sample)
+        texts = true_texts(sample, self.both_orders)
         rng = item_rng(self.seed, index, 0x7EAC)
         if len(texts) == 1 or rng.uniform() < self.caption_prob:
             text = sample.caption
@@ -144,7 +146,11 @@ class CaptionedImages(Dataset):
 
 def build_dataset(data_cfg: dict, split: str = "train") -> CaptionedImages:
     """The mixture of ``data.mixture`` (see ``evotok.data.build_mixture``), with optional
-    ``data.scene_weights`` (scene-type mix), ``data.caption_prob`` and ``data.hard_negatives``."""
+    ``data.scene_weights`` (scene-type mix), ``data.caption_prob``, ``data.hard_negatives`` and
+    ``data.relation_statements`` ("both": "A left of B" and "B right of A"; "subject_first": only
+    the first, the order the position questions use)."""
+    if data_cfg.get("relation_statements", "both") not in ("both", "subject_first"):
+        raise ValueError(f"data.relation_statements must be 'both' or 'subject_first', got {data_cfg['relation_statements']!r}")
     mix = dict(data_cfg.get("mixture", {}))
     resolution, seed = int(mix.get("resolution", 64)), int(mix.get("seed", 0))
     weights = dict(mix.get("weights") or {"scenes": 1.0})
@@ -156,7 +162,7 @@ def build_dataset(data_cfg: dict, split: str = "train") -> CaptionedImages:
     weights = {n: w for n, w in weights.items() if n in sources}
     mixture = MixtureDataset(sources, weights, resolution=resolution, seed=seed)
     return CaptionedImages(mixture, float(data_cfg.get("caption_prob", 0.5)), int(data_cfg.get("hard_negatives", 0)),
-                           seed, split)
+                           seed, split, both_orders=data_cfg.get("relation_statements", "both") == "both")
 
 
 _SHAPE_WORDS = {**{shape: shape for shape in PLURALS}, **{plural: shape for shape, plural in PLURALS.items()}}

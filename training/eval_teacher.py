@@ -228,6 +228,12 @@ def write_card(folder: Path, results: dict) -> Path:
         extras.append("a text naming only a shape (or only a colour) is not contrasted with images whose objects' "
                       "colour never takes that shape in training: such negatives teach only the gap "
                       "(\"no black object is a star\") and made held-out shape accuracy 0%")
+    if data_cfg.get("ranking_weight"):
+        extras.append(f"a ranking loss (weight {data_cfg['ranking_weight']}): each image must score the true statement of "
+                      "each of its questions above that question's hard negative")
+    if data_cfg.get("relation_statements") == "subject_first":
+        extras.append("each relation is stated once, with the earlier object as subject (the order the position "
+                      "questions use)")
     card = f"""---
 license: mit
 tags: [evotok, siglip, vision-language, offline]

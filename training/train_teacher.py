@@ -272,6 +272,7 @@ def init_from_teacher(model: TinySigLIPTeacher, folder: str | Path) -> list[str]
                               f"model_type {TinySigLIPTeacher.model_type!r} and {WEIGHTS_NAME})")
     source = load_file(str(folder / WEIGHTS_NAME))
     own = model.state_dict()
+
     def module(name: str) -> str:
         return name.rsplit(".", 1)[0] if "." in name else name
 
@@ -296,10 +297,11 @@ def lock_image_side(model: TinySigLIPTeacher, lock: str) -> list[str]:
     prefixes = model.feature_prefixes
     if lock == "tower":
         prefixes += (f"blocks.{model.config.depth - 1}.", "norm.")
-    frozen = [name for name, param in model.named_parameters() if name.startswith(prefixes)]
+    frozen = []
     for name, param in model.named_parameters():
         if name.startswith(prefixes):
             param.requires_grad_(False)
+            frozen.append(name)
     return frozen
 
 
@@ -336,7 +338,7 @@ def main(argv: list[str] | None = None) -> dict:
     sentences = SentenceEncoder(cache_size=int(train_cfg.get("text_cache_size", 65536)), device=device)
     model = TinySigLIPTeacher(TinySigLIPConfig(**config.get("model", {})), text_encoder=sentences).to(device)
     init_from = train_cfg.get("init_from")
-    if init_from and not args.resume:
+    if init_from and not (args.resume and (run_dir / STATE_FILE).exists()):  # a resumed run has its own weights
         fresh = init_from_teacher(model, init_from)
         print(f"initialised from {init_from}; fresh: {', '.join(fresh) or 'nothing'}")
     frozen = lock_image_side(model, str(train_cfg.get("lock", "none")))

@@ -29,9 +29,10 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from evotok.data.mixture import build_mixture  # noqa: E402
 from evotok.hub import weights_digest  # noqa: E402
+from evotok.images import pil_to_tensor  # noqa: E402
 from evotok.losses import cosine_fold_loss, readout_loss  # noqa: E402
 from evotok.model import EvoTok  # noqa: E402
-from evotok.teacher import Teacher, load_teacher  # noqa: E402
+from evotok.teacher import Teacher, load_teacher, matches_pins  # noqa: E402
 from training.common import (STATE_FILE, Logger, copy_config, iterate_batches, load_config, load_training_state,  # noqa: E402
                              rng_state, save_training_state, set_rng_state, set_seed)
 from training.eval_tokenizer import held_out_samples, probe_accuracy, probe_tasks  # noqa: E402
@@ -61,8 +62,6 @@ class SceneProbe:
     def __init__(self, tokenizer: EvoTok, count: int, seed: int = 1) -> None:
         resolution = tokenizer.config.image_size
         samples = held_out_samples("scenes", resolution, count, seed)
-        from evotok.images import pil_to_tensor
-
         images = torch.stack([pil_to_tensor(s.image, resolution) for s in samples])
         self.codes = tokenizer.encode(images)
         self.tasks = probe_tasks("scenes", samples, None)
@@ -95,6 +94,9 @@ def main(argv: list[str] | None = None) -> dict:
     if teacher.feature_dim != tokenizer.config.teacher_dim:
         raise ValueError(f"the teacher's features are {teacher.feature_dim}-d, the tokenizer's semantic decoder "
                          f"predicts {tokenizer.config.teacher_dim}-d")
+    if not matches_pins(teacher, tokenizer.config.teacher_features_sha256, tokenizer.config.teacher_sha256):
+        print("note: this teacher's patch features are not the ones the tokenizer was trained against; the semantic "
+              "decoder is retargeted to them (the codes stay as they are)")
     params = freeze_all_but_semantic_decoder(tokenizer)
     opt = torch.optim.AdamW(params, lr=float(train_cfg["lr"]), betas=tuple(train_cfg.get("betas", (0.9, 0.95))),
                             weight_decay=float(train_cfg.get("weight_decay", 0.0)))

@@ -327,10 +327,11 @@ class TinySigLIPTeacher(PretrainedMixin, Teacher):
         self.norm = nn.LayerNorm(config.width, eps=config.layer_norm_eps)
         self.pool = (AttentionPool(config.width, config.num_heads, config.mlp_ratio, config.layer_norm_eps)
                      if config.pool == "map" else None)
-        groups = [config.width, 2 * config.width] if config.pool == "max_where" else [config.width]
-        self.pool_norms = (nn.ModuleList(nn.LayerNorm(g, eps=config.layer_norm_eps) for g in groups)
+        # widths of the pooled groups ``pooled`` concatenates: the maxima, then (max_where) their x, y
+        self.pooled_groups = [config.width, 2 * config.width] if config.pool == "max_where" else [config.width]
+        self.pool_norms = (nn.ModuleList(nn.LayerNorm(g, eps=config.layer_norm_eps) for g in self.pooled_groups)
                            if config.pool_norm else None)
-        self.image_proj = nn.Linear(sum(groups), config.embed_dim)
+        self.image_proj = nn.Linear(sum(self.pooled_groups), config.embed_dim)
         text_width = config.text_dim
         if config.text_pool == "attention":
             self.text_pool = AttentionPool(config.text_dim, 4, config.mlp_ratio, config.layer_norm_eps)

@@ -1,7 +1,9 @@
 """Pieces every training entry point shares: configs, exact resume, atomic checkpoints, logging."""
 from __future__ import annotations
 
+import argparse
 import json
+import math
 import os
 import random
 import shutil
@@ -31,6 +33,41 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
             node = node.setdefault(part, {})
         node[leaf] = yaml.safe_load(raw)
     return config
+
+
+def parse_run_args(argv: list[str] | None, description: str, saved: str) -> tuple[argparse.Namespace, dict]:
+    """The single-process training scripts' command line (``--config``, ``--resume``, ``--out``,
+    ``--set``) and the config it names, with the overrides applied; ``saved`` names what ``--out`` gets."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--resume", action="store_true", help="continue the run in train.output_dir")
+    parser.add_argument("--out", default=None, help=f"where to save the {saved} (default: RUN/final)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config values")
+    args = parser.parse_args(argv)
+    return args, load_config(args.config, args.set)
+
+
+def run_device(train_cfg: dict) -> torch.device:
+    """CUDA when there is one (unless ``train.device: cpu``); on CPU, ``train.cpu_threads`` threads.
+    Also seeds every generator with ``train.seed``."""
+    device = torch.device("cuda" if torch.cuda.is_available() and train_cfg.get("device", "auto") != "cpu" else "cpu")
+    if device.type == "cpu" and train_cfg.get("cpu_threads"):
+        torch.set_num_threads(int(train_cfg["cpu_threads"]))
+    set_seed(int(train_cfg.get("seed", 0)))
+    return device
+
+
+def learning_rate(step: int, train_cfg: dict) -> float:
+    """Linear warm-up over ``warmup_steps``, then cosine decay from ``lr`` to ``min_lr`` at ``steps``
+    (``schedule: constant`` keeps ``lr``)."""
+    lr, warmup, total = float(train_cfg["lr"]), int(train_cfg.get("warmup_steps", 0)), int(train_cfg["steps"])
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    if train_cfg.get("schedule", "cosine") == "constant":
+        return lr
+    min_lr = float(train_cfg.get("min_lr", 0.0))
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 
 def set_seed(seed: int) -> None:

@@ -135,8 +135,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     train = position_pairs(teacher, "train", args.scenes, seed=5)
     heldout = position_pairs(teacher, "heldout", args.heldout, seed=1234)
     texts = sorted({t for _, pairs in (train, heldout) for pair in pairs for t in pair})
-    width = teacher.config.width
-    groups = [width, 2 * width] if teacher.config.pool == "max_where" else [width]
+    groups = teacher.pooled_groups
     rows = []
     for norm in (False, True):
         use = [(group_norm(x, groups) if norm else x, pairs) for x, pairs in (train, heldout)]

@@ -14,9 +14,7 @@ command trains on the GPU. Afterwards ``training/eval_teacher.py --teacher OUT -
 """
 from __future__ import annotations
 
-import argparse
 import json
-import math
 import re
 import sys
 import time
@@ -39,8 +37,8 @@ from evotok.images import ImageError, pil_to_tensor  # noqa: E402
 from evotok.probe import fill_template, scene_questions, scene_statements  # noqa: E402
 from evotok.teacher import TinySigLIPConfig, TinySigLIPTeacher, match_targets  # noqa: E402
 from evotok.text_encoder import SentenceEncoder  # noqa: E402
-from training.common import (STATE_FILE, Logger, copy_config, iterate_batches, load_config, load_training_state,  # noqa: E402
-                             rng_state, save_training_state, set_rng_state, set_seed)
+from training.common import (STATE_FILE, Logger, copy_config, iterate_batches, learning_rate, load_training_state,  # noqa: E402
+                             parse_run_args, rng_state, run_device, save_training_state, set_rng_state)
 from training.eval_teacher import scene_zero_shot  # noqa: E402
 
 TEXT_SEPARATOR = "\n"  # captions never contain it; joins a sample's true texts into one string
@@ -246,18 +244,6 @@ def weight_hard_negatives(batch: dict, texts: list[str], weight: float, mask: to
     return weights
 
 
-def learning_rate(step: int, train_cfg: dict) -> float:
-    """Linear warm-up, then cosine decay to ``min_lr`` (``schedule: constant`` keeps ``lr``)."""
-    lr, warmup, total = float(train_cfg["lr"]), int(train_cfg.get("warmup_steps", 0)), int(train_cfg["steps"])
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    if train_cfg.get("schedule", "cosine") == "constant":
-        return lr
-    min_lr = float(train_cfg.get("min_lr", 0.0))
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
-
-
 LOCKS = ("none", "features", "tower")
 
 
@@ -319,21 +305,11 @@ def make_optimizer(model: TinySigLIPTeacher, train_cfg: dict) -> torch.optim.Opt
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--resume", action="store_true", help="continue the run in train.output_dir")
-    parser.add_argument("--out", default=None, help="where to save the trained teacher (default: RUN/final)")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config values")
-    args = parser.parse_args(argv)
-    config = load_config(args.config, args.set)
+    args, config = parse_run_args(argv, __doc__, "trained teacher")
     train_cfg, data_cfg = config["train"], config.get("data", {})
     run_dir = Path(train_cfg["output_dir"])
     out_dir = Path(args.out) if args.out else run_dir / "final"
-    device = torch.device("cuda" if torch.cuda.is_available() and train_cfg.get("device", "auto") != "cpu" else "cpu")
-    if device.type == "cpu" and train_cfg.get("cpu_threads"):
-        torch.set_num_threads(int(train_cfg["cpu_threads"]))
-    seed = int(train_cfg.get("seed", 0))
-    set_seed(seed)
+    device = run_device(train_cfg)
 
     sentences = SentenceEncoder(cache_size=int(train_cfg.get("text_cache_size", 65536)), device=device)
     model = TinySigLIPTeacher(TinySigLIPConfig(**config.get("model", {})), text_encoder=sentences).to(device)

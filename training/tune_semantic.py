@@ -14,9 +14,7 @@ against that of the real features). The saved tokenizer pins the teacher it was 
 """
 from __future__ import annotations
 
-import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -33,19 +31,9 @@ from evotok.images import pil_to_tensor  # noqa: E402
 from evotok.losses import cosine_fold_loss, readout_loss  # noqa: E402
 from evotok.model import EvoTok  # noqa: E402
 from evotok.teacher import Teacher, load_teacher, matches_pins  # noqa: E402
-from training.common import (STATE_FILE, Logger, copy_config, iterate_batches, load_config, load_training_state,  # noqa: E402
-                             rng_state, save_training_state, set_rng_state, set_seed)
+from training.common import (STATE_FILE, Logger, copy_config, iterate_batches, learning_rate, load_training_state,  # noqa: E402
+                             parse_run_args, rng_state, run_device, save_training_state, set_rng_state)
 from training.eval_tokenizer import held_out_samples, probe_accuracy, probe_tasks  # noqa: E402
-
-
-def learning_rate(step: int, train_cfg: dict) -> float:
-    """Linear warm-up, then cosine decay to ``min_lr``."""
-    lr, warmup, total = float(train_cfg["lr"]), int(train_cfg.get("warmup_steps", 0)), int(train_cfg["steps"])
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    min_lr = float(train_cfg.get("min_lr", 0.0))
-    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 
 def freeze_all_but_semantic_decoder(tokenizer: EvoTok) -> list[torch.nn.Parameter]:
@@ -74,20 +62,11 @@ class SceneProbe:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--resume", action="store_true", help="continue the run in train.output_dir")
-    parser.add_argument("--out", default=None, help="where to save the tuned tokenizer (default: RUN/final)")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config values")
-    args = parser.parse_args(argv)
-    config = load_config(args.config, args.set)
+    args, config = parse_run_args(argv, __doc__, "tuned tokenizer")
     train_cfg, loss_cfg = config["train"], config.get("loss", {})
     run_dir = Path(train_cfg["output_dir"])
     out_dir = Path(args.out) if args.out else run_dir / "final"
-    device = torch.device("cuda" if torch.cuda.is_available() and train_cfg.get("device", "auto") != "cpu" else "cpu")
-    if device.type == "cpu" and train_cfg.get("cpu_threads"):
-        torch.set_num_threads(int(train_cfg["cpu_threads"]))
-    set_seed(int(train_cfg.get("seed", 0)))
+    device = run_device(train_cfg)
 
     tokenizer = EvoTok.from_pretrained(config["tokenizer"]).to(device)
     teacher = load_teacher(config.get("teacher") or tokenizer.config.teacher, device=device).eval().requires_grad_(False)

@@ -241,7 +241,9 @@ def test_benchmark_scores_generations_and_the_render_ceiling(oracle, tmp_path):
     oracle.save_pretrained(tmp_path / "oracle")
     ceiling = main(["--renders-only", "--oracle", str(tmp_path / "oracle"), "--per-category", "2"])
     assert ceiling["model"] is None and "generated" not in ceiling
-    assert ceiling["renders"]["overall"]["n"] == 12
+    assert ceiling["renders"]["overall"]["n"] == 12 and ceiling["pairs"] == "heldout"
+    seen = main(["--renders-only", "--oracle", str(tmp_path / "oracle"), "--per-category", "2", "--pairs", "train"])
+    assert seen["pairs"] == "train" and seen["renders"]["overall"]["n"] == 12
 
     model = tiny_mllm(tmp_path)
     out = tmp_path / "geneval.json"

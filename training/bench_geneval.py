@@ -37,6 +37,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from evotok.data.scenes import HELDOUT_PAIRS, TRAIN_PAIRS  # noqa: E402
 from evotok.hub import CheckpointError  # noqa: E402
 from evotok.images import pil_to_tensor, tensor_to_pil  # noqa: E402
 from evotok.oracle import (GENEVAL_CATEGORIES, PromptSpec, SceneOracle, geneval_prompts, judge,  # noqa: E402
@@ -101,6 +102,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--oracle", default="assets/oracle", help="scene oracle folder (training/train_oracle.py)")
     parser.add_argument("--per-category", type=int, default=20, help="prompts per GenEval category")
     parser.add_argument("--seed", type=int, default=0, help="prompts, reference renders and sampling")
+    parser.add_argument("--pairs", choices=("heldout", "train"), default="heldout",
+                        help="colour/shape pairs of the prompts: held-out (the score) or seen in training "
+                             "(separates composition from drawing quality)")
     parser.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (<= 0: none)")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=None)
@@ -120,7 +124,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
 
     oracle = load_oracle(args.oracle)
-    specs = geneval_prompts(args.per_category, seed=args.seed)
+    specs = geneval_prompts(args.per_category, seed=args.seed,
+                            pairs=TRAIN_PAIRS if args.pairs == "train" else HELDOUT_PAIRS)
     model = None
     size = oracle.config.resolution
     if not args.renders_only:
@@ -131,6 +136,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     renders = reference_renders(specs, seed=args.seed, resolution=size)
     ceiling = render_accuracy(oracle, specs, renders, seed=args.seed)
     results: dict[str, Any] = {"model": None if args.renders_only else args.model, "oracle": args.oracle,
+                               "pairs": args.pairs,
                                "per_category": args.per_category, "seed": args.seed, "image_size": size,
                                "renders": ceiling}
     generated = recon = None
@@ -163,7 +169,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 verdict = "pass" if rec["passed"] else "fail"
                 tensor_to_pil(image).save(out / f"{i:04d}_{spec.category}_{verdict}.png")
 
-    title = "GenEval-style score on held-out colour/shape pairs" + \
+    title = f"GenEval-style score on {'held-out' if args.pairs == 'heldout' else 'training'} colour/shape pairs" + \
         ("" if model is None else f" — {args.model}, guidance {args.guidance}")
     print(f"\n{title}\n\n{markdown(ceiling, generated, recon)}")
     if model is not None:

@@ -6,7 +6,8 @@ how close its images are to real renders.
 
 Prints three tables:
 1. Understanding: greedy exact-match answer accuracy on held-out scene questions (scenes built only
-   from held-out colour-shape pairs) per question category, on clip-art category questions
+   from held-out colour-shape pairs) per question category (with ``--seen-scenes N``, beside it the
+   accuracy on new scenes of training pairs), on clip-art category questions
    (held-out 10% of the pictures) and on Fashion-MNIST class questions (its test split).
 2. Speed on CPU, end to end: one text-to-image image (prompt -> decoded pixels, guidance 3) and one
    answer (image tensor -> full answer text), median over ``--repeats``.
@@ -49,9 +50,13 @@ def accuracy(model: EvoTokMLLM, images: torch.Tensor, questions: list[str], trut
     return hits
 
 
-def scene_understanding(model: EvoTokMLLM, count: int, size: int, batch_size: int) -> dict[str, tuple[float, int]]:
-    """Accuracy per question category on held-out scenes (every question of each scene)."""
-    world = SceneWorld(size, seed=4242, split="heldout")
+def scene_understanding(model: EvoTokMLLM, count: int, size: int, batch_size: int,
+                        split: str = "heldout") -> dict[str, tuple[float, int]]:
+    """Accuracy per question category on ``count`` scenes of ``split`` (every question of each scene).
+
+    "heldout" scenes hold only colour-shape pairs never seen in training; "train" scenes are new
+    images of the training pairs, so the gap between the two is the cost of unseen combinations."""
+    world = SceneWorld(size, seed=4242, split=split)
     images, questions, truths, categories = [], [], [], []
     for i in range(count):
         sample = world[i]
@@ -117,6 +122,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--model", default="assets/mllm", help="saved EvoTokMLLM folder or hub id")
     parser.add_argument("--tokenizer", default=None, help="image tokenizer folder (default: the one the model records)")
     parser.add_argument("--scenes", type=int, default=300, help="held-out scenes (about 6 questions each)")
+    parser.add_argument("--seen-scenes", type=int, default=0,
+                        help="also this many new scenes of training colour-shape pairs (0 = skip)")
     parser.add_argument("--labels", type=int, default=500, help="clip-art / Fashion-MNIST images per source")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--fid", type=int, default=0, help="generated images for FID (0 = skip)")
@@ -131,16 +138,20 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict = {"model": args.model, "threads": args.threads}
 
     scenes = scene_understanding(model, args.scenes, size, args.batch_size)
+    seen = scene_understanding(model, args.seen_scenes, size, args.batch_size, "train") if args.seen_scenes else {}
     labels = {name: label_understanding(model, name, args.labels, size, args.batch_size)
               for name in ("clipart", "fashion_mnist")}
     print("\nUnderstanding (greedy exact match)")
-    print(f"{'questions':32s} {'accuracy':>9s} {'n':>6s}")
+    print(f"{'questions':32s} {'accuracy':>9s} {'n':>6s}" + (f" {'seen pairs':>11s} {'n':>6s}" if seen else ""))
     for name, (acc, n) in sorted(scenes.items()):
-        print(f"{'scenes: ' + name:32s} {acc:9.3f} {n:6d}")
+        extra = f" {seen[name][0]:11.3f} {seen[name][1]:6d}" if name in seen else ""
+        print(f"{'scenes: ' + name:32s} {acc:9.3f} {n:6d}{extra}")
     for name, value in labels.items():
         if value is not None:
             print(f"{name + ' category':32s} {value[0]:9.3f} {value[1]:6d}")
     results["understanding"] = {"scenes": scenes, **{k: v for k, v in labels.items() if v is not None}}
+    if seen:
+        results["understanding"]["scenes_seen_pairs"] = seen
 
     timing = speed(model, args.repeats, size)
     print(f"\nSpeed, end to end, {args.threads} CPU threads (median of {args.repeats})")

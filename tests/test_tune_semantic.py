@@ -74,3 +74,13 @@ def test_readout_loss_is_zero_for_the_real_features_and_has_a_gradient():
     prediction = torch.randn_like(features, requires_grad=True)
     readout_loss(teacher, prediction, target).backward()
     assert prediction.grad is not None and prediction.grad.abs().sum() > 0
+
+
+def test_repeated_set_flags_all_apply():
+    """``--set a=1 --set b=2`` keeps both overrides (argparse would otherwise keep only the last)."""
+    from training.common import parse_run_args
+
+    args, config = parse_run_args(["--config", "training/configs/semantic_tune.yaml", "--set", "train.steps=7",
+                                   "--set", "train.lr=0.5", "train.seed=3"], "test", "decoder")
+    assert args.set == ["train.steps=7", "train.lr=0.5", "train.seed=3"]
+    assert (config["train"]["steps"], config["train"]["lr"], config["train"]["seed"]) == (7, 0.5, 3)

@@ -42,7 +42,7 @@ def parse_run_args(argv: list[str] | None, description: str, saved: str) -> tupl
     parser.add_argument("--config", required=True)
     parser.add_argument("--resume", action="store_true", help="continue the run in train.output_dir")
     parser.add_argument("--out", default=None, help=f"where to save the {saved} (default: RUN/final)")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config values")
+    parser.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE", help="override config values")
     args = parser.parse_args(argv)
     return args, load_config(args.config, args.set)
 

@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
     parser.add_argument("--resume", action="store_true", help="continue the run in train.output_dir")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config values")
+    parser.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE", help="override config values")
     args = parser.parse_args(argv)
     config = load_config(args.config, args.set)
     train_cfg, data_cfg, eval_cfg = config["train"], config["data"], config.get("eval", {})

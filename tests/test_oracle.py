@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from evotok.data.scenes import (COLOURS, HELDOUT_PAIRS, SceneObject, SceneWorld, _background_array,
+from evotok.data.scenes import (COLOURS, HELDOUT_PAIRS, TRAIN_PAIRS, SceneObject, SceneWorld, _background_array,
                                 _sample_background, vocabulary)
 from evotok.hub import CheckpointError
 from evotok.images import pil_to_tensor
@@ -244,6 +244,8 @@ def test_benchmark_scores_generations_and_the_render_ceiling(oracle, tmp_path):
     assert ceiling["renders"]["overall"]["n"] == 12 and ceiling["pairs"] == "heldout"
     seen = main(["--renders-only", "--oracle", str(tmp_path / "oracle"), "--per-category", "2", "--pairs", "train"])
     assert seen["pairs"] == "train" and seen["renders"]["overall"]["n"] == 12
+    for result, pairs in ((ceiling, HELDOUT_PAIRS), (seen, TRAIN_PAIRS)):
+        assert {tuple(o[:2]) for p in result["prompts"] for o in p["objects"]} <= set(pairs)
 
     model = tiny_mllm(tmp_path)
     out = tmp_path / "geneval.json"

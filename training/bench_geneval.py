@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {"model": None if args.renders_only else args.model, "oracle": args.oracle,
                                "pairs": args.pairs,
                                "per_category": args.per_category, "seed": args.seed, "image_size": size,
-                               "renders": ceiling}
+                               "renders": ceiling, "prompts": [s.to_dict() for s in specs]}
     generated = recon = None
     if model is not None:
         real = torch.stack([pil_to_tensor(img, size) for img in renders])

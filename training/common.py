@@ -35,13 +35,15 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     return config
 
 
-def parse_run_args(argv: list[str] | None, description: str, saved: str) -> tuple[argparse.Namespace, dict]:
-    """The single-process training scripts' command line (``--config``, ``--resume``, ``--out``,
-    ``--set``) and the config it names, with the overrides applied; ``saved`` names what ``--out`` gets."""
+def parse_run_args(argv: list[str] | None, description: str, saved: str | None = None) -> tuple[argparse.Namespace, dict]:
+    """Every training script's command line (``--config``, ``--resume``, ``--set``, and ``--out``
+    when ``saved`` names what it gets) and the config it names, with the overrides applied.
+    Repeated ``--set`` flags all apply."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
     parser.add_argument("--resume", action="store_true", help="continue the run in train.output_dir")
-    parser.add_argument("--out", default=None, help=f"where to save the {saved} (default: RUN/final)")
+    if saved:
+        parser.add_argument("--out", default=None, help=f"where to save the {saved} (default: RUN/final)")
     parser.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE", help="override config values")
     args = parser.parse_args(argv)
     return args, load_config(args.config, args.set)

@@ -14,7 +14,6 @@ chunks), so training steps touch only the language model, the projector and the 
 """
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import time
@@ -34,7 +33,7 @@ from evotok.mllm.data import (TASKS, ChatDataset, build_pool, collate, corpus_te
 from evotok.mllm.model import tokenizer_digest  # noqa: E402
 from evotok.model import EvoTok  # noqa: E402
 from training.common import (STATE_FILE, Logger, append_jsonl, batch_indices, copy_config,  # noqa: E402
-                             finish_run, load_config, load_training_state, rng_state, save_checkpoint,
+                             finish_run, load_training_state, parse_run_args, rng_state, save_checkpoint,
                              set_rng_state, set_seed, to_float_dict)
 
 TENSOR_KEYS = ("input_ids", "attention_mask", "labels", "image_mask", "gen_mask", "image_codes", "gen_codes")
@@ -130,12 +129,7 @@ def evaluate(model: EvoTokMLLM, eval_batch: dict, questions: list, heldout_scene
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--resume", action="store_true", help="continue the run in train.output_dir")
-    parser.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE", help="override config values")
-    args = parser.parse_args(argv)
-    config = load_config(args.config, args.set)
+    args, config = parse_run_args(argv, __doc__)
     train_cfg, data_cfg, eval_cfg = config["train"], config["data"], config.get("eval", {})
     run_dir = Path(train_cfg["output_dir"])
     seed = int(train_cfg.get("seed", 0))

@@ -14,7 +14,6 @@ memory switches are config keys under ``train.optimizations`` (see ``training.st
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
@@ -36,7 +35,7 @@ from evotok.hub import weights_digest  # noqa: E402
 from evotok.model import EvoTok  # noqa: E402
 from evotok.teacher import TinySigLIPConfig, TinySigLIPTeacher, load_teacher  # noqa: E402
 from training.common import (STATE_FILE, Logger, append_jsonl, copy_config, finish_run,  # noqa: E402
-                             iterate_batches, load_config, load_training_state, rng_state, save_checkpoint,
+                             iterate_batches, load_training_state, parse_run_args, rng_state, save_checkpoint,
                              set_rng_state, set_seed, to_float_dict)
 from training.step import Optimizations, TokenizerTrainer, gather_digests  # noqa: E402
 
@@ -81,12 +80,7 @@ def eval_images(data_cfg: dict, count: int) -> torch.Tensor:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--resume", action="store_true", help="continue the run in train.output_dir")
-    parser.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE", help="override config values")
-    args = parser.parse_args(argv)
-    config = load_config(args.config, args.set)
+    args, config = parse_run_args(argv, __doc__)
     train_cfg, data_cfg = config["train"], config["data"]
     run_dir = Path(train_cfg["output_dir"])
     optimizations = Optimizations.from_dict(train_cfg.get("optimizations"))

@@ -69,7 +69,7 @@ def random_batch(model, count: int = 6, seed: int = 0) -> dict:
     codes = rng.integers(0, model.config.codebook_size, size=(8, 4, 4, 4)).astype(np.int16)
     data = ChatDataset({"scenes": ImagePool("scenes", codes, records, {})},
                        {"scene_t2i": 1.0, "scene_qa": 1.0, "text": 0.3}, model.text, model.config.num_cells,
-                       model.config.pixel_depth, seed=seed, num_image_tokens=model.config.num_image_tokens)
+                       model.config.pixel_depth, seed=seed)
     return collate([data[i] for i in range(count)], model.text.ids["pad"])
 
 
@@ -359,69 +359,3 @@ def test_save_load_round_trip(image_tok, text_tok, tmp_path):
         EvoTokMLLM.from_pretrained(tmp_path / "mllm")
     with pytest.raises(CheckpointError, match="evotok_mllm"):
         EvoTokMLLM.from_pretrained(tmp_path / "tokenizer")
-
-
-# ---------------------------------------------------------------------------- image summary token
-def tiny_teacher(seed: int = 0):
-    """A teacher that reads the tiny tokenizer's 4×4 grid of 24-wide semantic features."""
-    from evotok.teacher import TinySigLIPConfig, TinySigLIPTeacher
-
-    torch.manual_seed(seed)
-    return TinySigLIPTeacher(TinySigLIPConfig(image_size=32, patch_size=8, width=24, depth=2, num_heads=2,
-                                              embed_dim=16)).eval()
-
-
-def test_summary_token_follows_the_grid_and_carries_the_teachers_embedding(image_tok, text_tok):
-    teacher = tiny_teacher()
-    model = build(image_tok, text_tok, seed=3, teacher=teacher)
-    cfg, tok = model.config, model.text
-    assert cfg.image_summary and cfg.summary_dim == 16 and cfg.num_image_tokens == cfg.num_cells + 1
-    enc = encode_chat(tok, [("What colour is the star?", "red")], num_image_tokens=cfg.num_image_tokens)
-    ids, mask = torch.tensor([enc.input_ids]), torch.tensor([enc.image_mask])
-    features = torch.randn(1, cfg.num_cells, cfg.semantic_dim)
-    with torch.no_grad():
-        embeds = model.embed_inputs(ids, mask, features)
-        cells = model.projector(features) + model.grid_pos
-        summary = model.summary_projector(teacher.embed_features(features))
-    placed = embeds[0, mask[0]]
-    assert torch.allclose(placed[:-1], cells[0]) and torch.allclose(placed[-1], summary[0])
-
-    batch = tensors(random_batch(model))
-    assert int(batch["image_mask"].sum()) == cfg.num_image_tokens * batch["image_codes"].shape[0]
-    assert torch.isfinite(model(**batch).loss)
-    image = torch.rand(3, 32, 32) * 2 - 1
-    single = "".join(model.answer(image, "What colour is the star?", max_new_tokens=4))
-    assert model.answer_batch(image[None], ["What colour is the star?"], max_new_tokens=4) == [single.strip()]
-
-
-def test_adding_the_summary_to_a_trained_model_starts_from_an_empty_token(image_tok, text_tok):
-    model = build(image_tok, text_tok, seed=4)
-    assert model.config.num_image_tokens == model.config.num_cells and model.summary_projector is None
-    teacher = tiny_teacher()
-    model.add_image_summary(teacher)
-    assert model.config.num_image_tokens == model.config.num_cells + 1
-    with torch.no_grad():
-        start = model.summary_projector(teacher.embed_features(torch.randn(2, model.config.num_cells, 24)))
-    assert torch.count_nonzero(start) == 0
-    assert all(p.requires_grad for p in model.summary_projector.parameters())
-    assert not any(p.requires_grad for p in teacher.parameters())
-    with pytest.raises(ValueError, match="already"):
-        model.add_image_summary(teacher)
-
-
-def test_summary_model_round_trip_checks_its_teacher(image_tok, text_tok, tmp_path):
-    image_tok.save_pretrained(tmp_path / "tokenizer")
-    teacher = tiny_teacher()
-    teacher.save_pretrained(tmp_path / "teacher")
-    model = build(image_tok, text_tok, seed=5, path="tokenizer", teacher=teacher)
-    model.save_pretrained(tmp_path / "mllm")
-    assert json.loads((tmp_path / "mllm" / "config.json").read_text())["teacher_sha256"]
-
-    loaded = EvoTokMLLM.from_pretrained(tmp_path / "mllm", teacher=tmp_path / "teacher")
-    batch = tensors(random_batch(model, seed=2))
-    with torch.no_grad():
-        assert torch.allclose(model(**batch).loss, loaded(**batch).loss)
-    with pytest.raises(CheckpointError, match="teacher's weights differ"):
-        EvoTokMLLM.from_pretrained(tmp_path / "mllm", teacher=tiny_teacher(seed=1))
-    with pytest.raises(CheckpointError, match="records none"):  # the tiny tokenizer names no teacher
-        EvoTokMLLM.from_pretrained(tmp_path / "mllm")

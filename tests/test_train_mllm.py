@@ -80,22 +80,3 @@ def test_stage_one_freezes_the_lm_and_stage_two_trains_it(root):
         assert not torch.equal(init[name], stage1[name]), name
     config = json.loads((root / "stage2" / "final" / "config.json").read_text())
     assert config["image_tokenizer"] == str(root / "tokenizer")
-
-
-def test_a_trained_model_continues_with_the_summary_token_and_resumes_exactly(root):
-    from test_mllm import tiny_teacher
-
-    tiny_teacher().save_pretrained(root / "teacher")
-    run(root, "before_summary", "train.steps=2")
-    summary_args = (f"model.init_from={root / 'before_summary' / 'final'}", "model.image_summary=true",
-                    f"model.teacher={root / 'teacher'}")
-    run(root, "summary", "train.steps=4", *summary_args)
-    run(root, "summary_resumed", "train.steps=2", *summary_args)
-    run(root, "summary_resumed", "train.steps=4", *summary_args, resume=True)
-    a, b = weights(root / "summary" / "final"), weights(root / "summary_resumed" / "final")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert torch.count_nonzero(a["summary_projector.3.weight"]) > 0  # started at zero, then learned
-
-    model = EvoTokMLLM.from_pretrained(root / "summary" / "final", teacher=root / "teacher")
-    assert model.config.image_summary and model.config.num_image_tokens == model.config.num_cells + 1
-    assert isinstance(model.answer(torch.zeros(3, 32, 32), "What colour is the circle?", stream=False), str)

@@ -9,8 +9,13 @@ LM) inherits that. Two representations of the bundled tokenizer are compared:
 * grid cells: the semantic features at the semantic depth, one vector per cell, labelled with the
   object whose drawn box covers the cell's centre (cells on the background are left out);
 * summary: the tokenizer's teacher's pooled image embedding of those same features
-  (``Teacher.embed_features``, what the multimodal model's summary token carries), on
-  single-object scenes.
+  (``Teacher.embed_features``), on single-object scenes.
+
+Measured on the bundled tokenizer (defaults: 2000 / 600 scenes): grid cells give colour 0.933 but
+shape 0.133 on held-out pairs, below the majority class (0.274); the pooled embedding gives shape
+0.745 (98 single-object scenes). Feeding that embedding to the multimodal model as one
+extra input token (commit 06b9d13, ``mllm_stage3_summary.yaml`` there) moved its held-out shape
+answers only from 0.298 to 0.348: the language model did not read it compositionally either.
 
     python training/bench_attribute_probe.py                        # assets/tokenizer, its teacher
     python training/bench_attribute_probe.py --train-scenes 3000 --json probe.json

@@ -32,7 +32,6 @@ from evotok.mllm.data import (TASKS, ChatDataset, build_pool, collate, corpus_te
                               load_pool)
 from evotok.mllm.model import tokenizer_digest  # noqa: E402
 from evotok.model import EvoTok  # noqa: E402
-from evotok.teacher import load_teacher  # noqa: E402
 from training.common import (STATE_FILE, Logger, append_jsonl, batch_indices, copy_config,  # noqa: E402
                              finish_run, load_training_state, parse_run_args, rng_state, save_checkpoint,
                              set_rng_state, set_seed, to_float_dict)
@@ -62,22 +61,9 @@ def build_pools(tokenizer: EvoTok, data_cfg: dict, split: str, counts: dict[str,
 
 def build_model(config: dict, tokenizer: EvoTok, pools: dict, run_dir: Path, resume: bool,
                 accelerator: Accelerator) -> EvoTokMLLM:
-    model_cfg = config["model"]
-    teacher = None
-    if model_cfg.get("image_summary"):  # the summary token reads the tokenizer's own teacher
-        teacher = load_teacher(model_cfg.get("teacher") or tokenizer.config.teacher, device=accelerator.device)
+    model_cfg, text_cfg = config["model"], config.get("text_tokenizer", {})
     if model_cfg.get("init_from"):  # stage 2: continue from a saved stage-1 model
-        model = EvoTokMLLM.from_pretrained(model_cfg["init_from"], image_tokenizer=tokenizer, teacher=teacher)
-        if teacher is not None and not model.config.image_summary:
-            model.add_image_summary(teacher)
-        return model
-    return new_model(model_cfg, config.get("text_tokenizer", {}), tokenizer, teacher, pools, run_dir, resume,
-                     accelerator)
-
-
-def new_model(model_cfg: dict, text_cfg: dict, tokenizer: EvoTok, teacher, pools: dict, run_dir: Path, resume: bool,
-              accelerator: Accelerator) -> EvoTokMLLM:
-    """A fresh model: the BPE text tokenizer trained on the pools' texts, a new or pretrained LM."""
+        return EvoTokMLLM.from_pretrained(model_cfg["init_from"], image_tokenizer=tokenizer)
     text_dir = run_dir / "text_tokenizer"
     if accelerator.is_main_process:  # one BPE, trained once, shared by every rank
         if text_cfg.get("path"):
@@ -94,18 +80,17 @@ def new_model(model_cfg: dict, text_cfg: dict, tokenizer: EvoTok, teacher, pools
                                           "max_prompt_tokens", "max_answer_tokens") if k in model_cfg}
     if model_cfg.get("lm_name_or_path"):
         return EvoTokMLLM.build(tokenizer, text_tok, image_tokenizer_path=model_cfg["image_tokenizer"],
-                                lm_name_or_path=model_cfg["lm_name_or_path"], teacher=teacher, **adapters)
+                                lm_name_or_path=model_cfg["lm_name_or_path"], **adapters)
     lm_config = qwen2_lm_config(len(text_tok), **model_cfg.get("lm", {}))
     return EvoTokMLLM.build(tokenizer, text_tok, image_tokenizer_path=model_cfg["image_tokenizer"],
-                            lm_config=lm_config, teacher=teacher, **adapters)
+                            lm_config=lm_config, **adapters)
 
 
 def make_dataset(pools: dict, data_cfg: dict, model: EvoTokMLLM, seed: int, tasks: dict | None = None) -> ChatDataset:
     return ChatDataset(pools, tasks or data_cfg["tasks"], model.text, model.config.num_cells, model.config.pixel_depth,
                        seed=seed, cfg_dropout=float(data_cfg.get("cfg_dropout", 0.1)),
                        describe_prob=float(data_cfg.get("describe_prob", 0.2)),
-                       max_turns=int(data_cfg.get("max_turns", 3)), max_prompt_tokens=model.config.max_prompt_tokens,
-                       num_image_tokens=model.config.num_image_tokens)
+                       max_turns=int(data_cfg.get("max_turns", 3)), max_prompt_tokens=model.config.max_prompt_tokens)
 
 
 def to_device(batch: dict, device: torch.device) -> dict:

@@ -28,14 +28,6 @@ class MLLMConfig:
             (``None``: the LM's hidden size).
         depth_layers, depth_width, depth_heads: the depth transformer that samples the
             ``pixel_depth`` codes of one grid position stage after stage.
-    Image summary (optional):
-        image_summary: also splice one summary token after the grid cells: the tokenizer's
-            teacher's own pooled image embedding (``Teacher.readout`` of the semantic features),
-            through a second MLP projector. The grid cells entangle shape with colour (a shape
-            probe trained on seen colour-shape pairs is at chance on unseen ones), while the
-            teacher's pooled embedding, trained against text, reads unseen pairs far better.
-        summary_dim: width of that embedding (the teacher's ``embed_dim``).
-        teacher_sha256: digest of the teacher's weights, checked when the teacher is attached.
     Prompts:
         max_prompt_tokens: longest prompt or question accepted, in text tokens.
         max_answer_tokens: longest answer ``answer`` produces unless asked otherwise.
@@ -55,9 +47,6 @@ class MLLMConfig:
     base_vocab_size: int | None = None
 
     projector_hidden: int | None = None
-    image_summary: bool = False
-    summary_dim: int | None = None
-    teacher_sha256: str | None = None
     depth_layers: int = 2
     depth_width: int = 256
     depth_heads: int = 4
@@ -72,8 +61,6 @@ class MLLMConfig:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.depth_width % self.depth_heads:
             raise ValueError(f"depth_width {self.depth_width} is not divisible by depth_heads {self.depth_heads}")
-        if self.image_summary and not self.summary_dim:
-            raise ValueError("image_summary needs summary_dim (the teacher's embedding width)")
         if self.lm_config is None and not self.lm_name_or_path:
             raise ValueError("give lm_config (a transformers config dict) or lm_name_or_path (hub id or folder)")
         if self.lm_config is not None and "model_type" not in self.lm_config:
@@ -82,11 +69,6 @@ class MLLMConfig:
     @property
     def num_cells(self) -> int:
         return self.grid_size * self.grid_size
-
-    @property
-    def num_image_tokens(self) -> int:
-        """``<image>`` placeholders per image: one per grid cell, plus the summary token if any."""
-        return self.num_cells + int(self.image_summary)
 
     @property
     def hidden_size(self) -> int:

@@ -179,8 +179,7 @@ class ChatDataset(torch.utils.data.Dataset):
 
     def __init__(self, pools: Mapping[str, ImagePool], task_weights: Mapping[str, float], text_tokenizer: TextTokenizer,
                  num_cells: int, pixel_depth: int, seed: int = 0, cfg_dropout: float = 0.1, describe_prob: float = 0.2,
-                 max_turns: int = 3, max_prompt_tokens: int | None = 64, length: int = 10**9,
-                 num_image_tokens: int | None = None):
+                 max_turns: int = 3, max_prompt_tokens: int | None = 64, length: int = 10**9):
         unknown = sorted(set(task_weights) - set(TASKS))
         if unknown:
             raise ValueError(f"unknown tasks {unknown}; expected some of {sorted(TASKS)}")
@@ -194,7 +193,6 @@ class ChatDataset(torch.utils.data.Dataset):
         self.cdf = np.cumsum(p / p.sum())
         self.pools, self.tok = dict(pools), text_tokenizer
         self.num_cells, self.pixel_depth, self.seed = num_cells, pixel_depth, int(seed)
-        self.num_image_tokens = num_cells if num_image_tokens is None else int(num_image_tokens)
         self.cfg_dropout, self.describe_prob, self.max_turns = cfg_dropout, describe_prob, max_turns
         self.max_prompt_tokens, self.length = max_prompt_tokens, int(length)
         self.text_pairs = text_only_pairs()
@@ -223,7 +221,7 @@ class ChatDataset(torch.utils.data.Dataset):
                 item["gen_codes"] = codes[..., : self.pixel_depth]
             else:
                 turns = self.conversation(source, record, rng)
-                encoded = encode_chat(self.tok, turns, self.num_image_tokens, self.max_prompt_tokens, truncate=True)
+                encoded = encode_chat(self.tok, turns, self.num_cells, self.max_prompt_tokens, truncate=True)
                 item["image_codes"] = codes
         item.update(input_ids=encoded.input_ids, labels=encoded.labels, image_mask=encoded.image_mask,
                     gen_mask=encoded.gen_mask)

@@ -211,7 +211,7 @@ def stream_answer(model: "EvoTokMLLM", image: torch.Tensor | None, question: str
         raise ValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
     cfg, tok, device = model.config, model.text, model.device
     turns = [(str(q), str(a)) for q, a in history] + [(question, None)]
-    n_image = cfg.num_image_tokens if image is not None else 0
+    n_image = cfg.num_cells if image is not None else 0
     encoded = encode_chat(tok, turns, n_image, cfg.max_prompt_tokens)
     image = _image_batch(model, image) if image is not None else None
     ids = torch.tensor([encoded.input_ids], device=device)
@@ -271,7 +271,7 @@ def _batch_answers(model: "EvoTokMLLM", images: torch.Tensor | None, questions: 
     has_image = image_codes is not None
     if has_image and image_codes.shape[0] != len(questions):
         raise ValueError(f"{image_codes.shape[0]} images for {len(questions)} questions")
-    encoded = [encode_chat(tok, [(q, None)], cfg.num_image_tokens if has_image else 0, cfg.max_prompt_tokens)
+    encoded = [encode_chat(tok, [(q, None)], cfg.num_cells if has_image else 0, cfg.max_prompt_tokens)
                for q in questions]
     ids, mask = left_pad([e.input_ids for e in encoded], tok.ids["pad"], device)
     image_mask, _ = left_pad([e.image_mask for e in encoded], False, device, torch.bool)

@@ -2,17 +2,14 @@
 
 * Understanding: the frozen tokenizer's semantic features (one vector per grid cell, at the
   semantic depth) go through an MLP projector into the LM's input embeddings at the ``<image>``
-  placeholders. With ``config.image_summary`` one more placeholder follows the grid: the teacher's
-  pooled image embedding of the same features through its own projector (a whole-image summary
-  whose attributes generalise to unseen colour-shape pairs better than the cells do).
+  placeholders.
 * Generation: after ``<boi>`` the LM runs over the grid in raster order; at each position its last
   hidden state conditions a small depth transformer that samples the ``pixel_depth`` codes of the
   next cell stage by stage; the LM's input for a cell is a projection of the code prefix sum
   ``codes_to_latent(codes, pixel_depth)``, so the LM never needs a vocabulary of image codes.
 
-The tokenizer (and, with a summary token, its teacher) is attached, not owned: it is frozen, its
-weights stay in its own checkpoint, and the saved model records which one it was trained with
-(path and a digest of its weights).
+The tokenizer is attached, not owned: it is frozen, its weights stay in its own checkpoint, and
+the saved model records which one it was trained with (path and a digest of its weights).
 """
 from __future__ import annotations
 
@@ -83,7 +80,6 @@ class EvoTokMLLM(nn.Module, PretrainedMixin):
         width = config.projector_hidden or hidden
         self.projector = nn.Sequential(nn.LayerNorm(config.semantic_dim), nn.Linear(config.semantic_dim, width),
                                        nn.GELU(), nn.Linear(width, hidden))
-        self.summary_projector = _summary_projector(config) if config.image_summary else None
         self.latent_in = nn.Sequential(nn.Linear(config.code_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden))
         self.grid_pos = nn.Parameter(torch.zeros(config.num_cells, hidden))
         nn.init.trunc_normal_(self.grid_pos, std=0.02)
@@ -91,7 +87,6 @@ class EvoTokMLLM(nn.Module, PretrainedMixin):
                                       config.depth_width, config.depth_layers, config.depth_heads)
         self.text_tokenizer = text_tokenizer
         self.__dict__["image_tokenizer"] = None  # attached, never a submodule: not saved, not trained
-        self.__dict__["teacher"] = None          # likewise (only with config.image_summary)
         self._embedding_hooks: list = []
         self._cache_arg = "cache" if "cache" in inspect.signature(self.lm.base_model.forward).parameters \
             else "past_key_values"
@@ -100,14 +95,12 @@ class EvoTokMLLM(nn.Module, PretrainedMixin):
     @classmethod
     def build(cls, image_tokenizer: nn.Module, text_tokenizer: TextTokenizer, *, image_tokenizer_path: str,
               lm_config: dict[str, Any] | None = None, lm_name_or_path: str | None = None,
-              teacher: nn.Module | None = None, **config_overrides: Any) -> "EvoTokMLLM":
+              **config_overrides: Any) -> "EvoTokMLLM":
         """A new model around a frozen EvoTok tokenizer.
 
         Either ``lm_config`` (e.g. :func:`~evotok.mllm.config.qwen2_lm_config`, trained from
         scratch; its vocabulary is sized to ``text_tokenizer``) or ``lm_name_or_path`` (a
         pretrained transformers causal LM whose embeddings are grown for the new special tokens).
-        With ``teacher`` (the tokenizer's own, see :func:`evotok.teacher.load_teacher`) each image
-        also gets the summary token (``config.image_summary``).
         """
         from transformers import AutoModelForCausalLM
 
@@ -134,45 +127,9 @@ class EvoTokMLLM(nn.Module, PretrainedMixin):
             lm_name_or_path=str(lm_name_or_path) if lm_name_or_path else None, lm_config=lm_config,
             base_vocab_size=base_vocab, **config_overrides,
         )
-        if teacher is not None:
-            config.image_summary, config.summary_dim = True, int(teacher.embed_dim)
-            config.teacher_sha256 = weights_digest(teacher)
         model = cls(config, text_tokenizer=text_tokenizer, lm=lm)
         model.attach_image_tokenizer(image_tokenizer)
-        if teacher is not None:
-            model.attach_teacher(teacher)
         return model
-
-    def add_image_summary(self, teacher: nn.Module) -> None:
-        """Give a model trained without it the summary token (continued training). The new
-        projector's output starts at zero: the extra token starts out carrying no image content."""
-        if self.config.image_summary:
-            raise ValueError("this model already has the image summary token")
-        self.config.image_summary, self.config.summary_dim = True, int(teacher.embed_dim)
-        self.config.teacher_sha256 = weights_digest(teacher)
-        self.summary_projector = _summary_projector(self.config).to(self.device)
-        nn.init.zeros_(self.summary_projector[-1].weight)
-        nn.init.zeros_(self.summary_projector[-1].bias)
-        self.attach_teacher(teacher)
-
-    def attach_teacher(self, teacher: nn.Module, check: bool = True) -> None:
-        """Use ``teacher`` (frozen) for the summary token: ``teacher.embed_features(semantic features)``."""
-        cfg = self.config
-        if not cfg.image_summary:
-            raise ValueError("this model has no image summary token; a teacher is not used")
-        if int(getattr(teacher, "embed_dim", 0) or 0) != cfg.summary_dim:
-            raise CheckpointError(f"the teacher's embeddings are {getattr(teacher, 'embed_dim', None)}-wide, "
-                                  f"this model's summary projector reads {cfg.summary_dim}")
-        if int(teacher.feature_dim) != cfg.semantic_dim:
-            raise CheckpointError(f"the teacher reads {teacher.feature_dim}-wide features, the tokenizer's semantic "
-                                  f"features are {cfg.semantic_dim}-wide")
-        if check and cfg.teacher_sha256 and weights_digest(teacher) != cfg.teacher_sha256:
-            raise CheckpointError(f"the teacher's weights differ from the ones this model was trained with "
-                                  f"(sha256 {cfg.teacher_sha256[:12]}…)")
-        teacher.eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-        self.__dict__["teacher"] = teacher.to(self.device)
 
     def attach_image_tokenizer(self, tokenizer: nn.Module, check: bool = True) -> None:
         """Use ``tokenizer`` (frozen, eval mode) for encoding, semantic features, latents and decoding."""
@@ -197,9 +154,9 @@ class EvoTokMLLM(nn.Module, PretrainedMixin):
 
     def _apply(self, fn, recurse: bool = True):  # .to()/.cuda() move the attached tokenizer too
         super()._apply(fn, recurse)
-        for attached in (self.__dict__.get("image_tokenizer"), self.__dict__.get("teacher")):
-            if attached is not None:
-                attached._apply(fn, recurse)
+        tok = self.__dict__.get("image_tokenizer")
+        if tok is not None:
+            tok._apply(fn, recurse)
         return self
 
     @property
@@ -233,37 +190,22 @@ class EvoTokMLLM(nn.Module, PretrainedMixin):
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, map_location: str | torch.device = "cpu",
                         image_tokenizer: nn.Module | str | os.PathLike | None = None,
-                        check_image_tokenizer: bool = True, teacher: nn.Module | str | os.PathLike | None = None,
-                        **hub_kwargs: Any) -> "EvoTokMLLM":
-        """Load a saved model and the image tokenizer it records (or ``image_tokenizer``: a model or path);
-        a model with the summary token also loads the tokenizer's teacher (or ``teacher``)."""
+                        check_image_tokenizer: bool = True, **hub_kwargs: Any) -> "EvoTokMLLM":
+        """Load a saved model and the image tokenizer it records (or ``image_tokenizer``: a model or path)."""
         from ..model import EvoTok
-        from ..teacher import load_teacher
 
         folder = resolve_checkpoint(name_or_path, **hub_kwargs)
         model = super().from_pretrained(folder, map_location=map_location)
         if not isinstance(image_tokenizer, nn.Module):
             where = image_tokenizer
             if where is None:
-                where = _find_folder(model.config.image_tokenizer, folder)
+                where = _find_tokenizer(model.config.image_tokenizer, folder)
             try:
                 image_tokenizer = EvoTok.from_pretrained(where, map_location=map_location)
             except CheckpointError as err:
                 raise CheckpointError(f"cannot load the image tokenizer {str(where)!r} recorded by {folder}: {err}. "
                                       "Pass image_tokenizer=<folder> to point at it.") from err
         model.attach_image_tokenizer(image_tokenizer, check=check_image_tokenizer)
-        if model.config.image_summary:
-            if not isinstance(teacher, nn.Module):
-                where = teacher or image_tokenizer.config.teacher
-                if not where:
-                    raise CheckpointError(f"{folder} uses its tokenizer's teacher, but the tokenizer records none; "
-                                          "pass teacher=<folder>")
-                try:
-                    teacher = load_teacher(_find_folder(str(where), folder), device=map_location)
-                except (CheckpointError, OSError) as err:
-                    raise CheckpointError(f"cannot load the teacher {str(where)!r} that {folder} needs for its "
-                                          f"summary token: {err}. Pass teacher=<folder> to point at it.") from err
-            model.attach_teacher(teacher)
         return model
 
     # ------------------------------------------------------------------ training
@@ -296,15 +238,6 @@ class EvoTokMLLM(nn.Module, PretrainedMixin):
         with torch.no_grad():
             return self.tokenizer.semantic_features(image_codes, depth=self.config.semantic_depth)
 
-    def summary_embedding(self, image_features: torch.Tensor) -> torch.Tensor:
-        """The teacher's pooled image embedding of the semantic features: ``b (h w) C`` -> ``b E``."""
-        teacher = self.__dict__.get("teacher")
-        if teacher is None:
-            raise RuntimeError("this model's summary token needs its teacher; load it with from_pretrained "
-                               "or attach_teacher")
-        with torch.no_grad():
-            return teacher.embed_features(image_features)
-
     def code_latents(self, codes: torch.Tensor) -> torch.Tensor:
         """Prefix sum of the pixel-depth codes: ``... pixel_depth`` -> ``... code_dim``."""
         with torch.no_grad():
@@ -323,13 +256,8 @@ class EvoTokMLLM(nn.Module, PretrainedMixin):
             if image_features.ndim != 3 or image_features.shape[1:] != (n, self.config.semantic_dim):
                 raise ValueError(f"image features must be b×{n}×{self.config.semantic_dim} (one per grid cell), "
                                  f"got {tuple(image_features.shape)}; the <image> placeholders cannot be filled")
-            features = image_features.to(embeds.dtype)
-            values = self.projector(features) + self.grid_pos
-            if self.config.image_summary:
-                summary = self.summary_projector(self.summary_embedding(features).to(embeds.dtype))
-                values = torch.cat([values, summary[:, None]], dim=1)
-            embeds = _splice(embeds, image_mask, values.flatten(0, 1).to(embeds.dtype), "<image> placeholders",
-                             self.config.num_image_tokens)
+            values = (self.projector(image_features.to(embeds.dtype)) + self.grid_pos).flatten(0, 1).to(embeds.dtype)
+            embeds = _splice(embeds, image_mask, values, "<image> placeholders", n)
         if gen_mask is not None and bool(gen_mask.any()):
             if gen_codes is None:
                 raise ValueError("the sequence has generated grid cells but no codes were given")
@@ -472,14 +400,8 @@ def _semantic_dim(tokenizer: nn.Module) -> int:
     return int(getattr(tokenizer.config, "teacher_dim"))
 
 
-def _summary_projector(config: MLLMConfig) -> nn.Sequential:
-    width = config.projector_hidden or config.hidden_size
-    return nn.Sequential(nn.LayerNorm(config.summary_dim), nn.Linear(config.summary_dim, width), nn.GELU(),
-                         nn.Linear(width, config.hidden_size))
-
-
-def _find_folder(ref: str, folder: Path) -> str:
-    """A recorded tokenizer or teacher path, looked up beside the model folder and each folder above it,
+def _find_tokenizer(ref: str, folder: Path) -> str:
+    """A recorded tokenizer path, looked up beside the model folder and each folder above it,
     then as given (relative to the working directory, or a hub id)."""
     path = Path(ref).expanduser()
     if path.is_absolute():

@@ -162,13 +162,11 @@ class MultimodalService:
         all_params = sum(p.numel() for p in self.model.parameters())
         name = self.card_title or Path(self.source).name or "EvoTok multimodal model"
         lm = c.lm_name_or_path or f"{c.lm_config.get('model_type', 'causal')} LM trained from scratch"
-        summary = (f" ({c.num_cells} cell tokens and one summary token, the teacher's pooled embedding)"
-                   if c.image_summary else "")
         return (f"**Loaded:** {name} (`{self.source}`) — {lm}, {lm_params / 1e6:.1f} M LM parameters "
                 f"({all_params / 1e6:.1f} M with the projector and depth transformer). It draws "
                 f"{self.image_size}×{self.image_size} images as {c.grid_size}×{c.grid_size} tokens × "
-                f"{c.pixel_depth} pixel stages and reads images at semantic depth {c.semantic_depth}"
-                f"{summary}. Prompts and questions: at most {c.max_prompt_tokens} tokens.")
+                f"{c.pixel_depth} pixel stages and reads images at semantic depth {c.semantic_depth}. "
+                f"Prompts and questions: at most {c.max_prompt_tokens} tokens.")
 
     def known_words(self) -> list[str]:
         return self.model.known_words()
@@ -277,7 +275,7 @@ class MultimodalService:
         budget = self.context_length() - self.config.max_answer_tokens
         dropped = 0
         while True:
-            length = len(encode_chat(self.model.text, [*turns, (text, None)], self.config.num_image_tokens,
+            length = len(encode_chat(self.model.text, [*turns, (text, None)], self.config.num_cells,
                                      truncate=True))
             if length <= budget or not turns:
                 break

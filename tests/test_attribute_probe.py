@@ -1,4 +1,4 @@
-"""training/bench_attribute_probe.py: which grid cells an object labels, and the table on a tiny run."""
+"""training/bench_attribute_probe.py: which grid cells an object labels (the probes' targets)."""
 from __future__ import annotations
 
 from evotok.data.scenes import COLOURS, SHAPES, SceneObject

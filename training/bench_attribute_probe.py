@@ -37,7 +37,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from evotok.data.scenes import COLOURS, SHAPES, SceneWorld  # noqa: E402
+from evotok.data.scenes import COLOURS, SHAPES, SceneObject, SceneWorld  # noqa: E402
 from evotok.images import pil_to_tensor  # noqa: E402
 from evotok.model import EvoTok  # noqa: E402
 from evotok.teacher import load_teacher  # noqa: E402
@@ -66,20 +66,20 @@ def representations(tokenizer: EvoTok, teacher, split: str, count: int, batch_si
     summary, summary_y = [], {"colour": [], "shape": []}
     for start in range(0, count, batch_size):
         samples = [world[i] for i in range(start, min(start + batch_size, count))]
-        scenes = [world.scene(i) for i in range(start, min(start + batch_size, count))]
         images = torch.stack([pil_to_tensor(s.image, tokenizer.config.image_size) for s in samples])
         features = tokenizer.semantic_features(tokenizer.encode(images), depth=depth)
         embeds = teacher.embed_features(features)
-        for k, scene in enumerate(scenes):
-            labels = cell_labels(scene.objects, grid)
+        for k, sample in enumerate(samples):
+            objects = [SceneObject.from_any(o) for o in sample.attributes["objects"]]
+            labels = cell_labels(objects, grid)
             covered = labels["colour"] >= 0
             cells.append(features[k][torch.from_numpy(covered)].numpy())
             for name in cell_y:
                 cell_y[name].append(labels[name][covered])
-            if len(scene.objects) == 1:
+            if len(objects) == 1:
                 summary.append(embeds[k].numpy())
-                summary_y["colour"].append(list(COLOURS).index(scene.objects[0].colour))
-                summary_y["shape"].append(list(SHAPES).index(scene.objects[0].shape))
+                summary_y["colour"].append(list(COLOURS).index(objects[0].colour))
+                summary_y["shape"].append(list(SHAPES).index(objects[0].shape))
     return {
         "grid cells": (np.concatenate(cells), {k: np.concatenate(v) for k, v in cell_y.items()}),
         "summary": (np.stack(summary), {k: np.asarray(v) for k, v in summary_y.items()}),

@@ -468,33 +468,3 @@ def test_lock_tower_freezes_the_last_block_too(sentences):
     assert optimised == {id(p) for p in teacher.parameters() if p.requires_grad}
     with pytest.raises(ValueError, match="train.lock"):
         lock_image_side(teacher, "everything")
-
-
-def test_colour_free_views_are_greyscale_name_no_colour_and_are_contrasted_on_shape():
-    from evotok.data.scenes import COLOURS, SceneWorld
-    from training.train_teacher import CaptionedImages, TEXT_SEPARATOR, batch_objects, colour_free_truths, cooccurrence_mask
-    from evotok.data.mixture import MixtureDataset
-
-    world = SceneWorld(resolution=32, seed=5, split="train")
-    dataset = CaptionedImages(MixtureDataset({"scenes": world}, {"scenes": 1.0}, resolution=32, seed=5), negatives=4,
-                              colour_free_prob=0.5)
-    items = [dataset[i] for i in range(40)]
-    views = [item for item in items if item["objects"].startswith("grey")]
-    assert 5 < len(views) < 35  # about half, and the rest come as before
-    for item in views:
-        image = item["image"]
-        assert torch.allclose(image[0], image[1]) and torch.allclose(image[1], image[2])
-        texts = [t for key in ("true_texts", "negatives") for t in item[key].split(TEXT_SEPARATOR) if t]
-        assert item["text"] in item["true_texts"].split(TEXT_SEPARATOR)
-        assert not any(colour in text.split() for text in texts for colour in COLOURS)
-    # a grey object is contrasted with every shape statement, however rare its colour's pairs
-    mask = cooccurrence_mask(batch_objects({"objects": [views[0]["objects"]]}), ["a photo of a star", "a photo of a cross"])
-    assert mask.tolist() == [[1.0, 1.0]]
-
-    truths, negatives = colour_free_truths({"objects": [{"shape": "hexagon", "colour": "red"}], "relations": []})
-    assert truths[0] == "a photo of a hexagon" and "a photo of a star" in negatives
-    assert set(negatives.values()) == {"a photo of a hexagon"}
-    two = {"objects": [{"shape": "star", "colour": "red"}, {"shape": "star", "colour": "blue"},
-                       {"shape": "circle", "colour": "red"}],
-           "relations": [{"subject": 0, "relation": "left of", "object": 2}]}
-    assert colour_free_truths(two) == ([], {})  # two stars: "the star left of the circle" is ambiguous without colour

@@ -22,7 +22,7 @@ extra input token (commit 06b9d13, ``mllm_stage3_summary.yaml`` there) moved its
 answers only from 0.298 to 0.348: the language model did not read it compositionally either.
 With ``--train-scenes 1000 --heldout-scenes 400`` the teacher's own patch features read shape at
 0.120 on held-out pairs (majority 0.261): the tokenizer inherits the entanglement from its teacher.
-A teacher trained with 30% greyscale, shape-only views of its training scenes (commit TEACHER_EXPERIMENT) read
+A teacher trained with 30% greyscale, shape-only views of its training scenes (commit 723f890, teacher_colour_free.yaml there) read
 0.112: colour-free views do not untie it.
 
     python training/bench_attribute_probe.py                        # assets/tokenizer, its teacher

@@ -31,10 +31,10 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from evotok.data.base import Sample, item_rng  # noqa: E402
 from evotok.data.mixture import MixtureDataset, build_sources  # noqa: E402
-from evotok.data.scenes import COLOURS, COUNT_WORDS, HELDOUT_PAIRS, PLURALS, TRAIN_PAIRS, SceneWorld  # noqa: E402
+from evotok.data.scenes import COLOURS, HELDOUT_PAIRS, PLURALS, TRAIN_PAIRS, SceneWorld  # noqa: E402
 from evotok.hub import CONFIG_NAME, WEIGHTS_NAME, CheckpointError  # noqa: E402
 from evotok.images import ImageError, pil_to_tensor  # noqa: E402
-from evotok.probe import _a, fill_template, scene_questions, scene_statements  # noqa: E402
+from evotok.probe import fill_template, scene_questions, scene_statements  # noqa: E402
 from evotok.teacher import TinySigLIPConfig, TinySigLIPTeacher, match_targets  # noqa: E402
 from evotok.text_encoder import SentenceEncoder  # noqa: E402
 from training.common import (STATE_FILE, Logger, copy_config, iterate_batches, learning_rate, load_training_state,  # noqa: E402
@@ -87,49 +87,6 @@ def hard_negative_truths(sample: Sample, split: str = "train") -> dict[str, str]
     return truths
 
 
-OPPOSITE_RELATIONS = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
-
-
-def colour_free_truths(attributes: dict, both_orders: bool = True) -> tuple[list[str], dict[str, str]]:
-    """True statements about a scene that name shapes but no colour, and hard negatives (one
-    shape, count or relation away) -> the true statement each is ranked against.
-
-    They go with a greyscale view of a training scene (see ``CaptionedImages``): with colour gone,
-    only shape can tell "a photo of a star" from "a photo of a circle", so the image tower must
-    learn shape features that fire whatever the colour. No held-out colour-shape pair is shown.
-    """
-    objects = attributes["objects"]
-    shapes = [o["shape"] for o in objects]
-    texts, negatives = [], {}
-    if len(set(shapes)) == 1:
-        n = len(shapes)
-        true = f"a photo of {_a(shapes[0]) if n == 1 else _count_phrase(n, shapes[0])}"
-        texts.append(true)
-        if n == 1:
-            texts += [_a(shapes[0]), f"a photo of {_count_phrase(1, shapes[0])}"]
-            negatives.update({f"a photo of {_a(s)}": true for s in PLURALS if s != shapes[0]})
-        negatives.update({f"a photo of {_count_phrase(m, shapes[0])}": true for m in range(1, len(COUNT_WORDS)) if m != n})
-    elif len(shapes) == 2:
-        texts += [f"a photo of {_a(shapes[0])} and {_a(shapes[1])}", f"a photo of {_a(shapes[1])} and {_a(shapes[0])}"]
-    for r in attributes.get("relations", []):
-        subject, obj = shapes[r["subject"]], shapes[r["object"]]
-        if shapes.count(subject) == 1 and shapes.count(obj) == 1 and (both_orders or r["subject"] < r["object"]):
-            true = f"a photo of {_a(subject)} {r['relation']} {_a(obj)}"
-            texts.append(true)
-            negatives[f"a photo of {_a(subject)} {OPPOSITE_RELATIONS[r['relation']]} {_a(obj)}"] = true
-    return list(dict.fromkeys(texts)), negatives
-
-
-def _count_phrase(n: int, shape: str) -> str:
-    return f"{COUNT_WORDS[n]} {shape if n == 1 else PLURALS[shape]}"
-
-
-def greyscale(image: torch.Tensor) -> torch.Tensor:
-    """``3 H W`` -> the same image in luminance (ITU-R BT.601 weights) on all three channels."""
-    weights = torch.tensor([0.299, 0.587, 0.114], dtype=image.dtype).view(3, 1, 1)
-    return (image * weights).sum(dim=0, keepdim=True).expand_as(image).clone()
-
-
 class CaptionedImages(Dataset):
     """Mixture item ``i`` with one training text and all texts true of it.
 
@@ -138,16 +95,10 @@ class CaptionedImages(Dataset):
     (lists of texts joined by ``TEXT_SEPARATOR``). The text is the caption with probability
     ``caption_prob``, else a random true statement; up to ``negatives`` hard negatives come along.
     All choices are seeded by ``(seed, i)``, so resuming at a step sees the same texts.
-
-    With probability ``colour_free_prob`` a scene comes as a colour-free view instead: the image in
-    greyscale with its texts and negatives from ``colour_free_truths`` (its objects are then
-    "grey", a colour no text names, so ``cooccurrence_mask`` contrasts them on shape alone).
     """
 
     def __init__(self, mixture: MixtureDataset, caption_prob: float = 0.5, negatives: int = 0, seed: int = 0,
-                 split: str = "train", both_orders: bool = True, colour_free_prob: float = 0.0) -> None:
-        if not 0.0 <= colour_free_prob <= 1.0:
-            raise ValueError(f"colour_free_prob must be in [0, 1], got {colour_free_prob}")
+                 split: str = "train", both_orders: bool = True) -> None:
         if not 0.0 <= caption_prob <= 1.0:
             raise ValueError(f"caption_prob must be in [0, 1], got {caption_prob}")
         if negatives < 0:
@@ -158,17 +109,12 @@ class CaptionedImages(Dataset):
         self.seed = seed
         self.split = split
         self.both_orders = both_orders
-        self.colour_free_prob = colour_free_prob
 
     def __len__(self) -> int:
         return len(self.mixture)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample = self._sample(index)
-        if self.colour_free_prob and objects_of(sample) and item_rng(self.seed, index, 0xC01F).uniform() < self.colour_free_prob:
-            view = self._colour_free_view(sample, index)
-            if view is not None:
-                return view
         texts = true_texts(sample, self.both_orders)
         rng = item_rng(self.seed, index, 0x7EAC)
         if len(texts) == 1 or rng.uniform() < self.caption_prob:
@@ -183,21 +129,6 @@ class CaptionedImages(Dataset):
                 "true_texts": TEXT_SEPARATOR.join(texts), "negatives": TEXT_SEPARATOR.join(negatives),
                 "negative_truths": TEXT_SEPARATOR.join(truths[n] for n in negatives),
                 "objects": TEXT_SEPARATOR.join(f"{o['colour']} {o['shape']}" for o in objects_of(sample)),
-                "source": sample.source}
-
-    def _colour_free_view(self, sample: Sample, index: int) -> dict[str, Any] | None:
-        texts, truths = colour_free_truths(sample.attributes, self.both_orders)
-        if not texts:  # e.g. counting scenes that mix shapes: no colour-free statement is unique
-            return None
-        rng = item_rng(self.seed, index, 0xC01F, 1)
-        negatives = list(truths) if self.negatives else []
-        if len(negatives) > self.negatives:
-            negatives = [negatives[k] for k in sorted(rng.choice(len(negatives), self.negatives, replace=False))]
-        return {"image": greyscale(pil_to_tensor(sample.image, self.mixture.resolution)),
-                "text": texts[int(rng.integers(len(texts)))], "true_texts": TEXT_SEPARATOR.join(texts),
-                "negatives": TEXT_SEPARATOR.join(negatives),
-                "negative_truths": TEXT_SEPARATOR.join(truths[n] for n in negatives),
-                "objects": TEXT_SEPARATOR.join(f"grey {o['shape']}" for o in objects_of(sample)),
                 "source": sample.source}
 
     def _sample(self, index: int) -> Sample:
@@ -215,7 +146,7 @@ def build_dataset(data_cfg: dict, split: str = "train") -> CaptionedImages:
     """The mixture of ``data.mixture`` (see ``evotok.data.build_mixture``), with optional
     ``data.scene_weights`` (scene-type mix), ``data.caption_prob``, ``data.hard_negatives`` and
     ``data.relation_statements`` ("both": "A left of B" and "B right of A"; "subject_first": only
-    the first, the order the position questions use) and ``data.colour_free_prob``."""
+    the first, the order the position questions use)."""
     if data_cfg.get("relation_statements", "both") not in ("both", "subject_first"):
         raise ValueError(f"data.relation_statements must be 'both' or 'subject_first', got {data_cfg['relation_statements']!r}")
     mix = dict(data_cfg.get("mixture", {}))
@@ -229,8 +160,7 @@ def build_dataset(data_cfg: dict, split: str = "train") -> CaptionedImages:
     weights = {n: w for n, w in weights.items() if n in sources}
     mixture = MixtureDataset(sources, weights, resolution=resolution, seed=seed)
     return CaptionedImages(mixture, float(data_cfg.get("caption_prob", 0.5)), int(data_cfg.get("hard_negatives", 0)),
-                           seed, split, both_orders=data_cfg.get("relation_statements", "both") == "both",
-                           colour_free_prob=float(data_cfg.get("colour_free_prob", 0.0)))
+                           seed, split, both_orders=data_cfg.get("relation_statements", "both") == "both")
 
 
 _SHAPE_WORDS = {**{shape: shape for shape in PLURALS}, **{plural: shape for shape, plural in PLURALS.items()}}

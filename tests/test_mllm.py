@@ -359,3 +359,85 @@ def test_save_load_round_trip(image_tok, text_tok, tmp_path):
         EvoTokMLLM.from_pretrained(tmp_path / "mllm")
     with pytest.raises(CheckpointError, match="evotok_mllm"):
         EvoTokMLLM.from_pretrained(tmp_path / "tokenizer")
+
+
+def test_projector_context_starts_as_a_no_op_then_mixes_neighbouring_cells(image_tok, text_tok, tmp_path):
+    model = build(image_tok, text_tok)
+    n, g = model.config.num_cells, model.config.grid_size
+    features = torch.randn(1, n, model.config.semantic_dim)
+    with torch.no_grad():
+        before = model.project_image(features)
+        model.add_projector_context(1)
+        assert torch.equal(model.project_image(features), before)  # zero-initialised output layer
+        with pytest.raises(ValueError, match="already has"):
+            model.add_projector_context(1)
+        torch.nn.init.normal_(model.projector_context.out.weight)
+        changed = features.clone()
+        changed[0, 0] += 1.0  # cell (0, 0): only it and its 3×3 neighbours may move with one convolution
+        moved = (model.project_image(changed) - model.project_image(features)).abs().amax(dim=-1)[0].view(g, g)
+    assert bool((moved[:2, :2] > 0).all())
+    assert float(moved[2:].max()) == 0.0 and float(moved[:, 2:].max()) == 0.0
+    model.save_pretrained(tmp_path / "m")
+    loaded = EvoTokMLLM.from_pretrained(tmp_path / "m", image_tokenizer=image_tok)
+    assert loaded.config.projector_context_layers == 1
+    with torch.no_grad():
+        assert torch.equal(loaded.project_image(features), model.project_image(features))
+    with pytest.raises(ValueError, match="projector_context_layers"):
+        build(image_tok, text_tok, projector_context_layers=-1)
+
+
+# ---------------------------------------------------------------------------- co-occurrence gaps
+def test_gap_answers_name_only_partners_never_seen_in_training():
+    from evotok.data.scenes import TRAIN_PAIRS
+    from evotok.mllm.answer_gaps import gap_answers
+
+    pairs = {("red", "circle"), ("red", "square"), ("blue", "star"), ("red", "cross")}
+    assert gap_answers("What shape is the red object?", "circle", pairs=pairs) == ["hexagon", "star", "triangle"]
+    assert "red" in gap_answers("What colour is the star?", "blue", pairs=pairs)
+    assert "blue" not in gap_answers("What colour is the star?", "blue", pairs=pairs)  # never the answer itself
+    # no colour in the question: the single colour of the caption is the object's
+    assert gap_answers("What shape is the object?", "circle", "a small red circle", pairs) == ["hexagon", "star", "triangle"]
+    assert gap_answers("What shape is the object?", "circle", "a red circle and a blue star", pairs) == []
+    assert gap_answers("How many stars are there?", "two", pairs=pairs) == []
+    # by default the gaps are exactly the held-out partners
+    from evotok.data.scenes import COLOURS, HELDOUT_PAIRS, SHAPES
+    for colour in COLOURS:
+        seen = next(s for s in SHAPES if (colour, s) in TRAIN_PAIRS)
+        assert gap_answers(f"What shape is the {colour} object?", seen) == sorted(s for c, s in HELDOUT_PAIRS if c == colour)
+
+
+def test_excluded_answer_tokens_leave_the_softmax(model, monkeypatch):
+    tok = model.text
+    records = [{"caption": "a red circle", "label": None,
+                "qa": [["What shape is the red object?", "circle"], ["What colour is the circle?", "red"]]}] * 4
+    codes = np.random.default_rng(0).integers(0, model.config.codebook_size, size=(4, 4, 4, 4)).astype(np.int16)
+    pools = {"scenes": ImagePool("scenes", codes, records, {})}
+    pairs_seen = {("red", "circle"), ("blue", "circle")}  # every other colour and shape is a gap here
+    import evotok.mllm.data as data_module
+    from evotok.mllm.answer_gaps import gap_answers
+
+    monkeypatch.setattr(data_module, "gap_answers", lambda q, a, caption="": gap_answers(q, a, caption, pairs_seen))
+    data = ChatDataset(pools, {"scene_qa": 1.0}, tok, model.config.num_cells, model.config.pixel_depth,
+                       max_turns=2, mask_answer_gaps=True)
+    items = [data[i] for i in range(4)]
+    for item in items:
+        assert item["exclusions"]
+        for position, token in item["exclusions"]:
+            assert item["labels"][position] != IGNORE and item["labels"][position] != token
+    batch = collate(items, tok.ids["pad"])
+    assert batch["answer_exclusions"].shape == (sum(len(it["exclusions"]) for it in items), 3)
+    with torch.no_grad():
+        plain = model(**tensors({**batch, "answer_exclusions": None}))
+        masked = model(**tensors(batch))
+        # by hand: the same cross-entropy with the excluded logits removed
+        embeds = model.embed_inputs(batch["input_ids"], batch["image_mask"], model.image_features(batch["image_codes"]))
+        hidden, _ = model.backbone(embeds, batch["attention_mask"])
+        logits = model.text_logits(hidden[:, :-1]).float()
+        for row, position, token in batch["answer_exclusions"].tolist():
+            logits[row, position - 1, token] = float("-inf")
+        targets = batch["labels"][:, 1:]
+        expected = torch.nn.functional.cross_entropy(logits[targets != IGNORE], targets[targets != IGNORE])
+    assert masked.lm_loss < plain.lm_loss
+    assert torch.allclose(masked.lm_loss, expected, atol=1e-5)
+    with pytest.raises(ValueError, match="supervised"):
+        model(**tensors({**batch, "answer_exclusions": torch.tensor([[0, 1, 5]])}))

@@ -80,3 +80,24 @@ def test_stage_one_freezes_the_lm_and_stage_two_trains_it(root):
         assert not torch.equal(init[name], stage1[name]), name
     config = json.loads((root / "stage2" / "final" / "config.json").read_text())
     assert config["image_tokenizer"] == str(root / "tokenizer")
+
+
+def test_a_later_stage_can_add_the_projector_context_and_a_refitted_tokenizer(root):
+    from evotok.model import EvoTok
+
+    run(root, "base", "train.steps=1")
+    # the same tokenizer with its semantic decoder changed (as after training/tune_semantic.py)
+    tokenizer = EvoTok.from_pretrained(root / "tokenizer")
+    with torch.no_grad():
+        for p in tokenizer.semantic_decoder.parameters():
+            p.add_(0.01)
+    tokenizer.save_pretrained(root / "tokenizer_refit")
+    overrides = (f"model.init_from={root / 'base' / 'final'}", f"model.image_tokenizer={root / 'tokenizer_refit'}",
+                 f"data.cache_dir={root / 'cache_refit'}", "train.steps=2")
+    with pytest.raises(Exception, match="differ from the ones this model was trained with"):
+        run(root, "refit_refused", *overrides)
+    run(root, "refit", *overrides, "model.new_image_tokenizer=true", "model.projector_context_layers=1")
+    model = EvoTokMLLM.from_pretrained(root / "refit" / "final")  # pins (and finds) the new tokenizer
+    assert model.config.image_tokenizer == str(root / "tokenizer_refit")
+    assert model.config.projector_context_layers == 1
+    assert "projector_context.out.weight" in weights(root / "refit" / "final")

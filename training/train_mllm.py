@@ -36,7 +36,8 @@ from training.common import (STATE_FILE, Logger, append_jsonl, batch_indices, co
                              finish_run, load_training_state, parse_run_args, rng_state, save_checkpoint,
                              set_rng_state, set_seed, to_float_dict)
 
-TENSOR_KEYS = ("input_ids", "attention_mask", "labels", "image_mask", "gen_mask", "image_codes", "gen_codes")
+TENSOR_KEYS = ("input_ids", "attention_mask", "labels", "image_mask", "gen_mask", "image_codes", "gen_codes",
+               "answer_exclusions")
 
 
 def build_pools(tokenizer: EvoTok, data_cfg: dict, split: str, counts: dict[str, int], accelerator: Accelerator) -> dict:
@@ -63,7 +64,18 @@ def build_model(config: dict, tokenizer: EvoTok, pools: dict, run_dir: Path, res
                 accelerator: Accelerator) -> EvoTokMLLM:
     model_cfg, text_cfg = config["model"], config.get("text_tokenizer", {})
     if model_cfg.get("init_from"):  # stage 2: continue from a saved stage-1 model
-        return EvoTokMLLM.from_pretrained(model_cfg["init_from"], image_tokenizer=tokenizer)
+        # model.new_image_tokenizer: continue with another tokenizer of the same shape (e.g. its
+        # semantic decoder refitted to a new teacher); the saved model then pins that one
+        new_tokenizer = bool(model_cfg.get("new_image_tokenizer", False))
+        model = EvoTokMLLM.from_pretrained(model_cfg["init_from"], image_tokenizer=tokenizer,
+                                           check_image_tokenizer=not new_tokenizer)
+        if new_tokenizer:
+            model.config.image_tokenizer = str(model_cfg["image_tokenizer"])
+            model.config.image_tokenizer_sha256 = tokenizer_digest(tokenizer)
+        context = int(model_cfg.get("projector_context_layers", 0))
+        if context and context != model.config.projector_context_layers:
+            model.add_projector_context(context)  # raises if it has one of another depth
+        return model
     text_dir = run_dir / "text_tokenizer"
     if accelerator.is_main_process:  # one BPE, trained once, shared by every rank
         if text_cfg.get("path"):
@@ -76,8 +88,8 @@ def build_model(config: dict, tokenizer: EvoTok, pools: dict, run_dir: Path, res
         text_tok.save(text_dir)
     accelerator.wait_for_everyone()
     text_tok = TextTokenizer.load(text_dir)
-    adapters = {k: model_cfg[k] for k in ("projector_hidden", "depth_layers", "depth_width", "depth_heads",
-                                          "max_prompt_tokens", "max_answer_tokens") if k in model_cfg}
+    adapters = {k: model_cfg[k] for k in ("projector_hidden", "projector_context_layers", "depth_layers", "depth_width",
+                                          "depth_heads", "max_prompt_tokens", "max_answer_tokens") if k in model_cfg}
     if model_cfg.get("lm_name_or_path"):
         return EvoTokMLLM.build(tokenizer, text_tok, image_tokenizer_path=model_cfg["image_tokenizer"],
                                 lm_name_or_path=model_cfg["lm_name_or_path"], **adapters)
@@ -86,11 +98,14 @@ def build_model(config: dict, tokenizer: EvoTok, pools: dict, run_dir: Path, res
                             lm_config=lm_config, **adapters)
 
 
-def make_dataset(pools: dict, data_cfg: dict, model: EvoTokMLLM, seed: int, tasks: dict | None = None) -> ChatDataset:
+def make_dataset(pools: dict, data_cfg: dict, model: EvoTokMLLM, seed: int, tasks: dict | None = None,
+                 training: bool = True) -> ChatDataset:
+    """``data.mask_answer_gaps`` applies to training batches only: held-out losses stay plain."""
     return ChatDataset(pools, tasks or data_cfg["tasks"], model.text, model.config.num_cells, model.config.pixel_depth,
                        seed=seed, cfg_dropout=float(data_cfg.get("cfg_dropout", 0.1)),
                        describe_prob=float(data_cfg.get("describe_prob", 0.2)),
-                       max_turns=int(data_cfg.get("max_turns", 3)), max_prompt_tokens=model.config.max_prompt_tokens)
+                       max_turns=int(data_cfg.get("max_turns", 3)), max_prompt_tokens=model.config.max_prompt_tokens,
+                       mask_answer_gaps=training and bool(data_cfg.get("mask_answer_gaps", False)))
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -182,7 +197,7 @@ def main(argv: list[str] | None = None) -> dict:
     if heldout:
         eval_tasks = {t: w for t, w in data_cfg["tasks"].items() if TASKS[t][0] in heldout}
         if eval_tasks:
-            held_ds = make_dataset(heldout, data_cfg, model, seed + 10_000, eval_tasks)
+            held_ds = make_dataset(heldout, data_cfg, model, seed + 10_000, eval_tasks, training=False)
             eval_batch = collate([held_ds[i] for i in range(int(eval_cfg.get("batch_size", 32)))], pad_id)
         if heldout_scenes is not None:
             questions = heldout_questions(heldout_scenes, int(eval_cfg.get("questions", 128)))

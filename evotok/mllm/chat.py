@@ -35,13 +35,14 @@ class EncodedChat:
 
     ``image_mask`` marks ``<image>`` placeholders (replaced by projected semantic features);
     ``gen_mask`` marks the generated grid cells (their ids are ``<pad>``; their inputs are
-    projected code latents).
+    projected code latents). ``answer_starts`` holds the index of each answer's first token.
     """
 
     input_ids: list[int] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)
     image_mask: list[bool] = field(default_factory=list)
     gen_mask: list[bool] = field(default_factory=list)
+    answer_starts: list[int] = field(default_factory=list)
 
     def add(self, ids: Sequence[int], supervised: bool = False, image: bool = False, gen: bool = False) -> None:
         self.input_ids.extend(ids)
@@ -89,6 +90,7 @@ def encode_chat(tok: TextTokenizer, turns: Sequence[tuple[str, str | None]], num
         out.add(prompt_ids(tok, question, max_prompt_tokens, "question", truncate))
         out.add([ids["end"], ids["assistant"]])
         if answer is not None:
+            out.answer_starts.append(len(out.input_ids))
             out.add(tok.encode(answer) + [ids["end"]], supervised=True)
     return out
 

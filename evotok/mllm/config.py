@@ -26,6 +26,9 @@ class MLLMConfig:
     Adapters:
         projector_hidden: width of the MLP that maps semantic features into the LM
             (``None``: the LM's hidden size).
+        projector_context_layers: 3×3 convolutions over the grid of features added to the MLP's
+            output (``evotok.mllm.grid_context``), so each cell's token sees its neighbours
+            (0: the per-cell MLP alone).
         depth_layers, depth_width, depth_heads: the depth transformer that samples the
             ``pixel_depth`` codes of one grid position stage after stage.
     Prompts:
@@ -47,6 +50,7 @@ class MLLMConfig:
     base_vocab_size: int | None = None
 
     projector_hidden: int | None = None
+    projector_context_layers: int = 0
     depth_layers: int = 2
     depth_width: int = 256
     depth_heads: int = 4
@@ -59,6 +63,8 @@ class MLLMConfig:
                      "depth_layers", "depth_width", "depth_heads", "max_prompt_tokens", "max_answer_tokens"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if int(self.projector_context_layers) < 0:
+            raise ValueError(f"projector_context_layers must be >= 0, got {self.projector_context_layers!r}")
         if self.depth_width % self.depth_heads:
             raise ValueError(f"depth_width {self.depth_width} is not divisible by depth_heads {self.depth_heads}")
         if self.lm_config is None and not self.lm_name_or_path:

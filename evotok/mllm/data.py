@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..data.base import item_rng
+from .answer_gaps import gap_answers
 from .chat import IGNORE, encode_chat, encode_generation
 from .text_tokenizer import TextTokenizer
 
@@ -179,7 +180,8 @@ class ChatDataset(torch.utils.data.Dataset):
 
     def __init__(self, pools: Mapping[str, ImagePool], task_weights: Mapping[str, float], text_tokenizer: TextTokenizer,
                  num_cells: int, pixel_depth: int, seed: int = 0, cfg_dropout: float = 0.1, describe_prob: float = 0.2,
-                 max_turns: int = 3, max_prompt_tokens: int | None = 64, length: int = 10**9):
+                 max_turns: int = 3, max_prompt_tokens: int | None = 64, length: int = 10**9,
+                 mask_answer_gaps: bool = False):
         unknown = sorted(set(task_weights) - set(TASKS))
         if unknown:
             raise ValueError(f"unknown tasks {unknown}; expected some of {sorted(TASKS)}")
@@ -196,6 +198,7 @@ class ChatDataset(torch.utils.data.Dataset):
         self.cfg_dropout, self.describe_prob, self.max_turns = cfg_dropout, describe_prob, max_turns
         self.max_prompt_tokens, self.length = max_prompt_tokens, int(length)
         self.text_pairs = text_only_pairs()
+        self.mask_answer_gaps = mask_answer_gaps
 
     def __len__(self) -> int:
         return self.length
@@ -207,7 +210,7 @@ class ChatDataset(torch.utils.data.Dataset):
         rng = item_rng(self.seed, int(index), 0x4D4C)
         task = self.task_of(rng)
         source, kind = TASKS[task]
-        item: dict[str, Any] = {"task": task, "image_codes": None, "gen_codes": None}
+        item: dict[str, Any] = {"task": task, "image_codes": None, "gen_codes": None, "exclusions": []}
         if kind == "text":
             q, a = self.text_pairs[int(rng.integers(len(self.text_pairs)))]
             encoded = encode_chat(self.tok, [(q, a)], 0, self.max_prompt_tokens, truncate=True)
@@ -223,9 +226,24 @@ class ChatDataset(torch.utils.data.Dataset):
                 turns = self.conversation(source, record, rng)
                 encoded = encode_chat(self.tok, turns, self.num_cells, self.max_prompt_tokens, truncate=True)
                 item["image_codes"] = codes
+                if self.mask_answer_gaps and source == "scenes":
+                    item["exclusions"] = self.answer_exclusions(turns, encoded.answer_starts, record["caption"])
         item.update(input_ids=encoded.input_ids, labels=encoded.labels, image_mask=encoded.image_mask,
                     gen_mask=encoded.gen_mask)
         return item
+
+    def answer_exclusions(self, turns: Sequence[tuple[str, str]], starts: Sequence[int],
+                          caption: str) -> list[tuple[int, int]]:
+        """(position, token id) pairs to leave out of the softmax at each answer's first token:
+        the first tokens of ``gap_answers`` (see ``evotok.mllm.answer_gaps``)."""
+        out = []
+        for (question, answer), start in zip(turns, starts):
+            first = self.tok.encode(answer)[:1]
+            for word in gap_answers(question, answer, caption):
+                token = self.tok.encode(word)[:1]
+                if token and token != first:
+                    out.append((start, token[0]))
+        return out
 
     def conversation(self, source: str, record: Mapping[str, Any], rng: np.random.Generator) -> list[tuple[str, str]]:
         """1..max_turns (question, answer) turns about one image."""
@@ -261,6 +279,9 @@ def collate(items: Sequence[Mapping[str, Any]], pad_id: int) -> dict[str, Any]:
         "attention_mask": torch.tensor([[1] * len(it["input_ids"]) + [0] * (length - len(it["input_ids"]))
                                         for it in items]),
         "tasks": [it["task"] for it in items],
+        # (row, position, token): leave the token out of the softmax that predicts that position
+        "answer_exclusions": torch.tensor([(row, pos, tok) for row, it in enumerate(items)
+                                           for pos, tok in it.get("exclusions", [])], dtype=torch.long).reshape(-1, 3),
     }
     for key in ("image_codes", "gen_codes"):
         arrays = [it[key] for it in items if it[key] is not None]

@@ -80,6 +80,9 @@ class EvoTokMLLM(nn.Module, PretrainedMixin):
         width = config.projector_hidden or hidden
         self.projector = nn.Sequential(nn.LayerNorm(config.semantic_dim), nn.Linear(config.semantic_dim, width),
                                        nn.GELU(), nn.Linear(width, hidden))
+        self.projector_context = None
+        if config.projector_context_layers:
+            self._build_projector_context()
         self.latent_in = nn.Sequential(nn.Linear(config.code_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden))
         self.grid_pos = nn.Parameter(torch.zeros(config.num_cells, hidden))
         nn.init.trunc_normal_(self.grid_pos, std=0.02)
@@ -238,6 +241,31 @@ class EvoTokMLLM(nn.Module, PretrainedMixin):
         with torch.no_grad():
             return self.tokenizer.semantic_features(image_codes, depth=self.config.semantic_depth)
 
+    def project_image(self, image_features: torch.Tensor) -> torch.Tensor:
+        """``b N C`` semantic features -> ``b N hidden`` LM inputs (before the grid positions): the
+        per-cell MLP, plus the convolutional ``GridContext`` branch when the model has one."""
+        values = self.projector(image_features)
+        if self.projector_context is not None:
+            values = values + self.projector_context(image_features)
+        return values
+
+    def add_projector_context(self, layers: int) -> None:
+        """Give a trained model the ``GridContext`` branch (its output starts at zero, so every
+        answer stays as it was until the branch is trained); saved with the model from then on."""
+        if self.projector_context is not None:
+            raise ValueError(f"this model already has a projector context of {self.config.projector_context_layers} layers")
+        self.config.projector_context_layers = int(layers)
+        self._build_projector_context()
+        reference = self.grid_pos
+        self.projector_context.to(reference.device, reference.dtype)
+
+    def _build_projector_context(self) -> None:
+        from .grid_context import GridContext
+
+        cfg = self.config
+        self.projector_context = GridContext(cfg.semantic_dim, cfg.projector_hidden or cfg.hidden_size, cfg.hidden_size,
+                                             cfg.projector_context_layers, cfg.grid_size)
+
     def code_latents(self, codes: torch.Tensor) -> torch.Tensor:
         """Prefix sum of the pixel-depth codes: ``... pixel_depth`` -> ``... code_dim``."""
         with torch.no_grad():
@@ -256,7 +284,7 @@ class EvoTokMLLM(nn.Module, PretrainedMixin):
             if image_features.ndim != 3 or image_features.shape[1:] != (n, self.config.semantic_dim):
                 raise ValueError(f"image features must be b×{n}×{self.config.semantic_dim} (one per grid cell), "
                                  f"got {tuple(image_features.shape)}; the <image> placeholders cannot be filled")
-            values = (self.projector(image_features.to(embeds.dtype)) + self.grid_pos).flatten(0, 1).to(embeds.dtype)
+            values = (self.project_image(image_features.to(embeds.dtype)) + self.grid_pos).flatten(0, 1).to(embeds.dtype)
             embeds = _splice(embeds, image_mask, values, "<image> placeholders", n)
         if gen_mask is not None and bool(gen_mask.any()):
             if gen_codes is None:
@@ -280,9 +308,13 @@ class EvoTokMLLM(nn.Module, PretrainedMixin):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                 image_mask: torch.Tensor | None = None, image_features: torch.Tensor | None = None,
                 image_codes: torch.Tensor | None = None, gen_mask: torch.Tensor | None = None,
-                gen_codes: torch.Tensor | None = None, depth_loss_weight: float = 1.0) -> MLLMOutput:
+                gen_codes: torch.Tensor | None = None, depth_loss_weight: float = 1.0,
+                answer_exclusions: torch.Tensor | None = None) -> MLLMOutput:
         """Joint loss of a mixed batch (see :func:`evotok.mllm.data.collate`): LM cross-entropy on
-        answer tokens plus the depth transformer's cross-entropy over the codes of every cell."""
+        answer tokens plus the depth transformer's cross-entropy over the codes of every cell.
+
+        ``answer_exclusions`` (``K × 3``: row, position, token id) leaves each token out of the
+        softmax that predicts that position (``evotok.mllm.answer_gaps``)."""
         if image_features is None and image_codes is not None and image_codes.numel():
             image_features = self.image_features(image_codes)
         embeds = self.embed_inputs(input_ids, image_mask, image_features, gen_mask, gen_codes)
@@ -292,8 +324,10 @@ class EvoTokMLLM(nn.Module, PretrainedMixin):
         supervised = targets != IGNORE
         lm_tokens = int(supervised.sum())
         if lm_tokens:
-            logits = self.text_logits(hidden[:, :-1][supervised])
-            lm_loss = F.cross_entropy(logits.float(), targets[supervised])
+            logits = self.text_logits(hidden[:, :-1][supervised]).float()
+            if answer_exclusions is not None and len(answer_exclusions):
+                logits = _exclude(logits, supervised, answer_exclusions)
+            lm_loss = F.cross_entropy(logits, targets[supervised])
         else:
             lm_loss = hidden.sum() * 0.0
 
@@ -410,3 +444,13 @@ def _find_tokenizer(ref: str, folder: Path) -> str:
         if (base / path).is_dir():
             return str(base / path)
     return ref
+
+
+def _exclude(logits: torch.Tensor, supervised: torch.Tensor, exclusions: torch.Tensor) -> torch.Tensor:
+    """Set ``logits`` (one row per supervised target, in order) to -inf at the excluded tokens."""
+    rows, positions, tokens = exclusions.to(logits.device).unbind(1)
+    targets = positions - 1  # the hidden state before a token predicts it
+    if bool((targets < 0).any()) or not bool(supervised[rows, targets].all()):
+        raise ValueError("answer_exclusions must point at supervised answer tokens")
+    order = supervised.flatten().cumsum(0).sub(1).view_as(supervised)
+    return logits.index_put((order[rows, targets], tokens), logits.new_tensor(float("-inf")).expand(len(tokens)))

@@ -1,0 +1,42 @@
+"""Co-occurrence gaps in the answers of scene questions, kept out of the answer's softmax.
+
+No red object is ever a star in training (the pair is held out), so "What shape is the red object?"
+is never answered "star", and every such answer's softmax pushes "star" down for red objects. The
+model learns "red means not a star" and, shown a red star, names the shape of a seen pairing. The
+teacher had the same failure with its contrastive negatives and the same cure
+(``training/train_teacher.cooccurrence_mask``): a word that would only teach a gap is left out of
+that answer's softmax. Nothing about a held-out pair is shown; the model is only not taught that
+those pairs cannot exist.
+"""
+from __future__ import annotations
+
+import re
+from typing import Collection
+
+from ..data.scenes import COLOURS, PLURALS, SHAPES, TRAIN_PAIRS
+
+_SHAPE_WORDS = {**{shape: shape for shape in SHAPES}, **{plural: shape for shape, plural in PLURALS.items()}}
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z]+", text.lower())
+
+
+def gap_answers(question: str, answer: str, caption: str = "",
+                pairs: Collection[tuple[str, str]] = frozenset(TRAIN_PAIRS)) -> list[str]:
+    """Other answers that would only teach a gap: for a shape answer, the shapes never paired in
+    ``pairs`` with a colour the question names; for a colour answer, the colours never paired with a
+    shape it names. A shape question that names no colour ("What shape is the object?") takes the
+    colour from ``caption`` when the caption names exactly one. Other answers: none."""
+    answer = answer.strip().lower()
+    named = _words(question)
+    if answer in SHAPES:
+        colours = {w for w in named if w in COLOURS}
+        if not colours:
+            in_caption = {w for w in _words(caption) if w in COLOURS}
+            colours = in_caption if len(in_caption) == 1 else set()
+        return sorted({s for c in colours for s in SHAPES if (c, s) not in pairs and s != answer})
+    if answer in COLOURS:
+        shapes = {_SHAPE_WORDS[w] for w in named if w in _SHAPE_WORDS}
+        return sorted({c for s in shapes for c in COLOURS if (c, s) not in pairs and c != answer})
+    return []

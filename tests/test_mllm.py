@@ -441,3 +441,15 @@ def test_excluded_answer_tokens_leave_the_softmax(model, monkeypatch):
     assert torch.allclose(masked.lm_loss, expected, atol=1e-5)
     with pytest.raises(ValueError, match="supervised"):
         model(**tensors({**batch, "answer_exclusions": torch.tensor([[0, 1, 5]])}))
+
+
+def test_caption_answers_mask_the_never_seen_shapes_after_each_colour_word():
+    from pathlib import Path
+
+    bundled = TextTokenizer.load(Path(__file__).resolve().parents[1] / "assets" / "mllm" / "text_tokenizer")
+    pool = ImagePool("scenes", np.zeros((1, 8, 8, 4), np.int16), [{"caption": "", "label": None, "qa": []}], {})
+    data = ChatDataset({"scenes": pool}, {"scene_qa": 1.0}, bundled, 64, 4, mask_caption_gaps=True)
+    caption = "two red circles and a yellow square"  # red is never a star, yellow never a circle
+    excluded = data.answer_exclusions([("Describe the image.", caption)], [0], caption)
+    pieces = [bundled.decode([i]) for i in bundled.encode(caption)]
+    assert {(pieces[p], bundled.decode([t])) for p, t in excluded} == {(" circles", " stars"), (" square", " circle")}

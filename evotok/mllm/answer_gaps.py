@@ -6,7 +6,9 @@ model learns "red means not a star" and, shown a red star, names the shape of a 
 teacher had the same failure with its contrastive negatives and the same cure
 (``training/train_teacher.cooccurrence_mask``): a word that would only teach a gap is left out of
 that answer's softmax. Nothing about a held-out pair is shown; the model is only not taught that
-those pairs cannot exist.
+those pairs cannot exist. Optionally, longer answers (captions such as "two red circles") are
+masked the same way at each shape word that follows a colour word (``mask_caption_gaps`` of
+``evotok.mllm.data.ChatDataset``).
 """
 from __future__ import annotations
 
@@ -22,6 +24,16 @@ def _words(text: str) -> list[str]:
     return re.findall(r"[a-z]+", text.lower())
 
 
+def gap_shapes(colour: str, pairs: Collection[tuple[str, str]] = frozenset(TRAIN_PAIRS)) -> list[str]:
+    """The shapes never paired with ``colour`` in ``pairs``."""
+    return [s for s in SHAPES if (colour, s) not in pairs]
+
+
+def shape_word(word: str) -> str | None:
+    """"star" / "stars" -> "star"; anything else -> None."""
+    return _SHAPE_WORDS.get(word)
+
+
 def gap_answers(question: str, answer: str, caption: str = "",
                 pairs: Collection[tuple[str, str]] = frozenset(TRAIN_PAIRS)) -> list[str]:
     """Other answers that would only teach a gap: for a shape answer, the shapes never paired in
@@ -35,7 +47,7 @@ def gap_answers(question: str, answer: str, caption: str = "",
         if not colours:
             in_caption = {w for w in _words(caption) if w in COLOURS}
             colours = in_caption if len(in_caption) == 1 else set()
-        return sorted({s for c in colours for s in SHAPES if (c, s) not in pairs and s != answer})
+        return sorted({s for c in colours for s in gap_shapes(c, pairs) if s != answer})
     if answer in COLOURS:
         shapes = {_SHAPE_WORDS[w] for w in named if w in _SHAPE_WORDS}
         return sorted({c for s in shapes for c in COLOURS if (c, s) not in pairs and c != answer})

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..data.base import item_rng
-from .answer_gaps import gap_answers
+from .answer_gaps import gap_answers, gap_shapes, shape_word
 from .chat import IGNORE, encode_chat, encode_generation
 from .text_tokenizer import TextTokenizer
 
@@ -181,7 +181,7 @@ class ChatDataset(torch.utils.data.Dataset):
     def __init__(self, pools: Mapping[str, ImagePool], task_weights: Mapping[str, float], text_tokenizer: TextTokenizer,
                  num_cells: int, pixel_depth: int, seed: int = 0, cfg_dropout: float = 0.1, describe_prob: float = 0.2,
                  max_turns: int = 3, max_prompt_tokens: int | None = 64, length: int = 10**9,
-                 mask_answer_gaps: bool = False):
+                 mask_answer_gaps: bool = False, mask_caption_gaps: bool = False):
         unknown = sorted(set(task_weights) - set(TASKS))
         if unknown:
             raise ValueError(f"unknown tasks {unknown}; expected some of {sorted(TASKS)}")
@@ -198,7 +198,7 @@ class ChatDataset(torch.utils.data.Dataset):
         self.cfg_dropout, self.describe_prob, self.max_turns = cfg_dropout, describe_prob, max_turns
         self.max_prompt_tokens, self.length = max_prompt_tokens, int(length)
         self.text_pairs = text_only_pairs()
-        self.mask_answer_gaps = mask_answer_gaps
+        self.mask_answer_gaps, self.mask_caption_gaps = mask_answer_gaps, mask_caption_gaps
 
     def __len__(self) -> int:
         return self.length
@@ -226,7 +226,7 @@ class ChatDataset(torch.utils.data.Dataset):
                 turns = self.conversation(source, record, rng)
                 encoded = encode_chat(self.tok, turns, self.num_cells, self.max_prompt_tokens, truncate=True)
                 item["image_codes"] = codes
-                if self.mask_answer_gaps and source == "scenes":
+                if (self.mask_answer_gaps or self.mask_caption_gaps) and source == "scenes":
                     item["exclusions"] = self.answer_exclusions(turns, encoded.answer_starts, record["caption"])
         item.update(input_ids=encoded.input_ids, labels=encoded.labels, image_mask=encoded.image_mask,
                     gen_mask=encoded.gen_mask)
@@ -234,15 +234,30 @@ class ChatDataset(torch.utils.data.Dataset):
 
     def answer_exclusions(self, turns: Sequence[tuple[str, str]], starts: Sequence[int],
                           caption: str) -> list[tuple[int, int]]:
-        """(position, token id) pairs to leave out of the softmax at each answer's first token:
-        the first tokens of ``gap_answers`` (see ``evotok.mllm.answer_gaps``)."""
+        """(position, token id) pairs to leave out of the softmax (see ``evotok.mllm.answer_gaps``).
+        With ``mask_answer_gaps``, at each answer's first token the first tokens of ``gap_answers``;
+        with ``mask_caption_gaps``, inside longer answers (captions) at each shape token right after
+        a colour token the never-seen shapes of that colour."""
+        from ..data.scenes import COLOURS, PLURALS
+
         out = []
         for (question, answer), start in zip(turns, starts):
-            first = self.tok.encode(answer)[:1]
-            for word in gap_answers(question, answer, caption):
+            ids = self.tok.encode(answer)
+            for word in gap_answers(question, answer, caption) if self.mask_answer_gaps else []:
                 token = self.tok.encode(word)[:1]
-                if token and token != first:
+                if token and token != ids[:1]:
                     out.append((start, token[0]))
+            pieces = [self.tok.decode([i]) for i in ids] if self.mask_caption_gaps else []
+            for k in range(1, len(pieces)):
+                colour, shape = pieces[k - 1].strip(), shape_word(pieces[k].strip())
+                if colour not in COLOURS or shape is None:
+                    continue
+                space = pieces[k][: len(pieces[k]) - len(pieces[k].lstrip())]
+                plural = pieces[k].strip() != shape
+                for gap in gap_shapes(colour):
+                    token = self.tok.encode(space + (PLURALS[gap] if plural else gap))
+                    if len(token) == 1 and token[0] != ids[k]:
+                        out.append((start + k, token[0]))
         return out
 
     def conversation(self, source: str, record: Mapping[str, Any], rng: np.random.Generator) -> list[tuple[str, str]]:

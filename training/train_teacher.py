@@ -15,7 +15,6 @@ command trains on the GPU. Afterwards ``training/eval_teacher.py --teacher OUT -
 from __future__ import annotations
 
 import json
-import re
 import sys
 import time
 from pathlib import Path
@@ -31,9 +30,10 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from evotok.data.base import Sample, item_rng  # noqa: E402
 from evotok.data.mixture import MixtureDataset, build_sources  # noqa: E402
-from evotok.data.scenes import COLOURS, HELDOUT_PAIRS, PLURALS, TRAIN_PAIRS, SceneWorld  # noqa: E402
+from evotok.data.scenes import COLOURS, HELDOUT_PAIRS, TRAIN_PAIRS, SceneWorld  # noqa: E402
 from evotok.hub import CONFIG_NAME, WEIGHTS_NAME, CheckpointError  # noqa: E402
 from evotok.images import ImageError, pil_to_tensor  # noqa: E402
+from evotok.mllm.answer_gaps import gap_colours, gap_shapes, shape_word, words  # noqa: E402
 from evotok.probe import fill_template, scene_questions, scene_statements  # noqa: E402
 from evotok.teacher import TinySigLIPConfig, TinySigLIPTeacher, match_targets  # noqa: E402
 from evotok.text_encoder import SentenceEncoder  # noqa: E402
@@ -163,9 +163,6 @@ def build_dataset(data_cfg: dict, split: str = "train") -> CaptionedImages:
                            seed, split, both_orders=data_cfg.get("relation_statements", "both") == "both")
 
 
-_SHAPE_WORDS = {**{shape: shape for shape in PLURALS}, **{plural: shape for shape, plural in PLURALS.items()}}
-
-
 def cooccurrence_mask(objects: list[list[tuple[str, str]]], texts: list[str],
                       pairs: frozenset[tuple[str, str]] = frozenset(TRAIN_PAIRS)) -> torch.Tensor:
     """``b n`` 1/0: 0 leaves out a pair whose negative would only teach a co-occurrence gap.
@@ -180,15 +177,15 @@ def cooccurrence_mask(objects: list[list[tuple[str, str]]], texts: list[str],
     image_colours = [{c for c, _ in objs} for objs in objects]
     image_shapes = [{s for _, s in objs} for objs in objects]
     for j, text in enumerate(texts):
-        words = re.findall(r"[a-z]+", text.lower())
-        colours = {w for w in words if w in COLOURS}
-        shapes = {_SHAPE_WORDS[w] for w in words if w in _SHAPE_WORDS}
+        named = words(text)
+        colours = {w for w in named if w in COLOURS}
+        shapes = {shape_word(w) for w in named} - {None}
         if bool(colours) == bool(shapes):
             continue
         if shapes:  # colours that never take one of these shapes in training
-            gap, of_image = {c for c in COLOURS for s in shapes if (c, s) not in pairs}, image_colours
+            gap, of_image = {c for s in shapes for c in gap_colours(s, pairs)}, image_colours
         else:       # shapes that never take one of these colours
-            gap, of_image = {s for s in PLURALS for c in colours if (c, s) not in pairs}, image_shapes
+            gap, of_image = {s for c in colours for s in gap_shapes(c, pairs)}, image_shapes
         for i, found in enumerate(of_image):
             if found & gap:
                 mask[i, j] = 0.0

@@ -13,20 +13,26 @@ masked the same way at each shape word that follows a colour word (``mask_captio
 from __future__ import annotations
 
 import re
-from typing import Collection
+from typing import Collection, Sequence
 
 from ..data.scenes import COLOURS, PLURALS, SHAPES, TRAIN_PAIRS
 
 _SHAPE_WORDS = {**{shape: shape for shape in SHAPES}, **{plural: shape for shape, plural in PLURALS.items()}}
 
 
-def _words(text: str) -> list[str]:
+def words(text: str) -> list[str]:
+    """Lower-case words of ``text``."""
     return re.findall(r"[a-z]+", text.lower())
 
 
 def gap_shapes(colour: str, pairs: Collection[tuple[str, str]] = frozenset(TRAIN_PAIRS)) -> list[str]:
     """The shapes never paired with ``colour`` in ``pairs``."""
     return [s for s in SHAPES if (colour, s) not in pairs]
+
+
+def gap_colours(shape: str, pairs: Collection[tuple[str, str]] = frozenset(TRAIN_PAIRS)) -> list[str]:
+    """The colours never paired with ``shape`` in ``pairs``."""
+    return [c for c in COLOURS if (c, shape) not in pairs]
 
 
 def shape_word(word: str) -> str | None:
@@ -41,14 +47,27 @@ def gap_answers(question: str, answer: str, caption: str = "",
     shape it names. A shape question that names no colour ("What shape is the object?") takes the
     colour from ``caption`` when the caption names exactly one. Other answers: none."""
     answer = answer.strip().lower()
-    named = _words(question)
+    named = words(question)
     if answer in SHAPES:
         colours = {w for w in named if w in COLOURS}
         if not colours:
-            in_caption = {w for w in _words(caption) if w in COLOURS}
+            in_caption = {w for w in words(caption) if w in COLOURS}
             colours = in_caption if len(in_caption) == 1 else set()
         return sorted({s for c in colours for s in gap_shapes(c, pairs) if s != answer})
     if answer in COLOURS:
-        shapes = {_SHAPE_WORDS[w] for w in named if w in _SHAPE_WORDS}
-        return sorted({c for s in shapes for c in COLOURS if (c, s) not in pairs and c != answer})
+        shapes = {shape_word(w) for w in named} - {None}
+        return sorted({c for s in shapes for c in gap_colours(s, pairs) if c != answer})
     return []
+
+
+def caption_gaps(pieces: Sequence[str], pairs: Collection[tuple[str, str]] = frozenset(TRAIN_PAIRS)
+                 ) -> list[tuple[int, str]]:
+    """``(k, word)`` for each shape word ``pieces[k]`` right after a colour word ``pieces[k - 1]``
+    (a caption's tokens as text, spaces stripped): the never-seen shapes of that colour, plural
+    when ``pieces[k]`` is."""
+    out = []
+    for k in range(1, len(pieces)):
+        colour, shape = pieces[k - 1], shape_word(pieces[k])
+        if colour in COLOURS and shape is not None:
+            out += [(k, gap if pieces[k] == shape else PLURALS[gap]) for gap in gap_shapes(colour, pairs)]
+    return out

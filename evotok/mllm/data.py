@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..data.base import item_rng
-from .answer_gaps import gap_answers, gap_shapes, shape_word
+from .answer_gaps import caption_gaps, gap_answers
 from .chat import IGNORE, encode_chat, encode_generation
 from .text_tokenizer import TextTokenizer
 
@@ -238,8 +238,6 @@ class ChatDataset(torch.utils.data.Dataset):
         With ``mask_answer_gaps``, at each answer's first token the first tokens of ``gap_answers``;
         with ``mask_caption_gaps``, inside longer answers (captions) at each shape token right after
         a colour token the never-seen shapes of that colour."""
-        from ..data.scenes import COLOURS, PLURALS
-
         out = []
         for (question, answer), start in zip(turns, starts):
             ids = self.tok.encode(answer)
@@ -248,16 +246,11 @@ class ChatDataset(torch.utils.data.Dataset):
                 if token and token != ids[:1]:
                     out.append((start, token[0]))
             pieces = [self.tok.decode([i]) for i in ids] if self.mask_caption_gaps else []
-            for k in range(1, len(pieces)):
-                colour, shape = pieces[k - 1].strip(), shape_word(pieces[k].strip())
-                if colour not in COLOURS or shape is None:
-                    continue
-                space = pieces[k][: len(pieces[k]) - len(pieces[k].lstrip())]
-                plural = pieces[k].strip() != shape
-                for gap in gap_shapes(colour):
-                    token = self.tok.encode(space + (PLURALS[gap] if plural else gap))
-                    if len(token) == 1 and token[0] != ids[k]:
-                        out.append((start + k, token[0]))
+            for k, word in caption_gaps([p.strip() for p in pieces]):
+                space = pieces[k][: len(pieces[k]) - len(pieces[k].lstrip())]  # " star", not "star"
+                token = self.tok.encode(space + word)
+                if len(token) == 1 and token[0] != ids[k]:
+                    out.append((start + k, token[0]))
         return out
 
     def conversation(self, source: str, record: Mapping[str, Any], rng: np.random.Generator) -> list[tuple[str, str]]:

@@ -256,8 +256,7 @@ class EvoTokMLLM(nn.Module, PretrainedMixin):
             raise ValueError(f"this model already has a projector context of {self.config.projector_context_layers} layers")
         self.config.projector_context_layers = int(layers)
         self._build_projector_context()
-        reference = self.grid_pos
-        self.projector_context.to(reference.device, reference.dtype)
+        self.projector_context.to(self.grid_pos.device, self.grid_pos.dtype)
 
     def _build_projector_context(self) -> None:
         from .grid_context import GridContext

@@ -388,7 +388,7 @@ def test_projector_context_starts_as_a_no_op_then_mixes_neighbouring_cells(image
 
 # ---------------------------------------------------------------------------- co-occurrence gaps
 def test_gap_answers_name_only_partners_never_seen_in_training():
-    from evotok.data.scenes import TRAIN_PAIRS
+    from evotok.data.scenes import COLOURS, HELDOUT_PAIRS, SHAPES, TRAIN_PAIRS
     from evotok.mllm.answer_gaps import gap_answers
 
     pairs = {("red", "circle"), ("red", "square"), ("blue", "star"), ("red", "cross")}
@@ -400,7 +400,6 @@ def test_gap_answers_name_only_partners_never_seen_in_training():
     assert gap_answers("What shape is the object?", "circle", "a red circle and a blue star", pairs) == []
     assert gap_answers("How many stars are there?", "two", pairs=pairs) == []
     # by default the gaps are exactly the held-out partners
-    from evotok.data.scenes import COLOURS, HELDOUT_PAIRS, SHAPES
     for colour in COLOURS:
         seen = next(s for s in SHAPES if (colour, s) in TRAIN_PAIRS)
         assert gap_answers(f"What shape is the {colour} object?", seen) == sorted(s for c, s in HELDOUT_PAIRS if c == colour)

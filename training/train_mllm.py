@@ -27,9 +27,10 @@ from accelerate import Accelerator, DistributedDataParallelKwargs  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from evotok.data.mixture import build_sources  # noqa: E402
+from evotok.data.scenes import SceneWorld  # noqa: E402
 from evotok.mllm import EvoTokMLLM, TextTokenizer, qwen2_lm_config  # noqa: E402
-from evotok.mllm.data import (TASKS, ChatDataset, build_pool, collate, corpus_texts, heldout_questions,  # noqa: E402
-                              load_pool)
+from evotok.mllm.data import (TASKS, ChatDataset, attach_scene_objects, build_pool, collate,  # noqa: E402
+                              corpus_texts, heldout_questions, load_pool)
 from evotok.mllm.model import tokenizer_digest  # noqa: E402
 from evotok.model import EvoTok  # noqa: E402
 from training.common import (STATE_FILE, Logger, append_jsonl, batch_indices, copy_config,  # noqa: E402
@@ -57,7 +58,10 @@ def build_pools(tokenizer: EvoTok, data_cfg: dict, split: str, counts: dict[str,
                 build_pool(folder, name, sources[name], count, resolution, tokenizer,
                            batch_size=int(data_cfg.get("encode_batch_size", 64)), digest=digest, progress=bar.update)
     accelerator.wait_for_everyone()
-    return {name: load_pool(folder) for name, folder in folders.items()}
+    pools = {name: load_pool(folder) for name, folder in folders.items()}
+    if data_cfg.get("resample_scene_questions") and split == "train" and "scenes" in pools:
+        attach_scene_objects(pools["scenes"], SceneWorld(resolution, seed, split))  # ~25 s for 60,000 scenes
+    return pools
 
 
 def build_model(config: dict, tokenizer: EvoTok, pools: dict, run_dir: Path, resume: bool,
@@ -100,14 +104,15 @@ def build_model(config: dict, tokenizer: EvoTok, pools: dict, run_dir: Path, res
 
 def make_dataset(pools: dict, data_cfg: dict, model: EvoTokMLLM, seed: int, tasks: dict | None = None,
                  training: bool = True) -> ChatDataset:
-    """``data.mask_answer_gaps`` and ``data.mask_caption_gaps`` apply to training batches only:
-    held-out losses stay plain."""
+    """``data.mask_answer_gaps``, ``data.mask_caption_gaps`` and ``data.resample_scene_questions``
+    apply to training batches only: held-out losses stay plain."""
     return ChatDataset(pools, tasks or data_cfg["tasks"], model.text, model.config.num_cells, model.config.pixel_depth,
                        seed=seed, cfg_dropout=float(data_cfg.get("cfg_dropout", 0.1)),
                        describe_prob=float(data_cfg.get("describe_prob", 0.2)),
                        max_turns=int(data_cfg.get("max_turns", 3)), max_prompt_tokens=model.config.max_prompt_tokens,
                        mask_answer_gaps=training and bool(data_cfg.get("mask_answer_gaps", False)),
-                       mask_caption_gaps=training and bool(data_cfg.get("mask_caption_gaps", False)))
+                       mask_caption_gaps=training and bool(data_cfg.get("mask_caption_gaps", False)),
+                       resample_scene_questions=training and bool(data_cfg.get("resample_scene_questions", False)))
 
 
 def to_device(batch: dict, device: torch.device) -> dict:

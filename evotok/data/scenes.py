@@ -37,6 +37,8 @@ __all__ = [
     "SceneWorld",
     "render_scene",
     "describe_relation",
+    "question_candidates",
+    "split_pairs",
     "scene_to_dict",
     "vocabulary",
 ]
@@ -127,6 +129,12 @@ TRAIN_PAIRS: tuple[tuple[str, str], ...] = tuple(
 )
 _SPLIT_PAIRS = {"train": TRAIN_PAIRS, "heldout": tuple(sorted(HELDOUT_PAIRS))}
 _SPLIT_STREAM = {"train": 0, "heldout": 1}
+
+
+def split_pairs(split: str) -> tuple[tuple[str, str], ...]:
+    """The (colour, shape) pairs scenes of ``split`` are built from."""
+    return _SPLIT_PAIRS[validate_split(split)]
+
 
 # ----------------------------------------------------------------------------- text templates
 # Placeholders: {a} {b} noun phrases with article, {count} "three green stars", {rel} relation
@@ -684,11 +692,13 @@ def _reference(obj: SceneObject, objects: Sequence[SceneObject], rng: np.random.
     return f"the {obj.colour} {obj.shape}"
 
 
-def _questions(
-    scene: Scene, rng: np.random.Generator, pool: Sequence[tuple[str, str]]
-) -> list[tuple[str, str, str]]:
-    """(category, question, answer) triples; up to ``QA_PER_SCENE``, every category first."""
-    objs = scene.objects
+def question_candidates(
+    objects: Sequence[SceneObject], rng: np.random.Generator, pairs: Sequence[tuple[str, str]]
+) -> dict[str, list[tuple[str, str]]]:
+    """Every question the scene world can ask about ``objects``, by category: ``{category: [(question,
+    answer), ...]}``. Wording and the absent shape or pair asked about are drawn from ``rng``;
+    existence negatives are drawn from ``pairs`` (the split's colour-shape pairs)."""
+    objs = tuple(objects)
     cands: dict[str, list[tuple[str, str]]] = {k: [] for k in ("shape", "colour", "count", "position", "existence", "size")}
     q = QUESTION_TEMPLATES
     if len(objs) == 1:
@@ -735,11 +745,18 @@ def _questions(
     present_pairs = {(o.colour, o.shape) for o in objs}
     pos = sorted(present_pairs)[int(rng.integers(len(present_pairs)))]
     cands["existence"].append((_pick(rng, q["existence"]).format(a=_article(f"{pos[0]} {pos[1]}")), "yes"))
-    negatives = [p for p in pool if p not in present_pairs]
+    negatives = [p for p in pairs if p not in present_pairs]
     if negatives:
         neg = negatives[int(rng.integers(len(negatives)))]
         cands["existence"].append((_pick(rng, q["existence"]).format(a=_article(f"{neg[0]} {neg[1]}")), "no"))
+    return cands
 
+
+def _questions(
+    scene: Scene, rng: np.random.Generator, pool: Sequence[tuple[str, str]]
+) -> list[tuple[str, str, str]]:
+    """(category, question, answer) triples; up to ``QA_PER_SCENE``, every category first."""
+    cands = question_candidates(scene.objects, rng, pool)
     chosen: list[tuple[str, str, str]] = []
     leftovers: list[tuple[str, str, str]] = []
     for category, items in cands.items():

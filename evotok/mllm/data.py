@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from ..data.base import item_rng
-from .answer_gaps import caption_gaps, gap_answers
+from ..data.scenes import COUNT_WORDS, SceneObject, question_candidates, split_pairs
+from .answer_gaps import caption_gaps, gap_answers, words
 from .chat import IGNORE, encode_chat, encode_generation
 from .text_tokenizer import TextTokenizer
 
@@ -35,6 +36,9 @@ TASKS: dict[str, tuple[str | None, str]] = {
     "fashion_qa": ("fashion_mnist", "chat"),
     "text": (None, "text"),
 }
+_UNTELLING = {"yes", "no", *COUNT_WORDS}  # answers that earlier turns' words do not give away
+LEADING_CATEGORIES = ("shape", "colour", "position")  # asked first in resampled scene conversations
+_OPTIONS = {"small", "large", "left", "right", "above", "below"}  # the alternatives "... or ...?" questions offer
 DESCRIBE_QUESTIONS = ("Describe the image.", "Write a caption for this image.", "What does the picture show?")
 LABEL_QUESTIONS = {
     "clipart": ("What category is this clip art from?", "Which category does this picture belong to?",
@@ -93,7 +97,25 @@ def _record(sample) -> dict[str, Any]:
     if "qa_categories" in attrs:
         record["qa_categories"] = list(attrs["qa_categories"])
         record["scene_type"] = attrs.get("scene_type")
+    if "objects" in attrs:
+        record["objects"] = [{k: o[k] for k in ("shape", "colour", "size", "centre")} for o in attrs["objects"]]
     return record
+
+
+def attach_scene_objects(pool: ImagePool, world, checks: int = 16) -> None:
+    """Give each record of a scene pool its objects (``shape``, ``colour``, ``size``, ``centre``) from
+    ``world.scene(i)``, for pools encoded before records kept them. Scene pools skip no image, so
+    record ``i`` is scene ``i``; ``checks`` evenly spaced records must carry the caption the world
+    gives them, or the pool was built from another world and nothing is changed."""
+    n = len(pool)
+    for i in sorted({round(k * (n - 1) / max(1, checks - 1)) for k in range(checks)} if n else ()):
+        if world[i].caption != pool.records[i]["caption"]:
+            raise ValueError(f"pool {pool.name!r} record {i} does not match {world!r} (its caption differs); "
+                             "was it built from another seed or split?")
+    for i, record in enumerate(pool.records):
+        record.setdefault("objects", [
+            {"shape": o.shape, "colour": o.colour, "size": o.size, "centre": list(o.centre)}
+            for o in world.scene(i).objects])
 
 
 def build_pool(folder: str | os.PathLike, name: str, source, count: int, resolution: int, tokenizer: torch.nn.Module,
@@ -176,12 +198,20 @@ class ChatDataset(torch.utils.data.Dataset):
     Returns ``{"task", "input_ids", "labels", "image_mask", "gen_mask", "image_codes", "gen_codes"}``
     (lists and numpy arrays; :func:`collate` makes tensors). Text-to-image prompts are dropped
     to the empty prompt with probability ``cfg_dropout`` (the unconditional branch of guidance).
+
+    With ``resample_scene_questions`` a scene conversation draws its questions afresh from every
+    question the scene world can ask about the record's objects (about 12 per scene, against the 6
+    a record keeps), categories taken in turn so that shape, colour and position questions are not
+    crowded out by the many counting ones, and leaves out each turn whose answer an earlier turn
+    gave away (:func:`without_told_answers`). The records then need ``objects``
+    (:func:`attach_scene_objects`).
     """
 
     def __init__(self, pools: Mapping[str, ImagePool], task_weights: Mapping[str, float], text_tokenizer: TextTokenizer,
                  num_cells: int, pixel_depth: int, seed: int = 0, cfg_dropout: float = 0.1, describe_prob: float = 0.2,
                  max_turns: int = 3, max_prompt_tokens: int | None = 64, length: int = 10**9,
-                 mask_answer_gaps: bool = False, mask_caption_gaps: bool = False):
+                 mask_answer_gaps: bool = False, mask_caption_gaps: bool = False,
+                 resample_scene_questions: bool = False):
         unknown = sorted(set(task_weights) - set(TASKS))
         if unknown:
             raise ValueError(f"unknown tasks {unknown}; expected some of {sorted(TASKS)}")
@@ -199,6 +229,13 @@ class ChatDataset(torch.utils.data.Dataset):
         self.max_prompt_tokens, self.length = max_prompt_tokens, int(length)
         self.text_pairs = text_only_pairs()
         self.mask_answer_gaps, self.mask_caption_gaps = mask_answer_gaps, mask_caption_gaps
+        self.resample_scene_questions = resample_scene_questions
+        if resample_scene_questions and "scenes" in self.pools:
+            scenes = self.pools["scenes"]
+            if scenes.records and "objects" not in scenes.records[0]:
+                raise ValueError("resample_scene_questions needs the scene pool's objects: "
+                                 "call evotok.mllm.data.attach_scene_objects(pool, world) first")
+            self.scene_pairs = split_pairs(scenes.meta.get("split") or "train")
 
     def __len__(self) -> int:
         return self.length
@@ -255,7 +292,8 @@ class ChatDataset(torch.utils.data.Dataset):
 
     def conversation(self, source: str, record: Mapping[str, Any], rng: np.random.Generator) -> list[tuple[str, str]]:
         """1..max_turns (question, answer) turns about one image."""
-        pairs = [tuple(p) for p in record.get("qa", [])]
+        ranked = self.resample_scene_questions and source == "scenes"
+        pairs = self.fresh_scene_questions(record, rng) if ranked else [tuple(p) for p in record.get("qa", [])]
         if record.get("label") and source in LABEL_QUESTIONS:
             questions = LABEL_QUESTIONS[source]
             pairs.append((questions[int(rng.integers(len(questions)))], record["label"]))
@@ -265,11 +303,44 @@ class ChatDataset(torch.utils.data.Dataset):
             first = [len(pairs) - 1]
         else:
             first = []
-        order = first + [int(k) for k in rng.permutation(len(pairs)) if int(k) not in first]
+        rest = range(len(pairs)) if ranked else rng.permutation(len(pairs))
+        order = first + [int(k) for k in rest if int(k) not in first]
         turns = int(rng.integers(1, self.max_turns + 1))
         chosen = order[:turns]
+        if ranked:  # round-robin order kept, so each category leads as often; told answers dropped
+            return without_told_answers([pairs[k] for k in chosen])
         rng.shuffle(chosen)
         return [pairs[k] for k in chosen]
+
+    def fresh_scene_questions(self, record: Mapping[str, Any], rng: np.random.Generator) -> list[tuple[str, str]]:
+        """Every question about the record's objects, freshly worded, in the order turns take them:
+        one of each category, then a second of each, and so on; each round asks the
+        ``LEADING_CATEGORIES`` first (in random order), since their answers are the ones the other
+        questions give away ("Is there an orange square?" names a shape and a colour)."""
+        objects = [SceneObject.from_any(o) for o in record["objects"]]
+        candidates = question_candidates(objects, rng, self.scene_pairs)
+        categories = [list(LEADING_CATEGORIES), [c for c in candidates if c not in LEADING_CATEGORIES]]
+        categories = [c for group in categories for c in rng.permutation(group)]
+        queues = [[candidates[c][int(k)] for k in rng.permutation(len(candidates[c]))] for c in categories]
+        return [queue[rank] for rank in range(max(map(len, queues), default=0)) for queue in queues
+                if rank < len(queue)]
+
+
+def without_told_answers(turns: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """``turns`` less each one whose one-word answer (a shape, colour, size or side; not yes/no or a
+    number) an earlier kept turn already said: after "Is there an orange square?" the answer to
+    "What shape is the orange object?" can be copied from the text instead of read from the image.
+    Longer answers (captions) are kept."""
+    told: set[str] = set()
+    kept = []
+    for question, answer in turns:
+        word = answer.strip().lower()
+        if word in told and word not in _UNTELLING:
+            continue
+        kept.append((question, answer))
+        asked = words(question)
+        told.update(set(asked) - _OPTIONS if "or" in asked else asked, words(answer))  # "small or large?" tells neither
+    return kept
 
 
 def collate(items: Sequence[Mapping[str, Any]], pad_id: int) -> dict[str, Any]:

@@ -7,7 +7,8 @@ how close its images are to real renders.
 Prints three tables:
 1. Understanding: greedy exact-match answer accuracy on held-out scene questions (scenes built only
    from held-out colour-shape pairs) per question category (with ``--seen-scenes N``, beside it the
-   accuracy on new scenes of training pairs), on clip-art category questions
+   accuracy on new scenes of training pairs; with ``--trained-scenes N``, on the first N scenes of the
+   training pool itself, which tells memorising from underfitting), on clip-art category questions
    (held-out 10% of the pictures) and on Fashion-MNIST class questions (its test split).
 2. Speed on CPU, end to end: one text-to-image image (prompt -> decoded pixels, guidance 3) and one
    answer (image tensor -> full answer text), median over ``--repeats``.
@@ -39,6 +40,8 @@ from evotok.images import pil_to_tensor  # noqa: E402
 from evotok.mllm import EvoTokMLLM  # noqa: E402
 from evotok.mllm.data import LABEL_QUESTIONS, load_or_skip  # noqa: E402
 
+TRAINING_POOL_SEED = 0  # data.seed of the bundled configs: their scene pool is SceneWorld(seed=0, split="train")
+
 
 def accuracy(model: EvoTokMLLM, images: torch.Tensor, questions: list[str], truths: list[str],
              batch_size: int) -> list[int]:
@@ -51,12 +54,13 @@ def accuracy(model: EvoTokMLLM, images: torch.Tensor, questions: list[str], trut
 
 
 def scene_understanding(model: EvoTokMLLM, count: int, size: int, batch_size: int,
-                        split: str = "heldout") -> dict[str, tuple[float, int]]:
+                        split: str = "heldout", seed: int = 4242) -> dict[str, tuple[float, int]]:
     """Accuracy per question category on ``count`` scenes of ``split`` (every question of each scene).
 
     "heldout" scenes hold only colour-shape pairs never seen in training; "train" scenes are new
-    images of the training pairs, so the gap between the two is the cost of unseen combinations."""
-    world = SceneWorld(size, seed=4242, split=split)
+    images of the training pairs, so the gap between the two is the cost of unseen combinations.
+    ``seed=TRAINING_POOL_SEED`` with "train" gives the scenes the bundled configs trained on."""
+    world = SceneWorld(size, seed=seed, split=split)
     images, questions, truths, categories = [], [], [], []
     for i in range(count):
         sample = world[i]
@@ -124,6 +128,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--scenes", type=int, default=300, help="held-out scenes (about 6 questions each)")
     parser.add_argument("--seen-scenes", type=int, default=0,
                         help="also this many new scenes of training colour-shape pairs (0 = skip)")
+    parser.add_argument("--trained-scenes", type=int, default=0,
+                        help="also the first N scenes of the training pool, seen in training (0 = skip)")
     parser.add_argument("--labels", type=int, default=500, help="clip-art / Fashion-MNIST images per source")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--fid", type=int, default=0, help="generated images for FID (0 = skip)")
@@ -138,20 +144,25 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict = {"model": args.model, "threads": args.threads}
 
     scenes = scene_understanding(model, args.scenes, size, args.batch_size)
-    seen = scene_understanding(model, args.seen_scenes, size, args.batch_size, "train") if args.seen_scenes else {}
+    columns = {"seen pairs": scene_understanding(model, args.seen_scenes, size, args.batch_size, "train")
+               if args.seen_scenes else {},
+               "trained": scene_understanding(model, args.trained_scenes, size, args.batch_size, "train",
+                                              TRAINING_POOL_SEED) if args.trained_scenes else {}}
+    columns = {name: table for name, table in columns.items() if table}
     labels = {name: label_understanding(model, name, args.labels, size, args.batch_size)
               for name in ("clipart", "fashion_mnist")}
     print("\nUnderstanding (greedy exact match)")
-    print(f"{'questions':32s} {'accuracy':>9s} {'n':>6s}" + (f" {'seen pairs':>11s} {'n':>6s}" if seen else ""))
+    print(f"{'questions':32s} {'accuracy':>9s} {'n':>6s}" + "".join(f" {c:>11s} {'n':>6s}" for c in columns))
     for name, (acc, n) in sorted(scenes.items()):
-        extra = f" {seen[name][0]:11.3f} {seen[name][1]:6d}" if name in seen else ""
+        extra = "".join(f" {table[name][0]:11.3f} {table[name][1]:6d}" for table in columns.values() if name in table)
         print(f"{'scenes: ' + name:32s} {acc:9.3f} {n:6d}{extra}")
     for name, value in labels.items():
         if value is not None:
             print(f"{name + ' category':32s} {value[0]:9.3f} {value[1]:6d}")
     results["understanding"] = {"scenes": scenes, **{k: v for k, v in labels.items() if v is not None}}
-    if seen:
-        results["understanding"]["scenes_seen_pairs"] = seen
+    for column, key in (("seen pairs", "scenes_seen_pairs"), ("trained", "scenes_trained")):
+        if column in columns:
+            results["understanding"][key] = columns[column]
 
     timing = speed(model, args.repeats, size)
     print(f"\nSpeed, end to end, {args.threads} CPU threads (median of {args.repeats})")

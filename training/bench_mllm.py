@@ -144,25 +144,25 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict = {"model": args.model, "threads": args.threads}
 
     scenes = scene_understanding(model, args.scenes, size, args.batch_size)
-    columns = {"seen pairs": scene_understanding(model, args.seen_scenes, size, args.batch_size, "train")
-               if args.seen_scenes else {},
-               "trained": scene_understanding(model, args.trained_scenes, size, args.batch_size, "train",
-                                              TRAINING_POOL_SEED) if args.trained_scenes else {}}
-    columns = {name: table for name, table in columns.items() if table}
+    columns = {}  # JSON key -> (column title, accuracies)
+    if args.seen_scenes:
+        columns["scenes_seen_pairs"] = ("seen pairs", scene_understanding(model, args.seen_scenes, size,
+                                                                          args.batch_size, "train"))
+    if args.trained_scenes:
+        columns["scenes_trained"] = ("trained", scene_understanding(model, args.trained_scenes, size,
+                                                                    args.batch_size, "train", TRAINING_POOL_SEED))
     labels = {name: label_understanding(model, name, args.labels, size, args.batch_size)
               for name in ("clipart", "fashion_mnist")}
     print("\nUnderstanding (greedy exact match)")
-    print(f"{'questions':32s} {'accuracy':>9s} {'n':>6s}" + "".join(f" {c:>11s} {'n':>6s}" for c in columns))
+    print(f"{'questions':32s} {'accuracy':>9s} {'n':>6s}" + "".join(f" {title:>11s} {'n':>6s}" for title, _ in columns.values()))
     for name, (acc, n) in sorted(scenes.items()):
-        extra = "".join(f" {table[name][0]:11.3f} {table[name][1]:6d}" for table in columns.values() if name in table)
+        extra = "".join(f" {table[name][0]:11.3f} {table[name][1]:6d}" for _, table in columns.values() if name in table)
         print(f"{'scenes: ' + name:32s} {acc:9.3f} {n:6d}{extra}")
     for name, value in labels.items():
         if value is not None:
             print(f"{name + ' category':32s} {value[0]:9.3f} {value[1]:6d}")
     results["understanding"] = {"scenes": scenes, **{k: v for k, v in labels.items() if v is not None}}
-    for column, key in (("seen pairs", "scenes_seen_pairs"), ("trained", "scenes_trained")):
-        if column in columns:
-            results["understanding"][key] = columns[column]
+    results["understanding"].update({key: table for key, (_, table) in columns.items()})
 
     timing = speed(model, args.repeats, size)
     print(f"\nSpeed, end to end, {args.threads} CPU threads (median of {args.repeats})")

@@ -60,7 +60,8 @@ def build_pools(tokenizer: EvoTok, data_cfg: dict, split: str, counts: dict[str,
     accelerator.wait_for_everyone()
     pools = {name: load_pool(folder) for name, folder in folders.items()}
     if data_cfg.get("resample_scene_questions") and split == "train" and "scenes" in pools:
-        attach_scene_objects(pools["scenes"], SceneWorld(resolution, seed, split))  # ~25 s for 60,000 scenes
+        # pools encoded before records kept objects: ~25 s for 60,000 scenes; newer pools: nothing to do
+        attach_scene_objects(pools["scenes"], SceneWorld(resolution, seed, split))
     return pools
 
 

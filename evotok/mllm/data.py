@@ -98,8 +98,13 @@ def _record(sample) -> dict[str, Any]:
         record["qa_categories"] = list(attrs["qa_categories"])
         record["scene_type"] = attrs.get("scene_type")
     if "objects" in attrs:
-        record["objects"] = [{k: o[k] for k in ("shape", "colour", "size", "centre")} for o in attrs["objects"]]
+        record["objects"] = [_object_fields(o) for o in attrs["objects"]]
     return record
+
+
+def _object_fields(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """What a pool record keeps of a scene object (``SceneObject.to_dict`` less the derived fields)."""
+    return {k: obj[k] for k in ("shape", "colour", "size", "centre")}
 
 
 def attach_scene_objects(pool: ImagePool, world, checks: int = 16) -> None:
@@ -113,9 +118,8 @@ def attach_scene_objects(pool: ImagePool, world, checks: int = 16) -> None:
             raise ValueError(f"pool {pool.name!r} record {i} does not match {world!r} (its caption differs); "
                              "was it built from another seed or split?")
     for i, record in enumerate(pool.records):
-        record.setdefault("objects", [
-            {"shape": o.shape, "colour": o.colour, "size": o.size, "centre": list(o.centre)}
-            for o in world.scene(i).objects])
+        if "objects" not in record:
+            record["objects"] = [_object_fields(o.to_dict()) for o in world.scene(i).objects]
 
 
 def build_pool(folder: str | os.PathLike, name: str, source, count: int, resolution: int, tokenizer: torch.nn.Module,

@@ -386,6 +386,45 @@ def test_projector_context_starts_as_a_no_op_then_mixes_neighbouring_cells(image
         build(image_tok, text_tok, projector_context_layers=-1)
 
 
+
+def test_grid_axes_start_as_a_no_op_then_shift_whole_rows_and_columns(image_tok, text_tok, tmp_path):
+    model = build(image_tok, text_tok)
+    g = model.config.grid_size
+    with torch.no_grad():
+        before = model.cell_positions().clone()
+        model.add_grid_axes()
+        assert torch.equal(model.cell_positions(), before)  # zero-initialised
+        with pytest.raises(ValueError, match="already has"):
+            model.add_grid_axes()
+        model.grid_rows[1] += 1.0
+        model.grid_cols[0, 2] += 2.0
+        shift = (model.cell_positions() - before).mean(dim=-1).view(g, g)
+    expected = torch.zeros(g, g)
+    expected[1] += 1.0
+    expected[:, 2] += 2.0
+    assert torch.allclose(shift, expected)
+
+    # chat and generation both read cell_positions(): the same sums folded into grid_pos alone
+    # give the same answers and images
+    folded = build(image_tok, text_tok)
+    with torch.no_grad():
+        folded.grid_pos.copy_(model.cell_positions())
+    image = torch.rand(3, 32, 32) * 2 - 1
+    answers = [m.answer(image, "What colour is the star?", stream=False, max_new_tokens=6) for m in (model, folded)]
+    assert answers[0] == answers[1]
+    assert torch.equal(model.generate_image("a red circle", guidance_scale=2.0, seed=5),
+                       folded.generate_image("a red circle", guidance_scale=2.0, seed=5))
+    with torch.no_grad():
+        model.grid_cols.normal_()
+    assert not torch.equal(model.generate_image("a red circle", guidance_scale=2.0, seed=5),
+                           folded.generate_image("a red circle", guidance_scale=2.0, seed=5))
+
+    model.save_pretrained(tmp_path / "m")
+    loaded = EvoTokMLLM.from_pretrained(tmp_path / "m", image_tokenizer=image_tok)
+    assert loaded.config.grid_axis_embeddings
+    assert torch.equal(loaded.cell_positions(), model.cell_positions())
+
+
 # ---------------------------------------------------------------------------- co-occurrence gaps
 def test_gap_answers_name_only_partners_never_seen_in_training():
     from evotok.data.scenes import COLOURS, HELDOUT_PAIRS, SHAPES, TRAIN_PAIRS

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from evotok.mllm import EvoTokMLLM
 from test_mllm import tiny_tokenizer
-from training.train_mllm import main
+from training.train_mllm import main, param_groups
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "training" / "configs" / "mllm_tiny_test.yaml")
 
@@ -101,3 +101,20 @@ def test_a_later_stage_can_add_the_projector_context_and_a_refitted_tokenizer(ro
     assert model.config.image_tokenizer == str(root / "tokenizer_refit")
     assert model.config.projector_context_layers == 1
     assert "projector_context.out.weight" in weights(root / "refit" / "final")
+
+
+def test_a_later_stage_can_add_grid_axes_with_their_own_learning_rate(root):
+    run(root, "axes_base", "train.steps=1")
+    run(root, "axes", f"model.init_from={root / 'axes_base' / 'final'}", "model.grid_axis_embeddings=true",
+        "train.position_lr_scale=10", "train.steps=2")
+    model = EvoTokMLLM.from_pretrained(root / "axes" / "final")
+    assert model.config.grid_axis_embeddings
+    learned = weights(root / "axes" / "final")
+    assert float(learned["grid_rows"].abs().sum()) > 0 and float(learned["grid_cols"].abs().sum()) > 0  # from zero
+
+    groups = param_groups(model, 1e-3, 10.0)
+    assert [g.get("lr") for g in groups] == [None, pytest.approx(1e-2)]
+    assert {id(p) for p in groups[1]["params"]} == {id(model.grid_pos), id(model.grid_rows), id(model.grid_cols)}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert sum(len(g["params"]) for g in groups) == len(trainable)
+    assert [id(p) for p in param_groups(model, 1e-3, 1.0)[0]["params"]] == [id(p) for p in trainable]  # old order

@@ -80,6 +80,8 @@ def build_model(config: dict, tokenizer: EvoTok, pools: dict, run_dir: Path, res
         context = int(model_cfg.get("projector_context_layers", 0))
         if context and context != model.config.projector_context_layers:
             model.add_projector_context(context)  # raises if it has one of another depth
+        if model_cfg.get("grid_axis_embeddings") and not model.config.grid_axis_embeddings:
+            model.add_grid_axes()
         return model
     text_dir = run_dir / "text_tokenizer"
     if accelerator.is_main_process:  # one BPE, trained once, shared by every rank
@@ -93,14 +95,31 @@ def build_model(config: dict, tokenizer: EvoTok, pools: dict, run_dir: Path, res
         text_tok.save(text_dir)
     accelerator.wait_for_everyone()
     text_tok = TextTokenizer.load(text_dir)
-    adapters = {k: model_cfg[k] for k in ("projector_hidden", "projector_context_layers", "depth_layers", "depth_width",
-                                          "depth_heads", "max_prompt_tokens", "max_answer_tokens") if k in model_cfg}
+    adapters = {k: model_cfg[k] for k in ("projector_hidden", "projector_context_layers", "grid_axis_embeddings",
+                                          "depth_layers", "depth_width", "depth_heads", "max_prompt_tokens",
+                                          "max_answer_tokens") if k in model_cfg}
     if model_cfg.get("lm_name_or_path"):
         return EvoTokMLLM.build(tokenizer, text_tok, image_tokenizer_path=model_cfg["image_tokenizer"],
                                 lm_name_or_path=model_cfg["lm_name_or_path"], **adapters)
     lm_config = qwen2_lm_config(len(text_tok), **model_cfg.get("lm", {}))
     return EvoTokMLLM.build(tokenizer, text_tok, image_tokenizer_path=model_cfg["image_tokenizer"],
                             lm_config=lm_config, **adapters)
+
+
+POSITION_PARAMS = ("grid_pos", "grid_rows", "grid_cols")
+
+
+def param_groups(model: EvoTokMLLM, lr: float, position_lr_scale: float) -> list[dict]:
+    """The trainable parameters; the grid-position ones (``POSITION_PARAMS``) at ``position_lr_scale`` × lr.
+
+    Why a scale: Adam moves a parameter by about lr per step whatever its gradient's size, and
+    the projected image features they are added to are ~20× the size of a text embedding."""
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    position = [p for name, p in named if name in POSITION_PARAMS]
+    rest = [p for name, p in named if name not in POSITION_PARAMS]
+    if position_lr_scale == 1.0 or not position:  # one group, in the order older runs' optimizer states have
+        return [{"params": [p for _, p in named]}]
+    return [{"params": rest}, {"params": position, "lr": lr * position_lr_scale}]
 
 
 def make_dataset(pools: dict, data_cfg: dict, model: EvoTokMLLM, seed: int, tasks: dict | None = None,
@@ -173,7 +192,8 @@ def main(argv: list[str] | None = None) -> dict:
     model = build_model(config, tokenizer, pools, run_dir, resuming, accelerator)
     model.set_trainable(bool(train_cfg.get("train_lm", True)))
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=float(train_cfg["lr"]), betas=tuple(train_cfg.get("betas", (0.9, 0.95))),
+    opt = torch.optim.AdamW(param_groups(model, float(train_cfg["lr"]), float(train_cfg.get("position_lr_scale", 1.0))),
+                            lr=float(train_cfg["lr"]), betas=tuple(train_cfg.get("betas", (0.9, 0.95))),
                             weight_decay=float(train_cfg.get("weight_decay", 0.0)))
     total_steps = int(train_cfg["steps"])
     warmup = int(train_cfg.get("warmup_steps", 0))

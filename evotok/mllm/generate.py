@@ -158,6 +158,7 @@ def _sample_grid(model: "EvoTokMLLM", ids: torch.Tensor, mask: torch.Tensor, b: 
     stepper = _Stepper(model, model.embed_inputs(ids), mask, use_cache)
     generator = make_generator(seed, device)
     codes = torch.zeros(b, n, depth, dtype=torch.long, device=device)
+    positions = model.cell_positions()
     for cell in range(n):
         hidden = stepper.last
         cells = torch.full((hidden.shape[0],), cell, dtype=torch.long, device=device)
@@ -173,7 +174,7 @@ def _sample_grid(model: "EvoTokMLLM", ids: torch.Tensor, mask: torch.Tensor, b: 
         codes[:, cell] = prefix
         if cell + 1 < n:
             latent = model.code_latents(prefix)
-            embed = model.latent_in(latent.to(stepper.last.dtype)) + model.grid_pos[cell]
+            embed = model.latent_in(latent.to(stepper.last.dtype)) + positions[cell]
             stepper.step(torch.cat([embed, embed]) if guided else embed)
         if callback is not None and (cell + 1) % grid == 0:
             callback((cell + 1) // grid, codes.view(b, grid, grid, depth).clone())

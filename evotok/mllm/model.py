@@ -86,6 +86,10 @@ class EvoTokMLLM(nn.Module, PretrainedMixin):
         self.latent_in = nn.Sequential(nn.Linear(config.code_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden))
         self.grid_pos = nn.Parameter(torch.zeros(config.num_cells, hidden))
         nn.init.trunc_normal_(self.grid_pos, std=0.02)
+        self.register_parameter("grid_rows", None)
+        self.register_parameter("grid_cols", None)
+        if config.grid_axis_embeddings:
+            self._build_grid_axes()
         self.depth = DepthTransformer(hidden, config.pixel_depth, config.codebook_size, config.num_cells,
                                       config.depth_width, config.depth_layers, config.depth_heads)
         self.text_tokenizer = text_tokenizer
@@ -265,6 +269,26 @@ class EvoTokMLLM(nn.Module, PretrainedMixin):
         self.projector_context = GridContext(cfg.semantic_dim, cfg.projector_hidden or cfg.hidden_size, cfg.hidden_size,
                                              cfg.projector_context_layers, cfg.grid_size)
 
+    def add_grid_axes(self) -> None:
+        """Give a trained model row and column embeddings (zero at first, so nothing changes until
+        they learn); saved with the model from then on."""
+        if self.config.grid_axis_embeddings:
+            raise ValueError("this model already has grid axis embeddings")
+        self.config.grid_axis_embeddings = True
+        self._build_grid_axes()
+
+    def _build_grid_axes(self) -> None:
+        g, hidden = self.config.grid_size, self.config.hidden_size
+        like = dict(device=self.grid_pos.device, dtype=self.grid_pos.dtype)
+        self.grid_rows = nn.Parameter(torch.zeros(g, 1, hidden, **like))
+        self.grid_cols = nn.Parameter(torch.zeros(1, g, hidden, **like))
+
+    def cell_positions(self) -> torch.Tensor:
+        """``N hidden``: what is added to the LM input of each grid cell, in raster order."""
+        if self.grid_rows is None:
+            return self.grid_pos
+        return self.grid_pos + (self.grid_rows + self.grid_cols).flatten(0, 1)
+
     def code_latents(self, codes: torch.Tensor) -> torch.Tensor:
         """Prefix sum of the pixel-depth codes: ``... pixel_depth`` -> ``... code_dim``."""
         with torch.no_grad():
@@ -283,13 +307,13 @@ class EvoTokMLLM(nn.Module, PretrainedMixin):
             if image_features.ndim != 3 or image_features.shape[1:] != (n, self.config.semantic_dim):
                 raise ValueError(f"image features must be b×{n}×{self.config.semantic_dim} (one per grid cell), "
                                  f"got {tuple(image_features.shape)}; the <image> placeholders cannot be filled")
-            values = (self.project_image(image_features.to(embeds.dtype)) + self.grid_pos).flatten(0, 1).to(embeds.dtype)
+            values = (self.project_image(image_features.to(embeds.dtype)) + self.cell_positions()).flatten(0, 1).to(embeds.dtype)
             embeds = _splice(embeds, image_mask, values, "<image> placeholders", n)
         if gen_mask is not None and bool(gen_mask.any()):
             if gen_codes is None:
                 raise ValueError("the sequence has generated grid cells but no codes were given")
             latents = self.code_latents(gen_codes[..., : self.config.pixel_depth]).flatten(1, 2)
-            values = (self.latent_in(latents.to(embeds.dtype)) + self.grid_pos).flatten(0, 1).to(embeds.dtype)
+            values = (self.latent_in(latents.to(embeds.dtype)) + self.cell_positions()).flatten(0, 1).to(embeds.dtype)
             embeds = _splice(embeds, gen_mask, values, "generated grid cells", n)
         return embeds
 

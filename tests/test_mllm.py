@@ -425,6 +425,24 @@ def test_grid_axes_start_as_a_no_op_then_shift_whole_rows_and_columns(image_tok,
     assert torch.equal(loaded.cell_positions(), model.cell_positions())
 
 
+def test_grid_axes_can_start_as_an_ordered_pattern_of_a_given_norm(image_tok, text_tok):
+    model = build(image_tok, text_tok)
+    g = model.config.grid_size
+    with torch.no_grad():
+        model.add_grid_axes(init_norm=3.0)
+        added = (model.cell_positions() - model.grid_pos).view(g, g, -1)
+    assert float(added.norm(dim=-1).mean()) == pytest.approx(3.0, rel=0.1)
+    assert torch.allclose(added.mean(dim=(0, 1)), torch.zeros(added.shape[-1]), atol=1e-5)  # centred
+    # rows and columns live in separate channels; neighbours are closer than far cells
+    half = model.config.hidden_size // 2
+    assert float(added[0, :, half:].std(dim=0).max()) > 0 and float(added[:, 0, :half].std(dim=0).max()) > 0
+    assert float(added[:, 0, half:].std(dim=0).max()) < 1e-6  # a column's cells share the column half
+    rows = added[:, 0, :half]
+    assert float((rows[0] - rows[1]).norm()) < float((rows[0] - rows[-1]).norm())
+    with pytest.raises(ValueError, match="init_norm"):
+        build(image_tok, text_tok).add_grid_axes(init_norm=-1.0)
+
+
 # ---------------------------------------------------------------------------- co-occurrence gaps
 def test_gap_answers_name_only_partners_never_seen_in_training():
     from evotok.data.scenes import COLOURS, HELDOUT_PAIRS, SHAPES, TRAIN_PAIRS

@@ -81,7 +81,7 @@ def build_model(config: dict, tokenizer: EvoTok, pools: dict, run_dir: Path, res
         if context and context != model.config.projector_context_layers:
             model.add_projector_context(context)  # raises if it has one of another depth
         if model_cfg.get("grid_axis_embeddings") and not model.config.grid_axis_embeddings:
-            model.add_grid_axes()
+            model.add_grid_axes(float(model_cfg.get("grid_axes_init_norm", 0.0)))
         return model
     text_dir = run_dir / "text_tokenizer"
     if accelerator.is_main_process:  # one BPE, trained once, shared by every rank

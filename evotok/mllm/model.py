@@ -269,13 +269,26 @@ class EvoTokMLLM(nn.Module, PretrainedMixin):
         self.projector_context = GridContext(cfg.semantic_dim, cfg.projector_hidden or cfg.hidden_size, cfg.hidden_size,
                                              cfg.projector_context_layers, cfg.grid_size)
 
-    def add_grid_axes(self) -> None:
-        """Give a trained model row and column embeddings (zero at first, so nothing changes until
-        they learn); saved with the model from then on."""
+    def add_grid_axes(self, init_norm: float = 0.0) -> None:
+        """Give a trained model row and column embeddings, saved with the model from then on.
+
+        ``init_norm`` 0: they start at zero, so nothing changes until they learn. Above 0: they
+        start as a centred sine-cosine pattern (rows in the first half of the channels, columns in
+        the second) whose sum has that mean norm per cell: a signal the model can find at once,
+        at the price of first disturbing what it had learned.
+        """
         if self.config.grid_axis_embeddings:
             raise ValueError("this model already has grid axis embeddings")
+        if init_norm < 0:
+            raise ValueError(f"init_norm must be >= 0, got {init_norm}")
         self.config.grid_axis_embeddings = True
         self._build_grid_axes()
+        if init_norm:
+            with torch.no_grad():
+                half = self.config.hidden_size // 2
+                pattern = _centred_sincos(self.config.grid_size, half) * (init_norm / 2 ** 0.5)
+                self.grid_rows[:, 0, :half] = pattern
+                self.grid_cols[0, :, half:2 * half] = pattern
 
     def _build_grid_axes(self) -> None:
         g, hidden = self.config.grid_size, self.config.hidden_size
@@ -443,6 +456,17 @@ class EvoTokMLLM(nn.Module, PretrainedMixin):
 
     def unknown_words(self, prompt: str) -> list[str]:
         return self.text.unknown_words(prompt)
+
+
+def _centred_sincos(positions: int, dim: int) -> torch.Tensor:
+    """``positions × dim`` sines and cosines of the position at ``dim // 2`` frequencies (periods
+    from 2 positions up), centred over positions and scaled to unit norm per position."""
+    freqs = torch.pi / torch.logspace(0, 2, dim // 2, base=positions)  # periods 2 .. 2·positions²
+    angles = torch.arange(positions, dtype=torch.float32)[:, None] * freqs
+    table = torch.zeros(positions, dim)
+    table[:, 0:dim // 2 * 2:2], table[:, 1:dim // 2 * 2:2] = angles.sin(), angles.cos()
+    table = table - table.mean(dim=0)
+    return table / table.norm(dim=1, keepdim=True).mean()
 
 
 def _splice(embeds: torch.Tensor, mask: torch.Tensor, values: torch.Tensor, what: str, per_image: int) -> torch.Tensor:

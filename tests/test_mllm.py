@@ -386,7 +386,6 @@ def test_projector_context_starts_as_a_no_op_then_mixes_neighbouring_cells(image
         build(image_tok, text_tok, projector_context_layers=-1)
 
 
-
 def test_grid_axes_start_as_a_no_op_then_shift_whole_rows_and_columns(image_tok, text_tok, tmp_path):
     model = build(image_tok, text_tok)
     g = model.config.grid_size

@@ -113,7 +113,7 @@ def param_groups(model: EvoTokMLLM, lr: float, position_lr_scale: float) -> list
     """The trainable parameters; the grid-position ones (``POSITION_PARAMS``) at ``position_lr_scale`` × lr.
 
     Why a scale: Adam moves a parameter by about lr per step whatever its gradient's size, and
-    the projected image features they are added to are ~20× the size of a text embedding."""
+    the projected image features they are added to are ~10× the size of a text embedding."""
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     position = [p for name, p in named if name in POSITION_PARAMS]
     rest = [p for name, p in named if name not in POSITION_PARAMS]

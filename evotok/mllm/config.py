@@ -29,10 +29,11 @@ class MLLMConfig:
         projector_context_layers: 3×3 convolutions over the grid of features added to the MLP's
             output (``evotok.mllm.grid_context``), so each cell's token sees its neighbours
             (0: the per-cell MLP alone).
-        grid_axis_embeddings: add a row and a column embedding (zero at first) to every image
-            token and generated cell, on top of the per-cell ``grid_pos``. Each of their vectors
-            learns from a whole row or column of cells, so left/right and above/below get a
-            position signal that grows in hundreds of steps where the per-cell one barely moved.
+        grid_axis_embeddings: add a row and a column embedding to every image token and
+            generated cell, on top of the per-cell ``grid_pos`` (16 vectors shared by 64 cells on
+            the 8×8 grid, each learning from a whole row or column). Added for left/right and
+            above/below questions; in the bundled model they did not help those (its card says
+            how this was tested).
         depth_layers, depth_width, depth_heads: the depth transformer that samples the
             ``pixel_depth`` codes of one grid position stage after stage.
     Prompts:

@@ -463,8 +463,9 @@ def _centred_sincos(positions: int, dim: int) -> torch.Tensor:
     from 2 positions up), centred over positions and scaled to unit norm per position."""
     freqs = torch.pi / torch.logspace(0, 2, dim // 2, base=positions)  # periods 2 .. 2·positions²
     angles = torch.arange(positions, dtype=torch.float32)[:, None] * freqs
+    waves = torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(1)  # sin, cos, sin, cos, ...
     table = torch.zeros(positions, dim)
-    table[:, 0:dim // 2 * 2:2], table[:, 1:dim // 2 * 2:2] = angles.sin(), angles.cos()
+    table[:, : waves.shape[1]] = waves
     table = table - table.mean(dim=0)
     return table / table.norm(dim=1, keepdim=True).mean()
 

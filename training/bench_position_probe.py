@@ -1,0 +1,130 @@
+"""Where does the multimodal model lose "left or right" / "above or below"?
+
+For every two-way position question the scene world can ask about a set of scenes ("Is the red
+star left or right of the blue square?"), the question is put to the model with its image and the
+LM's hidden state at the answer position is kept, after every layer. A logistic-regression probe
+per layer is fitted on 70% of the questions and scored on the rest, next to the model's own choice
+between the two answer words. A probe near the majority class at the last layer means the relation
+is not computed at all (not merely computed and left unsaid); a probe that reads it where the
+model does not would point at the output instead.
+
+Measured on the bundled stage-6 model (assets/mllm; defaults: 3000 seen-pair scenes, 1266
+questions per axis, each pair asked both ways round, so the majority class is 0.500): left or
+right, the model's own choice 0.500 and the probe 0.500, 0.497, 0.492, 0.489, 0.505 after the
+embedding and layers 1-4; above or below, 0.521 and 0.500, 0.521, 0.539, 0.553, 0.539. The
+relation is not computed.
+
+    python training/bench_position_probe.py --model assets/mllm
+    python training/bench_position_probe.py --scenes 4000 --json position_probe.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from evotok.data.scenes import SceneWorld, question_candidates, split_pairs  # noqa: E402
+from evotok.images import pil_to_tensor  # noqa: E402
+from evotok.mllm import EvoTokMLLM, encode_chat  # noqa: E402
+from evotok.mllm.generate import left_pad, positions_of  # noqa: E402
+
+AXES = {"left or right": ("left", "right"), "above or below": ("above", "below")}
+
+
+def position_questions(world: SceneWorld, scenes: int, seed: int) -> list[tuple[int, str, str, int]]:
+    """(scene index, axis, question, index of the answer word) for every two-way position question."""
+    rng = np.random.default_rng(seed)
+    pairs = split_pairs(world.split)
+    found = []
+    for i in range(scenes):
+        for question, answer in question_candidates(world.scene(i).objects, rng, pairs)["position"]:
+            for axis, words in AXES.items():
+                if answer in words and axis in question.replace("to the left or to the right", "left or right"):
+                    found.append((i, axis, question, words.index(answer)))
+    return found
+
+
+@torch.no_grad()
+def answer_states(model: EvoTokMLLM, images: torch.Tensor, questions: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Hidden states at the answer position after every layer (``layers+1 × b × hidden``) and the
+    logits of the first answer token (``b × vocab``)."""
+    tok, cfg = model.text, model.config
+    encoded = [encode_chat(tok, [(q, None)], cfg.num_cells, cfg.max_prompt_tokens) for q in questions]
+    ids, mask = left_pad([e.input_ids for e in encoded], tok.ids["pad"], model.device)
+    image_mask, _ = left_pad([e.image_mask for e in encoded], False, model.device, torch.bool)
+    features = model.image_features(model.encode_images(images))
+    embeds = model.embed_inputs(ids, image_mask, features)
+    out = model.lm.base_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions_of(mask),
+                              output_hidden_states=True)
+    states = torch.stack([h[:, -1] for h in out.hidden_states]).float()
+    return states.numpy(), model.text_logits(out.last_hidden_state[:, -1]).float().numpy()
+
+
+def word_scores(model: EvoTokMLLM, logits: np.ndarray, words: tuple[str, str]) -> np.ndarray:
+    """``b × 2``: each word's best first-token logit, with or without a leading space."""
+    ids = [[model.text.encode(w)[0], model.text.encode(" " + w)[0]] for w in words]
+    return np.stack([logits[:, i].max(axis=1) for i in ids], axis=1)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from sklearn.linear_model import LogisticRegression
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="assets/mllm")
+    parser.add_argument("--split", default="train", choices=("train", "heldout"),
+                        help="scene pairs: position does not depend on them; train = the pairs the model saw")
+    parser.add_argument("--scenes", type=int, default=3000)
+    parser.add_argument("--seed", type=int, default=4242, help="scene world seed (not the training pool's 0)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=int(os.environ.get("EVOTOK_THREADS", "2")))
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    model = EvoTokMLLM.from_pretrained(args.model).eval()
+    size = model.tokenizer.config.image_size
+    world = SceneWorld(size, seed=args.seed, split=args.split)
+    items = position_questions(world, args.scenes, args.seed)
+    results = {"model": args.model, "split": args.split, "scenes": args.scenes, "axes": {}}
+    for axis, words in AXES.items():
+        chosen = [item for item in items if item[1] == axis]
+        if len(chosen) < 20:
+            raise SystemExit(f"only {len(chosen)} '{axis}' questions in {args.scenes} scenes; ask for more scenes")
+        states, own = [], []
+        for k in range(0, len(chosen), args.batch_size):
+            batch = chosen[k:k + args.batch_size]
+            images = torch.stack([pil_to_tensor(world[i].image, size) for i, *_ in batch])
+            layer_states, logits = answer_states(model, images, [q for _, _, q, _ in batch])
+            states.append(layer_states)
+            own.append(word_scores(model, logits, words).argmax(axis=1))
+        states, own = np.concatenate(states, axis=1), np.concatenate(own)
+        truth = np.array([t for *_, t in chosen])
+        cut = int(0.7 * len(truth))
+        test = truth[cut:]
+        probes = []
+        for layer in states:
+            probe = LogisticRegression(max_iter=3000).fit(layer[:cut], truth[:cut])
+            probes.append(float(probe.score(layer[cut:], test)))
+        results["axes"][axis] = {
+            "questions": len(truth), "test": len(test), "majority": float(max(test.mean(), 1 - test.mean())),
+            "model_choice": float((own[cut:] == test).mean()), "probe_by_layer": probes}
+
+    print(f"\nTwo-way position questions, {args.split} pairs, {args.scenes} scenes; accuracy on the held-back 30%")
+    print(f"{'axis':<16}{'n':>6}{'majority':>10}{'model':>8}  probe after embedding, layer 1, 2, ...")
+    for axis, r in results["axes"].items():
+        print(f"{axis:<16}{r['questions']:>6}{r['majority']:>10.3f}{r['model_choice']:>8.3f}  "
+              + " ".join(f"{p:.3f}" for p in r["probe_by_layer"]))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()

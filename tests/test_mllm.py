@@ -42,11 +42,16 @@ def image_tok():
     return tiny_tokenizer()
 
 
-@pytest.fixture(scope="module")
-def text_tok():
+def tiny_text_tokenizer() -> TextTokenizer:
+    """A byte-level BPE of 400 tokens on ``CORPUS``."""
     records = [{"caption": c, "label": None, "qa": []} for c in CORPUS]
     pool = ImagePool("scenes", np.zeros((len(records), 4, 4, 4), np.int16), records, {})
     return TextTokenizer.train(corpus_texts({"scenes": pool}), vocab_size=400, min_frequency=1)
+
+
+@pytest.fixture(scope="module")
+def text_tok():
+    return tiny_text_tokenizer()
 
 
 def build(image_tok, text_tok, seed: int = 0, path: str = "tiny-tokenizer", **overrides) -> EvoTokMLLM:

@@ -7,10 +7,9 @@ import numpy as np
 import torch
 
 from evotok.data.scenes import SceneWorld
-from evotok.mllm import TextTokenizer, encode_chat
-from evotok.mllm.data import ImagePool, corpus_texts
+from evotok.mllm import encode_chat
 from evotok.mllm.generate import left_pad, positions_of
-from test_mllm import CORPUS, build, tiny_tokenizer
+from test_mllm import build, tiny_text_tokenizer, tiny_tokenizer
 from training.bench_position_probe import AXES, answer_states, position_questions
 
 
@@ -26,15 +25,8 @@ def test_position_questions_are_two_way_and_balanced_on_each_axis():
         assert other not in question
 
 
-def tiny_model():
-    records = [{"caption": c, "label": None, "qa": []} for c in CORPUS]
-    pool = ImagePool("scenes", np.zeros((len(records), 4, 4, 4), np.int16), records, {})
-    text_tok = TextTokenizer.train(corpus_texts({"scenes": pool}), vocab_size=400, min_frequency=1)
-    return build(tiny_tokenizer(), text_tok)
-
-
 def test_answer_states_are_the_states_the_model_answers_from():
-    model = tiny_model()
+    model = build(tiny_tokenizer(), tiny_text_tokenizer())
     images = torch.rand(3, 3, 32, 32) * 2 - 1
     questions = ["Is the circle left or right of the square?", "Is the star above or below the cross?", "Is it?"]
     states, logits = answer_states(model, images, questions)

@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from evotok.data.scenes import SceneWorld, question_candidates, split_pairs  # noqa: E402
 from evotok.images import pil_to_tensor  # noqa: E402
-from evotok.mllm import EvoTokMLLM, encode_chat  # noqa: E402
-from evotok.mllm.generate import left_pad, positions_of  # noqa: E402
+from evotok.mllm import EvoTokMLLM  # noqa: E402
+from evotok.mllm.generate import answer_inputs, positions_of  # noqa: E402
 
 AXES = {"left or right": ("left", "right"), "above or below": ("above", "below")}
 
@@ -46,7 +46,7 @@ def position_questions(world: SceneWorld, scenes: int, seed: int) -> list[tuple[
     for i in range(scenes):
         for question, answer in question_candidates(world.scene(i).objects, rng, pairs)["position"]:
             for axis, words in AXES.items():
-                if answer in words and axis in question.replace("to the left or to the right", "left or right"):
+                if answer in words:  # yes/no questions name no side
                     found.append((i, axis, question, words.index(answer)))
     return found
 
@@ -55,12 +55,7 @@ def position_questions(world: SceneWorld, scenes: int, seed: int) -> list[tuple[
 def answer_states(model: EvoTokMLLM, images: torch.Tensor, questions: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Hidden states at the answer position after every layer (``layers+1 × b × hidden``) and the
     logits of the first answer token (``b × vocab``)."""
-    tok, cfg = model.text, model.config
-    encoded = [encode_chat(tok, [(q, None)], cfg.num_cells, cfg.max_prompt_tokens) for q in questions]
-    ids, mask = left_pad([e.input_ids for e in encoded], tok.ids["pad"], model.device)
-    image_mask, _ = left_pad([e.image_mask for e in encoded], False, model.device, torch.bool)
-    features = model.image_features(model.encode_images(images))
-    embeds = model.embed_inputs(ids, image_mask, features)
+    embeds, mask = answer_inputs(model, questions, model.encode_images(images))
     out = model.lm.base_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions_of(mask),
                               output_hidden_states=True)
     states = torch.stack([h[:, -1] for h in out.hidden_states]).float()
@@ -92,6 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
     size = model.tokenizer.config.image_size
     world = SceneWorld(size, seed=args.seed, split=args.split)
     items = position_questions(world, args.scenes, args.seed)
+    images = {i: pil_to_tensor(world[i].image, size) for i in sorted({i for i, *_ in items})}
     results = {"model": args.model, "split": args.split, "scenes": args.scenes, "axes": {}}
     for axis, words in AXES.items():
         chosen = [item for item in items if item[1] == axis]
@@ -100,8 +96,8 @@ def main(argv: list[str] | None = None) -> dict:
         states, own = [], []
         for k in range(0, len(chosen), args.batch_size):
             batch = chosen[k:k + args.batch_size]
-            images = torch.stack([pil_to_tensor(world[i].image, size) for i, *_ in batch])
-            layer_states, logits = answer_states(model, images, [q for _, _, q, _ in batch])
+            batch_images = torch.stack([images[i] for i, *_ in batch])
+            layer_states, logits = answer_states(model, batch_images, [q for _, _, q, _ in batch])
             states.append(layer_states)
             own.append(word_scores(model, logits, words).argmax(axis=1))
         states, own = np.concatenate(states, axis=1), np.concatenate(own)

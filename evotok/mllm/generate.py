@@ -264,11 +264,11 @@ def batch_answers(model: "EvoTokMLLM", images: torch.Tensor | None, questions: S
         return _batch_answers(model, images, questions, max_new_tokens, image_codes)
 
 
-def _batch_answers(model: "EvoTokMLLM", images: torch.Tensor | None, questions: Sequence[str],
-                   max_new_tokens: int, image_codes: torch.Tensor | None) -> list[str]:
+def answer_inputs(model: "EvoTokMLLM", questions: Sequence[str],
+                  image_codes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded single-turn chat inputs ``(embeds, mask)`` for a batch of questions, each with its
+    image's codes (``b h w D``) when given; the first answer token is read at the last position."""
     cfg, tok, device = model.config, model.text, model.device
-    if image_codes is None and images is not None:
-        image_codes = model.encode_images(images)
     has_image = image_codes is not None
     if has_image and image_codes.shape[0] != len(questions):
         raise ValueError(f"{image_codes.shape[0]} images for {len(questions)} questions")
@@ -277,7 +277,16 @@ def _batch_answers(model: "EvoTokMLLM", images: torch.Tensor | None, questions: 
     ids, mask = left_pad([e.input_ids for e in encoded], tok.ids["pad"], device)
     image_mask, _ = left_pad([e.image_mask for e in encoded], False, device, torch.bool)
     features = model.image_features(image_codes.to(device)) if has_image else None
-    stepper = _Stepper(model, model.embed_inputs(ids, image_mask, features), mask, True)
+    return model.embed_inputs(ids, image_mask, features), mask
+
+
+def _batch_answers(model: "EvoTokMLLM", images: torch.Tensor | None, questions: Sequence[str],
+                   max_new_tokens: int, image_codes: torch.Tensor | None) -> list[str]:
+    tok, device = model.text, model.device
+    if image_codes is None and images is not None:
+        image_codes = model.encode_images(images)
+    embeds, mask = answer_inputs(model, questions, image_codes)
+    stepper = _Stepper(model, embeds, mask, True)
     stop = torch.tensor(sorted({tok.ids["end"], tok.ids["eos"]}), device=device)
     banned = _banned_ids(model)
     done = torch.zeros(len(questions), dtype=torch.bool, device=device)

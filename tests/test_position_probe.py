@@ -4,6 +4,7 @@ from __future__ import annotations
 import collections
 
 import numpy as np
+import pytest
 import torch
 
 from evotok.data.scenes import SceneWorld
@@ -23,6 +24,15 @@ def test_position_questions_are_two_way_and_balanced_on_each_axis():
         assert question.startswith("Is ") and question.endswith("?")
         other = next(a for a in AXES if a != axis)
         assert other not in question
+
+
+def test_place_questions_are_two_way_and_name_the_middle():
+    items = position_questions(SceneWorld(64, seed=7, split="train"), 300, seed=7, kind="place")
+    counts = collections.Counter((axis, answer) for _, axis, _, answer in items)
+    assert all(counts[(axis, k)] > 10 for axis in AXES for k in (0, 1))
+    assert all("the middle of the image" in question for *_, question, _ in items)
+    with pytest.raises(ValueError, match="kind"):
+        position_questions(SceneWorld(64, seed=7, split="train"), 3, seed=7, kind="colour")
 
 
 def test_answer_states_are_the_states_the_model_answers_from():

@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from evotok.data.scenes import SceneWorld
+from evotok.data.scenes import (IMAGE_MIDDLE, SceneObject, SceneWorld, image_side, is_place_question, place_questions,
+                                vocabulary)
 from evotok.mllm import TextTokenizer
 from evotok.mllm.chat import IGNORE
 from evotok.mllm.data import (LEADING_CATEGORIES, ChatDataset, ImagePool, _record, attach_scene_objects,
@@ -101,3 +102,52 @@ def test_told_answers_are_dropped_but_offered_options_and_numbers_are_not_told()
     assert without_told_answers(turns) == [turns[k] for k in (0, 2, 4, 5, 6)]
     options = [("Is the cross small or large?", "small"), ("What size is the square?", "large")]
     assert without_told_answers(options) == options  # "small or large?" offers both, tells neither
+
+
+def test_an_object_has_a_side_of_the_middle_only_when_its_box_clears_it():
+    def sides(x: float, y: float, size: str = "small") -> tuple:
+        return image_side(SceneObject("star", "red", size, (x, y)))
+
+    assert sides(0.2, 0.8) == ("left", "below")
+    assert sides(0.8, 0.2) == ("right", "above")
+    assert sides(0.5, 0.5) == (None, None)  # across both midlines
+    half = SceneObject("star", "red", "small", (0.0, 0.0)).extent / 2
+    assert sides(0.5 - half - 0.02, 0.2)[0] is None  # clears the midline by less than the gap
+    assert sides(0.5 - half - 0.04, 0.2)[0] == "left"
+
+
+def test_place_questions_ask_where_each_nameable_object_is_in_the_positions_wording():
+    objects = [SceneObject("cross", "purple", "large", (0.2, 0.75)),
+               SceneObject("square", "orange", "small", (0.8, 0.5)),     # on the vertical midline: one question
+               SceneObject("circle", "blue", "small", (0.2, 0.2)),
+               SceneObject("circle", "blue", "small", (0.6, 0.2))]       # two blue circles: neither is nameable
+    asked = place_questions(objects, np.random.default_rng(0))
+    assert len(asked) == 3 and all(is_place_question(q) and q.endswith(f"{IMAGE_MIDDLE}?") for q, _ in asked)
+    for question, answer in asked:
+        name = re.search(r"Is the (\w+(?: \w+)?) (?:to the |above|left)", question)[1]
+        obj = next(o for o in objects if name in (o.shape, f"{o.colour} {o.shape}"))
+        assert answer in image_side(obj) and (answer in ("left", "right")) == ("left" in question)
+    assert not is_place_question("Is the red star left or right of the blue square?")
+    assert "middle" in vocabulary()
+
+
+def test_place_questions_join_the_fresh_conversations_and_neither_tell_nor_are_told(text_tok):
+    with pytest.raises(ValueError, match="resample_scene_questions"):
+        ChatDataset({"scenes": scene_pool(2)}, {"scene_qa": 1.0}, text_tok, 64, 4, place_questions=True)
+    pool = scene_pool(40)
+    kwargs = dict(max_turns=12, describe_prob=0.0, resample_scene_questions=True)
+    plain = ChatDataset({"scenes": pool}, {"scene_qa": 1.0}, text_tok, 64, 4, **kwargs)
+    placed = ChatDataset({"scenes": pool}, {"scene_qa": 1.0}, text_tok, 64, 4, place_questions=True, **kwargs)
+    count = 0
+    for i, record in enumerate(pool.records):
+        with_place = placed.fresh_scene_questions(record, np.random.default_rng(i))
+        without = plain.fresh_scene_questions(record, np.random.default_rng(i))
+        assert sorted(without) == sorted(q for q in with_place if not is_place_question(q[0]))  # same draws
+        count += sum(is_place_question(q) for q, _ in with_place)
+    assert count >= 20
+    turns = [("Is the red star left or right of the blue square?", "left"),
+             ("Is the red star left or right of the middle of the image?", "left"),   # kept though "left" was said
+             ("Is the blue square left or right of the middle of the image?", "right"),
+             ("Is the blue square left or right of the green circle?", "right")]      # "right" said only by a place turn
+    assert without_told_answers(turns, independent=is_place_question) == turns
+    assert without_told_answers(turns) == [turns[0], turns[2]]  # the plain rule would drop two of them

@@ -8,7 +8,10 @@ Prints three tables:
 1. Understanding: greedy exact-match answer accuracy on held-out scene questions (scenes built only
    from held-out colour-shape pairs) per question category (with ``--seen-scenes N``, beside it the
    accuracy on new scenes of training pairs; with ``--trained-scenes N``, on the first N scenes of the
-   training pool itself, which tells memorising from underfitting), on clip-art category questions
+   training pool itself, which tells memorising from underfitting); a separate row asks on which side
+   of the image's middle single objects lie ("side of image middle", ``place_questions``: the position
+   questions' wording with the middle as the reference; not counted in "all scene questions", so that
+   figure stays comparable with earlier runs); then on clip-art category questions
    (held-out 10% of the pictures) and on Fashion-MNIST class questions (its test split).
 2. Speed on CPU, end to end: one text-to-image image (prompt -> decoded pixels, guidance 3) and one
    answer (image tensor -> full answer text), median over ``--repeats``.
@@ -30,17 +33,19 @@ import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from evotok.data.sources import MissingDataError  # noqa: E402
-from evotok.data.scenes import SceneWorld  # noqa: E402
+from evotok.data.scenes import SceneObject, SceneWorld, place_questions  # noqa: E402
 from evotok.images import pil_to_tensor  # noqa: E402
 from evotok.mllm import EvoTokMLLM  # noqa: E402
 from evotok.mllm.data import LABEL_QUESTIONS, load_or_skip  # noqa: E402
 
 TRAINING_POOL_SEED = 0  # data.seed of the bundled configs: their scene pool is SceneWorld(seed=0, split="train")
+PLACE = "side of image middle"  # the category of place questions
 
 
 def accuracy(model: EvoTokMLLM, images: torch.Tensor, questions: list[str], truths: list[str],
@@ -55,7 +60,8 @@ def accuracy(model: EvoTokMLLM, images: torch.Tensor, questions: list[str], trut
 
 def scene_understanding(model: EvoTokMLLM, count: int, size: int, batch_size: int,
                         split: str = "heldout", seed: int = 4242) -> dict[str, tuple[float, int]]:
-    """Accuracy per question category on ``count`` scenes of ``split`` (every question of each scene).
+    """Accuracy per question category on ``count`` scenes of ``split`` (every question each scene keeps,
+    and its place questions as the separate category ``PLACE``).
 
     "heldout" scenes hold only colour-shape pairs never seen in training; "train" scenes are new
     images of the training pairs, so the gap between the two is the cost of unseen combinations.
@@ -70,11 +76,17 @@ def scene_understanding(model: EvoTokMLLM, count: int, size: int, batch_size: in
             questions.append(q)
             truths.append(a)
             categories.append(category)
+        objects = [SceneObject.from_any(o) for o in sample.attributes["objects"]]
+        for q, a in place_questions(objects, np.random.default_rng([seed, i])):  # the sample's own draws untouched
+            images.append(image)
+            questions.append(q)
+            truths.append(a)
+            categories.append(PLACE)
     hits = accuracy(model, torch.stack(images), questions, truths, batch_size)
     table: dict[str, list[int]] = {}
     for hit, category in zip(hits, categories):
         table.setdefault(category, []).append(hit)
-    table["all scene questions"] = hits
+    table["all scene questions"] = [hit for hit, category in zip(hits, categories) if category != PLACE]
     return {k: (sum(v) / len(v), len(v)) for k, v in table.items()}
 
 

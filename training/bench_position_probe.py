@@ -14,7 +14,11 @@ right, the model's own choice 0.500 and the probe 0.500, 0.497, 0.492, 0.489, 0.
 embedding and layers 1-4; above or below, 0.521 and 0.500, 0.521, 0.539, 0.553, 0.539. The
 relation is not computed.
 
+``--questions place`` asks the one-object place questions instead ("Is the red star left or right of
+the middle of the image?", ``evotok.data.scenes.place_questions``), the stepping stone to the relations.
+
     python training/bench_position_probe.py --model assets/mllm
+    python training/bench_position_probe.py --questions place
     python training/bench_position_probe.py --scenes 4000 --json position_probe.json
 """
 from __future__ import annotations
@@ -30,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from evotok.data.scenes import SceneWorld, question_candidates, split_pairs  # noqa: E402
+from evotok.data.scenes import SceneWorld, place_questions, question_candidates, split_pairs  # noqa: E402
 from evotok.images import pil_to_tensor  # noqa: E402
 from evotok.mllm import EvoTokMLLM  # noqa: E402
 from evotok.mllm.generate import answer_inputs, positions_of  # noqa: E402
@@ -38,13 +42,19 @@ from evotok.mllm.generate import answer_inputs, positions_of  # noqa: E402
 AXES = {"left or right": ("left", "right"), "above or below": ("above", "below")}
 
 
-def position_questions(world: SceneWorld, scenes: int, seed: int) -> list[tuple[int, str, str, int]]:
-    """(scene index, axis, question, index of the answer word) for every two-way position question."""
+def position_questions(world: SceneWorld, scenes: int, seed: int,
+                       kind: str = "relations") -> list[tuple[int, str, str, int]]:
+    """(scene index, axis, question, index of the answer word) for every two-way position question
+    (``kind`` "relations": one object against another; "place": one object against the image's middle)."""
+    if kind not in ("relations", "place"):
+        raise ValueError(f"kind must be 'relations' or 'place', got {kind!r}")
     rng = np.random.default_rng(seed)
     pairs = split_pairs(world.split)
     found = []
     for i in range(scenes):
-        for question, answer in question_candidates(world.scene(i).objects, rng, pairs)["position"]:
+        objects = world.scene(i).objects
+        asked = place_questions(objects, rng) if kind == "place" else question_candidates(objects, rng, pairs)["position"]
+        for question, answer in asked:
             for axis, words in AXES.items():
                 if answer in words:  # yes/no questions name no side
                     found.append((i, axis, question, words.index(answer)))
@@ -77,6 +87,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="scene pairs: position does not depend on them; train = the pairs the model saw")
     parser.add_argument("--scenes", type=int, default=3000)
     parser.add_argument("--seed", type=int, default=4242, help="scene world seed (not the training pool's 0)")
+    parser.add_argument("--questions", default="relations", choices=("relations", "place"),
+                        help="relations: one object against another; place: one object against the image's middle")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=int(os.environ.get("EVOTOK_THREADS", "2")))
     parser.add_argument("--json", help="also write the results here")
@@ -86,9 +98,9 @@ def main(argv: list[str] | None = None) -> dict:
     model = EvoTokMLLM.from_pretrained(args.model).eval()
     size = model.tokenizer.config.image_size
     world = SceneWorld(size, seed=args.seed, split=args.split)
-    items = position_questions(world, args.scenes, args.seed)
+    items = position_questions(world, args.scenes, args.seed, args.questions)
     images = {i: pil_to_tensor(world[i].image, size) for i in sorted({i for i, *_ in items})}
-    results = {"model": args.model, "split": args.split, "scenes": args.scenes, "axes": {}}
+    results = {"model": args.model, "split": args.split, "scenes": args.scenes, "questions": args.questions, "axes": {}}
     for axis, words in AXES.items():
         chosen = [item for item in items if item[1] == axis]
         if len(chosen) < 20:
@@ -112,7 +124,8 @@ def main(argv: list[str] | None = None) -> dict:
             "questions": len(truth), "test": len(test), "majority": float(max(test.mean(), 1 - test.mean())),
             "model_choice": float((own[cut:] == test).mean()), "probe_by_layer": probes}
 
-    print(f"\nTwo-way position questions, {args.split} pairs, {args.scenes} scenes; accuracy on the held-back 30%")
+    print(f"\nTwo-way position questions ({args.questions}), {args.split} pairs, {args.scenes} scenes; "
+          "accuracy on the held-back 30%")
     print(f"{'axis':<16}{'n':>6}{'majority':>10}{'model':>8}  probe after embedding, layer 1, 2, ...")
     for axis, r in results["axes"].items():
         print(f"{axis:<16}{r['questions']:>6}{r['majority']:>10.3f}{r['model_choice']:>8.3f}  "

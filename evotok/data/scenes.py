@@ -37,7 +37,10 @@ __all__ = [
     "SceneWorld",
     "render_scene",
     "describe_relation",
+    "image_side",
     "question_candidates",
+    "place_questions",
+    "is_place_question",
     "split_pairs",
     "scene_to_dict",
     "vocabulary",
@@ -96,6 +99,8 @@ MARGIN = 0.02  # free border around the image, fraction of the side
 GAP = 0.04  # minimum free space between two objects' boxes
 RELATION_GAP = 0.06  # boxes must be this far apart along the relation's axis...
 RELATION_DOMINANCE = 2.0  # ...and the centre offset along it this many times the other axis'
+IMAGE_MIDDLE = "the middle of the image"  # the fixed reference of place questions
+PLACE_GAP = RELATION_GAP / 2  # an object's box must clear the image's midline by this to be on one side
 
 
 def _select_heldout_pairs() -> frozenset[tuple[str, str]]:
@@ -326,6 +331,17 @@ def describe_relation(a: SceneObject, b: SceneObject) -> str | None:
         if by1 + RELATION_GAP <= ay0:
             return "below"
     return None
+
+
+def image_side(obj: SceneObject) -> tuple[str | None, str | None]:
+    """Where ``obj`` lies against the image's middle: ("left" | "right" | None, "above" | "below" | None).
+
+    A side is given only when the object's box clears the midline by ``PLACE_GAP``; an object
+    across or near the middle has no side on that axis."""
+    x0, y0, x1, y1 = obj.box
+    horizontal = "left" if x1 + PLACE_GAP <= 0.5 else "right" if x0 - PLACE_GAP >= 0.5 else None
+    vertical = "above" if y1 + PLACE_GAP <= 0.5 else "below" if y0 - PLACE_GAP >= 0.5 else None
+    return horizontal, vertical
 
 
 def _boxes_apart(a: SceneObject, b: SceneObject, gap: float = GAP) -> bool:
@@ -752,6 +768,32 @@ def question_candidates(
     return cands
 
 
+def place_questions(objects: Sequence[SceneObject], rng: np.random.Generator) -> list[tuple[str, str]]:
+    """(question, answer) pairs about where single objects are in the image: the position questions'
+    wording with ``IMAGE_MIDDLE`` as the reference ("Is the red star left or right of the middle of the
+    image?" -> "left"), for every object a referring expression picks out and every axis on which
+    :func:`image_side` gives it a side. They need one object found, not two compared, so they are a
+    stepping stone to the relations. Kept apart from :func:`question_candidates`, whose draws (and so
+    the questions every ``SceneWorld`` sample keeps) they leave unchanged."""
+    objs = tuple(objects)
+    out: list[tuple[str, str]] = []
+    for obj in objs:
+        ref = _reference(obj, objs, rng)
+        if ref is None:
+            continue
+        horizontal, vertical = image_side(obj)
+        if horizontal:
+            out.append((_pick(rng, QUESTION_TEMPLATES["position_lr"]).format(x=ref, y=IMAGE_MIDDLE), horizontal))
+        if vertical:
+            out.append((_pick(rng, QUESTION_TEMPLATES["position_ab"]).format(x=ref, y=IMAGE_MIDDLE), vertical))
+    return out
+
+
+def is_place_question(question: str) -> bool:
+    """Whether ``question`` asks for a side of the image's middle (:func:`place_questions`)."""
+    return IMAGE_MIDDLE in question
+
+
 def _questions(
     scene: Scene, rng: np.random.Generator, pool: Sequence[tuple[str, str]]
 ) -> list[tuple[str, str, str]]:
@@ -780,7 +822,7 @@ def vocabulary() -> list[str]:
             texts.extend(options)
     texts += list(SHAPES) + list(PLURALS.values()) + list(COLOURS) + list(SIZES)
     texts += list(COUNT_WORDS) + list(BACKGROUND_WORDS.values()) + list(ANSWER_WORDS)
-    texts += ["a", "an", "the", "object"]
+    texts += ["a", "an", "the", "object", IMAGE_MIDDLE]
     words: set[str] = set()
     for text in texts:
         text = re.sub(r"\{[a-z_]+\}", " ", text.lower())

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from ..data.base import item_rng
-from ..data.scenes import COUNT_WORDS, SceneObject, question_candidates, split_pairs
+from ..data.scenes import (COUNT_WORDS, SceneObject, is_place_question, place_questions, question_candidates,
+                           split_pairs)
 from .answer_gaps import caption_gaps, gap_answers, words
 from .chat import IGNORE, encode_chat, encode_generation
 from .text_tokenizer import TextTokenizer
@@ -208,14 +209,16 @@ class ChatDataset(torch.utils.data.Dataset):
     a record keeps), categories taken in turn so that shape, colour and position questions are not
     crowded out by the many counting ones, and leaves out each turn whose answer an earlier turn
     gave away (:func:`without_told_answers`). The records then need ``objects``
-    (:func:`attach_scene_objects`).
+    (:func:`attach_scene_objects`). ``place_questions`` adds one more category to those
+    conversations: on which side of the image's middle an object lies
+    (:func:`evotok.data.scenes.place_questions`), a one-object step towards the two-object relations.
     """
 
     def __init__(self, pools: Mapping[str, ImagePool], task_weights: Mapping[str, float], text_tokenizer: TextTokenizer,
                  num_cells: int, pixel_depth: int, seed: int = 0, cfg_dropout: float = 0.1, describe_prob: float = 0.2,
                  max_turns: int = 3, max_prompt_tokens: int | None = 64, length: int = 10**9,
                  mask_answer_gaps: bool = False, mask_caption_gaps: bool = False,
-                 resample_scene_questions: bool = False):
+                 resample_scene_questions: bool = False, place_questions: bool = False):
         unknown = sorted(set(task_weights) - set(TASKS))
         if unknown:
             raise ValueError(f"unknown tasks {unknown}; expected some of {sorted(TASKS)}")
@@ -234,6 +237,10 @@ class ChatDataset(torch.utils.data.Dataset):
         self.text_pairs = text_only_pairs()
         self.mask_answer_gaps, self.mask_caption_gaps = mask_answer_gaps, mask_caption_gaps
         self.resample_scene_questions = resample_scene_questions
+        if place_questions and not resample_scene_questions:
+            raise ValueError("place_questions are drawn with the fresh scene questions: "
+                             "set resample_scene_questions too")
+        self.place_questions = place_questions
         if resample_scene_questions and "scenes" in self.pools:
             scenes = self.pools["scenes"]
             if scenes.records and "objects" not in scenes.records[0]:
@@ -312,7 +319,7 @@ class ChatDataset(torch.utils.data.Dataset):
         turns = int(rng.integers(1, self.max_turns + 1))
         chosen = order[:turns]
         if ranked:  # round-robin order kept, so each category leads as often; told answers dropped
-            return without_told_answers([pairs[k] for k in chosen])
+            return without_told_answers([pairs[k] for k in chosen], independent=is_place_question)
         rng.shuffle(chosen)
         return [pairs[k] for k in chosen]
 
@@ -323,6 +330,8 @@ class ChatDataset(torch.utils.data.Dataset):
         questions give away ("Is there an orange square?" names a shape and a colour)."""
         objects = [SceneObject.from_any(o) for o in record["objects"]]
         candidates = question_candidates(objects, rng, self.scene_pairs)
+        if self.place_questions:
+            candidates["place"] = place_questions(objects, rng)
         categories = [list(LEADING_CATEGORIES), [c for c in candidates if c not in LEADING_CATEGORIES]]
         categories = [c for group in categories for c in rng.permutation(group)]
         queues = [[candidates[c][int(k)] for k in rng.permutation(len(candidates[c]))] for c in categories]
@@ -330,14 +339,20 @@ class ChatDataset(torch.utils.data.Dataset):
                 if rank < len(queue)]
 
 
-def without_told_answers(turns: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+def without_told_answers(turns: Sequence[tuple[str, str]],
+                         independent: Callable[[str], bool] | None = None) -> list[tuple[str, str]]:
     """``turns`` less each one whose one-word answer (a shape, colour, size or side; not yes/no or a
     number) an earlier kept turn already said: after "Is there an orange square?" the answer to
     "What shape is the orange object?" can be copied from the text instead of read from the image.
-    Longer answers (captions) are kept."""
+    Longer answers (captions) are kept, and so is every turn whose question ``independent`` accepts;
+    such a turn tells nothing either (an object's side of the image's middle neither gives away nor
+    is given away by its side of another object)."""
     told: set[str] = set()
     kept = []
     for question, answer in turns:
+        if independent is not None and independent(question):
+            kept.append((question, answer))
+            continue
         word = answer.strip().lower()
         if word in told and word not in _UNTELLING:
             continue

@@ -118,3 +118,12 @@ def test_a_later_stage_can_add_grid_axes_with_their_own_learning_rate(root):
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert sum(len(g["params"]) for g in groups) == len(trainable)
     assert [id(p) for p in param_groups(model, 1e-3, 1.0)[0]["params"]] == [id(p) for p in trainable]  # old order
+
+
+def test_a_later_stage_with_place_questions_learns_their_words(root):
+    run(root, "place_base", "train.steps=1")
+    question = "Is the star left or right of the middle of the image?"
+    assert "middle" in EvoTokMLLM.from_pretrained(root / "place_base" / "final").unknown_words(question)
+    run(root, "place", f"model.init_from={root / 'place_base' / 'final'}", "data.resample_scene_questions=true",
+        "data.place_questions=true", "train.steps=1")
+    assert EvoTokMLLM.from_pretrained(root / "place" / "final").unknown_words(question) == []

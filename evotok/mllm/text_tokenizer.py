@@ -102,6 +102,12 @@ class TextTokenizer:
         words = json.loads(words_file.read_text()) if words_file.is_file() else {}
         return cls(backend, words)
 
+    def learn_words(self, texts: Iterable[str]) -> None:
+        """Count the words of ``texts`` into the corpus word list, for a later training stage that
+        asks in new words (the app then no longer warns about them); the BPE itself is unchanged."""
+        for word, count in count_words(texts).items():
+            self.corpus_words[word] = self.corpus_words.get(word, 0) + count
+
     # ------------------------------------------------------------------ use
     def __len__(self) -> int:
         return len(self.backend)

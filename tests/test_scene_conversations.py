@@ -145,6 +145,7 @@ def test_place_questions_join_the_fresh_conversations_and_neither_tell_nor_are_t
         assert sorted(without) == sorted(q for q in with_place if not is_place_question(q[0]))  # same draws
         count += sum(is_place_question(q) for q, _ in with_place)
     assert count >= 20
+    assert placed.texts_beyond_records() == [IMAGE_MIDDLE] and plain.texts_beyond_records() == []
     turns = [("Is the red star left or right of the blue square?", "left"),
              ("Is the red star left or right of the middle of the image?", "left"),   # kept though "left" was said
              ("Is the blue square left or right of the middle of the image?", "right"),

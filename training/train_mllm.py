@@ -27,7 +27,7 @@ from accelerate import Accelerator, DistributedDataParallelKwargs  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from evotok.data.mixture import build_sources  # noqa: E402
-from evotok.data.scenes import IMAGE_MIDDLE, SceneWorld  # noqa: E402
+from evotok.data.scenes import SceneWorld  # noqa: E402
 from evotok.mllm import EvoTokMLLM, TextTokenizer, qwen2_lm_config  # noqa: E402
 from evotok.mllm.data import (TASKS, ChatDataset, attach_scene_objects, build_pool, collate,  # noqa: E402
                               corpus_texts, heldout_questions, load_pool)
@@ -191,8 +191,6 @@ def main(argv: list[str] | None = None) -> dict:
 
     resuming = args.resume and (run_dir / STATE_FILE).exists()
     model = build_model(config, tokenizer, pools, run_dir, resuming, accelerator)
-    if data_cfg.get("place_questions"):  # their reference, "the middle of the image", is in no pool record
-        model.text.learn_words([IMAGE_MIDDLE])
     model.set_trainable(bool(train_cfg.get("train_lm", True)))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(param_groups(model, float(train_cfg["lr"]), float(train_cfg.get("position_lr_scale", 1.0))),
@@ -222,6 +220,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = accelerator.device
     pad_id = model.text.ids["pad"]
     dataset = make_dataset(pools, data_cfg, model, seed)
+    model.text.learn_words(dataset.texts_beyond_records())  # saved with the model; the app warns on unknown words
     batch_size = int(train_cfg["batch_size"])
 
     eval_batch, questions, heldout_scenes = None, [], heldout.get("scenes")

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from ..data.base import item_rng
-from ..data.scenes import (COUNT_WORDS, SceneObject, is_place_question, place_questions, question_candidates,
-                           split_pairs)
+from ..data.scenes import (COUNT_WORDS, IMAGE_MIDDLE, SceneObject, is_place_question, place_questions,
+                           question_candidates, split_pairs)
 from .answer_gaps import caption_gaps, gap_answers, words
 from .chat import IGNORE, encode_chat, encode_generation
 from .text_tokenizer import TextTokenizer
@@ -250,6 +250,12 @@ class ChatDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return self.length
+
+    def texts_beyond_records(self) -> list[str]:
+        """Wordings its conversations use that no pool record holds, so the text tokenizer's corpus
+        word list never counted them (``TextTokenizer.learn_words`` adds them): the place
+        questions' reference, "the middle of the image"."""
+        return [IMAGE_MIDDLE] if self.place_questions else []
 
     def task_of(self, rng: np.random.Generator) -> str:
         return self.tasks[min(int(np.searchsorted(self.cdf, rng.uniform(), side="right")), len(self.tasks) - 1)]

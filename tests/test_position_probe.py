@@ -35,8 +35,9 @@ def test_place_questions_are_two_way_and_name_the_middle():
         position_questions(SceneWorld(64, seed=7, split="train"), 3, seed=7, kind="colour")
 
 
-def test_answer_states_are_the_states_the_model_answers_from():
-    model = build(tiny_tokenizer(), tiny_text_tokenizer())
+@pytest.mark.parametrize("grid_rope", [False, True])
+def test_answer_states_are_the_states_the_model_answers_from(grid_rope):
+    model = build(tiny_tokenizer(), tiny_text_tokenizer(), grid_rope=grid_rope)
     images = torch.rand(3, 3, 32, 32) * 2 - 1
     questions = ["Is the circle left or right of the square?", "Is the star above or below the cross?", "Is it?"]
     states, logits = answer_states(model, images, questions)
@@ -50,7 +51,9 @@ def test_answer_states_are_the_states_the_model_answers_from():
     image_mask, _ = left_pad([e.image_mask for e in encoded], False, model.device, torch.bool)
     with torch.no_grad():
         embeds = model.embed_inputs(ids, image_mask, model.image_features(model.encode_images(images)))
-        hidden, _ = model.backbone(embeds, mask, positions_of(mask))
+        hidden, _ = model.backbone(embeds, mask, positions_of(mask), cell_index=model.cell_index(image_mask))
         expected = model.text_logits(hidden[:, -1])
+        unmarked, _ = model.backbone(embeds, mask, positions_of(mask))  # cells read as text
+    assert torch.allclose(unmarked[:, -1], hidden[:, -1]) != grid_rope
     assert np.allclose(states[-1], hidden[:, -1].numpy(), atol=1e-5)
     assert np.allclose(logits, expected.numpy(), atol=1e-4)

@@ -127,3 +127,12 @@ def test_a_later_stage_with_place_questions_learns_their_words(root):
     run(root, "place", f"model.init_from={root / 'place_base' / 'final'}", "data.resample_scene_questions=true",
         "data.place_questions=true", "train.steps=1")
     assert EvoTokMLLM.from_pretrained(root / "place" / "final").unknown_words(question) == []
+
+
+def test_a_later_stage_can_switch_on_grid_rotary_positions(root):
+    run(root, "rope_base", "train.steps=1")
+    run(root, "rope", f"model.init_from={root / 'rope_base' / 'final'}", "model.grid_rope=true", "train.steps=1")
+    assert not EvoTokMLLM.from_pretrained(root / "rope_base" / "final").config.grid_rope
+    model = EvoTokMLLM.from_pretrained(root / "rope" / "final")
+    assert model.config.grid_rope
+    assert set(weights(root / "rope" / "final")) == set(weights(root / "rope_base" / "final"))  # no new weights

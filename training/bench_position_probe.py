@@ -69,8 +69,9 @@ def position_questions(world: SceneWorld, scenes: int, seed: int,
 def answer_states(model: EvoTokMLLM, images: torch.Tensor, questions: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Hidden states at the answer position after every layer (``layers+1 × b × hidden``) and the
     logits of the first answer token (``b × vocab``)."""
-    embeds, mask = answer_inputs(model, questions, model.encode_images(images))
-    out = model.lm.base_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions_of(mask),
+    embeds, mask, cell_index = answer_inputs(model, questions, model.encode_images(images))
+    out = model.lm.base_model(inputs_embeds=embeds, attention_mask=mask,
+                              position_ids=model.lm_position_ids(positions_of(mask), cell_index),
                               output_hidden_states=True)
     states = torch.stack([h[:, -1] for h in out.hidden_states]).float()
     return states.numpy(), model.text_logits(out.last_hidden_state[:, -1]).float().numpy()

@@ -34,6 +34,9 @@ class MLLMConfig:
             the 8×8 grid, each learning from a whole row or column). Added for left/right and
             above/below questions; in the bundled model they did not help those (its card says
             how this was tested).
+        grid_rope: rotate grid cells' queries and keys by their row and column as well as their
+            sequence index (``evotok.mllm.grid_rope``: a third of the rotary frequencies each);
+            text keeps the LM's own rotary positions exactly.
         depth_layers, depth_width, depth_heads: the depth transformer that samples the
             ``pixel_depth`` codes of one grid position stage after stage.
     Prompts:
@@ -57,6 +60,7 @@ class MLLMConfig:
     projector_hidden: int | None = None
     projector_context_layers: int = 0
     grid_axis_embeddings: bool = False
+    grid_rope: bool = False
     depth_layers: int = 2
     depth_width: int = 256
     depth_heads: int = 4

@@ -98,25 +98,32 @@ def positions_of(mask: torch.Tensor) -> torch.Tensor:
 
 
 class _Stepper:
-    """Runs the LM one position at a time, with its KV cache or (for checking) without it."""
+    """Runs the LM one position at a time, with its KV cache or (for checking) without it.
 
-    def __init__(self, model: "EvoTokMLLM", embeds: torch.Tensor, mask: torch.Tensor, use_cache: bool):
+    ``cell_index`` (``B L``, -1 on text) marks the grid cells of the start; :meth:`step` takes the
+    cell index of the appended position (``None``: text)."""
+
+    def __init__(self, model: "EvoTokMLLM", embeds: torch.Tensor, mask: torch.Tensor, use_cache: bool,
+                 cell_index: torch.Tensor | None = None):
         self.model, self.use_cache = model, use_cache
         self.mask, self.positions, self.embeds = mask, positions_of(mask), embeds
-        hidden, self.cache = model.backbone(embeds, mask, self.positions, use_cache=use_cache)
+        self.cells = cell_index if cell_index is not None else torch.full_like(mask, -1)
+        hidden, self.cache = model.backbone(embeds, mask, self.positions, use_cache=use_cache, cell_index=self.cells)
         self.last = hidden[:, -1]
 
-    def step(self, embed: torch.Tensor) -> torch.Tensor:
+    def step(self, embed: torch.Tensor, cell: int | None = None) -> torch.Tensor:
         """Append one input embedding per row (``B H``); returns the new last hidden state."""
         self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], 1)
         new_pos = self.positions[:, -1:] + 1
+        new_cell = torch.full_like(new_pos, -1 if cell is None else cell)
         self.positions = torch.cat([self.positions, new_pos], 1)
+        self.cells = torch.cat([self.cells, new_cell], 1)
         if self.use_cache:
             hidden, self.cache = self.model.backbone(embed[:, None], self.mask, new_pos, cache=self.cache,
-                                                     use_cache=True)
+                                                     use_cache=True, cell_index=new_cell)
         else:
             self.embeds = torch.cat([self.embeds, embed[:, None]], 1)
-            hidden, _ = self.model.backbone(self.embeds, self.mask, self.positions)
+            hidden, _ = self.model.backbone(self.embeds, self.mask, self.positions, cell_index=self.cells)
         self.last = hidden[:, -1]
         return self.last
 
@@ -175,7 +182,7 @@ def _sample_grid(model: "EvoTokMLLM", ids: torch.Tensor, mask: torch.Tensor, b: 
         if cell + 1 < n:
             latent = model.code_latents(prefix)
             embed = model.latent_in(latent.to(stepper.last.dtype)) + positions[cell]
-            stepper.step(torch.cat([embed, embed]) if guided else embed)
+            stepper.step(torch.cat([embed, embed]) if guided else embed, cell=cell)
         if callback is not None and (cell + 1) % grid == 0:
             callback((cell + 1) // grid, codes.view(b, grid, grid, depth).clone())
     return codes.view(b, grid, grid, depth)
@@ -220,19 +227,21 @@ def stream_answer(model: "EvoTokMLLM", image: torch.Tensor | None, question: str
     with thread_scope(model, cpu_threads):
         features = model.image_features(model.encode_images(image)) if image is not None else None
         embeds = model.embed_inputs(ids, image_mask, features)
-    return _stream(model, embeds, max_new_tokens, temperature, top_k, top_p, seed, use_cache, cpu_threads)
+    return _stream(model, embeds, model.cell_index(image_mask), max_new_tokens, temperature, top_k, top_p, seed,
+                   use_cache, cpu_threads)
 
 
 @torch.no_grad()
-def _stream(model: "EvoTokMLLM", embeds: torch.Tensor, max_new_tokens: int, temperature: float,
-            top_k: int | None, top_p: float | None, seed: int | None, use_cache: bool,
+def _stream(model: "EvoTokMLLM", embeds: torch.Tensor, cell_index: torch.Tensor | None, max_new_tokens: int,
+            temperature: float, top_k: int | None, top_p: float | None, seed: int | None, use_cache: bool,
             cpu_threads: int | None) -> Iterator[str]:
     tok, device = model.text, model.device
     stop = {tok.ids["end"], tok.ids["eos"]}
     banned = _banned_ids(model)
     generator = make_generator(seed, device)
     with thread_scope(model, cpu_threads):
-        stepper = _Stepper(model, embeds, torch.ones(embeds.shape[:2], dtype=torch.long, device=device), use_cache)
+        stepper = _Stepper(model, embeds, torch.ones(embeds.shape[:2], dtype=torch.long, device=device), use_cache,
+                           cell_index)
     out: list[int] = []
     shown = ""
     for i in range(max_new_tokens):
@@ -265,9 +274,10 @@ def batch_answers(model: "EvoTokMLLM", images: torch.Tensor | None, questions: S
 
 
 def answer_inputs(model: "EvoTokMLLM", questions: Sequence[str],
-                  image_codes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded single-turn chat inputs ``(embeds, mask)`` for a batch of questions, each with its
-    image's codes (``b h w D``) when given; the first answer token is read at the last position."""
+                  image_codes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Left-padded single-turn chat inputs ``(embeds, mask, cell_index)`` for a batch of questions,
+    each with its image's codes (``b h w D``) when given; the first answer token is read at the last
+    position. ``cell_index`` marks the image's grid cells (see :meth:`EvoTokMLLM.backbone`)."""
     cfg, tok, device = model.config, model.text, model.device
     has_image = image_codes is not None
     if has_image and image_codes.shape[0] != len(questions):
@@ -277,7 +287,7 @@ def answer_inputs(model: "EvoTokMLLM", questions: Sequence[str],
     ids, mask = left_pad([e.input_ids for e in encoded], tok.ids["pad"], device)
     image_mask, _ = left_pad([e.image_mask for e in encoded], False, device, torch.bool)
     features = model.image_features(image_codes.to(device)) if has_image else None
-    return model.embed_inputs(ids, image_mask, features), mask
+    return model.embed_inputs(ids, image_mask, features), mask, model.cell_index(image_mask)
 
 
 def _batch_answers(model: "EvoTokMLLM", images: torch.Tensor | None, questions: Sequence[str],
@@ -285,8 +295,8 @@ def _batch_answers(model: "EvoTokMLLM", images: torch.Tensor | None, questions: 
     tok, device = model.text, model.device
     if image_codes is None and images is not None:
         image_codes = model.encode_images(images)
-    embeds, mask = answer_inputs(model, questions, image_codes)
-    stepper = _Stepper(model, embeds, mask, True)
+    embeds, mask, cell_index = answer_inputs(model, questions, image_codes)
+    stepper = _Stepper(model, embeds, mask, True, cell_index)
     stop = torch.tensor(sorted({tok.ids["end"], tok.ids["eos"]}), device=device)
     banned = _banned_ids(model)
     done = torch.zeros(len(questions), dtype=torch.bool, device=device)

@@ -27,6 +27,7 @@ from ..hub import CheckpointError, PretrainedMixin, resolve_checkpoint, weights_
 from .chat import IGNORE
 from .config import MLLMConfig
 from .depth_transformer import DepthTransformer
+from .grid_rope import cell_index_of, grid_position_ids, install_grid_rope
 from .text_tokenizer import TextTokenizer
 
 TEXT_TOKENIZER_DIR = "text_tokenizer"
@@ -90,6 +91,8 @@ class EvoTokMLLM(nn.Module, PretrainedMixin):
         self.register_parameter("grid_cols", None)
         if config.grid_axis_embeddings:
             self._build_grid_axes()
+        if config.grid_rope:
+            install_grid_rope(self.lm)
         self.depth = DepthTransformer(hidden, config.pixel_depth, config.codebook_size, config.num_cells,
                                       config.depth_width, config.depth_layers, config.depth_heads)
         self.text_tokenizer = text_tokenizer
@@ -290,6 +293,29 @@ class EvoTokMLLM(nn.Module, PretrainedMixin):
                 self.grid_rows[:, 0, :half] = pattern
                 self.grid_cols[0, :, half:2 * half] = pattern
 
+    def add_grid_rope(self) -> None:
+        """Switch a trained model to row-and-column rotary positions on grid cells
+        (``evotok.mllm.grid_rope``); no new weights, text positions unchanged."""
+        if self.config.grid_rope:
+            raise ValueError("this model already uses grid rotary positions")
+        install_grid_rope(self.lm)
+        self.config.grid_rope = True
+
+    def cell_index(self, image_mask: torch.Tensor | None = None, gen_mask: torch.Tensor | None = None) -> torch.Tensor | None:
+        """``B L`` index of each image or generated grid cell within its grid, -1 on text."""
+        if image_mask is None or gen_mask is None:
+            cells = image_mask if gen_mask is None else gen_mask
+        else:
+            cells = image_mask | gen_mask
+        return None if cells is None else cell_index_of(cells, self.config.num_cells)
+
+    def lm_position_ids(self, positions: torch.Tensor, cell_index: torch.Tensor | None) -> torch.Tensor:
+        """What the LM is given as ``position_ids``: the sequence positions, or with
+        ``config.grid_rope`` their three streams (sequence, row, column)."""
+        if not self.config.grid_rope:
+            return positions
+        return grid_position_ids(positions, cell_index, self.config.grid_size)
+
     def _build_grid_axes(self) -> None:
         g, hidden = self.config.grid_size, self.config.hidden_size
         like = dict(device=self.grid_pos.device, dtype=self.grid_pos.dtype)
@@ -331,9 +357,21 @@ class EvoTokMLLM(nn.Module, PretrainedMixin):
         return embeds
 
     def backbone(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 position_ids: torch.Tensor | None = None, cache: Any = None, use_cache: bool = False):
-        """The LM body (no head): ``(last_hidden_state, cache)``."""
+                 position_ids: torch.Tensor | None = None, cache: Any = None, use_cache: bool = False,
+                 cell_index: torch.Tensor | None = None):
+        """The LM body (no head): ``(last_hidden_state, cache)``.
+
+        ``position_ids`` (``B L``, default 0, 1, …) are sequence positions; ``cell_index``
+        (:meth:`cell_index`) marks grid cells for ``config.grid_rope``."""
         kwargs = {self._cache_arg: cache} if cache is not None else {}
+        if self.config.grid_rope:
+            if position_ids is None:
+                if cache is not None:
+                    raise ValueError("with grid rotary positions, give position_ids when continuing from a cache")
+                position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)[None]
+            if attention_mask is None:  # transformers reads 2-D position ids for packing without a mask
+                attention_mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
+            position_ids = self.lm_position_ids(position_ids, cell_index)
         out = self.lm.base_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                                  position_ids=position_ids, use_cache=use_cache, **kwargs)
         return out.last_hidden_state, (getattr(out, self._cache_arg, None) if use_cache else None)
@@ -354,7 +392,7 @@ class EvoTokMLLM(nn.Module, PretrainedMixin):
         if image_features is None and image_codes is not None and image_codes.numel():
             image_features = self.image_features(image_codes)
         embeds = self.embed_inputs(input_ids, image_mask, image_features, gen_mask, gen_codes)
-        hidden, _ = self.backbone(embeds, attention_mask)
+        hidden, _ = self.backbone(embeds, attention_mask, cell_index=self.cell_index(image_mask, gen_mask))
 
         targets = labels[:, 1:]
         supervised = targets != IGNORE

@@ -108,3 +108,26 @@ def test_an_lm_without_rotary_positions_is_refused():
 
     with pytest.raises(ValueError, match="rotary_emb"):
         install_grid_rope(NoRotary())
+
+
+def test_generation_steps_see_the_positions_training_saw(parts):
+    """The hidden state before each generated cell is the same whether the whole sequence runs at
+    once (training) or cell by cell from the KV cache (sampling): both give cells the same streams."""
+    from evotok.mllm import encode_generation
+    from evotok.mllm.generate import _Stepper
+
+    model = build(*parts, grid_rope=True)
+    n = model.config.num_cells
+    codes = model.generate_image("a red circle", guidance_scale=None, seed=2)  # 1 h w depth
+    full = encode_generation(model.text, "a red circle", n, model.config.max_prompt_tokens)
+    ids, gen_mask = torch.tensor([full.input_ids]), torch.tensor([full.gen_mask])
+    with torch.no_grad():
+        embeds = model.embed_inputs(ids, gen_mask=gen_mask, gen_codes=codes)
+        hidden, _ = model.backbone(embeds, torch.ones_like(ids), cell_index=model.cell_index(gen_mask=gen_mask))
+        before_cells = hidden[0, torch.nonzero(gen_mask[0]).flatten() - 1]
+        prefix = int(torch.nonzero(gen_mask[0])[0])
+        stepper = _Stepper(model, embeds[:, :prefix], torch.ones(1, prefix, dtype=torch.long), use_cache=True)
+        stepped = [stepper.last]
+        for cell in range(n - 1):
+            stepped.append(stepper.step(embeds[:, prefix + cell], cell=cell))
+    assert torch.allclose(torch.cat(stepped), before_cells, atol=1e-5)

@@ -57,3 +57,17 @@ def test_answer_states_are_the_states_the_model_answers_from(grid_rope):
     assert torch.allclose(unmarked[:, -1], hidden[:, -1]) != grid_rope
     assert np.allclose(states[-1], hidden[:, -1].numpy(), atol=1e-5)
     assert np.allclose(logits, expected.numpy(), atol=1e-4)
+
+
+@pytest.mark.parametrize("grid_rope", [False, True])
+def test_cell_states_are_the_image_cells_in_raster_order(grid_rope):
+    from training.bench_cell_position_probe import cell_states
+
+    model = build(tiny_tokenizer(), tiny_text_tokenizer(), grid_rope=grid_rope)
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    states = cell_states(model, images, "What colour is the star?")
+    n, layers = model.config.num_cells, model.config.lm_config["num_hidden_layers"]
+    assert states.shape == (layers + 1, 2, n, model.config.hidden_size)
+    with torch.no_grad():  # after the embedding: the projected features plus each cell's position
+        expected = model.project_image(model.image_features(model.encode_images(images))) + model.cell_positions()
+    assert np.allclose(states[0], expected.numpy(), atol=1e-5)

@@ -8,18 +8,21 @@ between the two answer words. A probe near the majority class at the last layer 
 is not computed at all (not merely computed and left unsaid); a probe that reads it where the
 model does not would point at the output instead.
 
-Measured on the bundled stage-7 model (assets/mllm; defaults: 3000 seen-pair scenes, 1266
-questions per axis, each pair asked both ways round, so the majority class is 0.500): left or
-right, the model's own choice 0.482 and the probe 0.500, 0.479, 0.489, 0.479, 0.508 after the
-embedding and layers 1-4; above or below, 0.518 and 0.500, 0.497, 0.524, 0.576, 0.529. The
-relation is not computed (stage 6 read the same: 0.489-0.505 and 0.500-0.553).
+Measured on stage 7 (runs/mllm_place/final; defaults: 3000 seen-pair scenes, 1266 questions per
+axis, each pair asked both ways round, so the majority class is 0.500): left or right, the model's
+own choice 0.482 and the probe 0.500, 0.479, 0.489, 0.479, 0.508 after the embedding and layers
+1-4; above or below, 0.518 and 0.500, 0.497, 0.524, 0.576, 0.529. The relation is not computed
+(stage 6 read the same: 0.489-0.505 and 0.500-0.553; the bundled stage 8: 0.482-0.508 and
+0.518-0.545).
 
-``--questions place`` asks the one-object place questions instead ("Is the red star left or right of
-the middle of the image?", ``evotok.data.scenes.place_questions``), the stepping stone to the relations.
+``--questions place`` asks the one-object place questions instead ("Is the red star left or right of the
+middle of the image?", ``evotok.data.scenes.place_questions``), the stepping stone to the relations.
 On the same scenes (about 2,280 questions per axis, majority 0.51) stage 7, trained on them, answers
 above or below at 0.816 (probe 0.584, 0.812, 0.812, 0.832 after layers 1-4) but left or right at
 0.529 (probe 0.568, 0.587, 0.620, 0.595). Stage 6, never asked them, already held the row (probe
-0.703-0.787) more than the column (0.555-0.606).
+0.703-0.787) more than the column (0.555-0.606). Stage 8, with grid rotary positions
+(``model.grid_rope``), answers 0.848 and 0.504 (probes 0.599-0.828 and 0.548-0.642): the column is
+still not read, though the image cells hold it (``bench_cell_position_probe.py``).
 
     python training/bench_position_probe.py --model assets/mllm
     python training/bench_position_probe.py --questions place

@@ -36,7 +36,8 @@ class MLLMConfig:
             how this was tested).
         grid_rope: rotate grid cells' queries and keys by their row and column as well as their
             sequence index (``evotok.mllm.grid_rope``: a third of the rotary frequencies each);
-            text keeps the LM's own rotary positions exactly.
+            text keeps the LM's own rotary positions exactly. Added so that the model could read an
+            object's column; in the bundled model it did not (its card says how this was tested).
         depth_layers, depth_width, depth_heads: the depth transformer that samples the
             ``pixel_depth`` codes of one grid position stage after stage.
     Prompts:

@@ -17,6 +17,9 @@ The rotary frequencies are dealt out to the streams in turn (frequency ``i`` rea
 Only the rotary embedding module is wrapped: any transformers LM whose base model has a
 ``rotary_emb(x, position_ids) -> (cos, sin)`` module (Qwen2/2.5/3, Llama, Mistral) works, at any
 size, and the LM's weights are untouched.
+
+In the bundled model (stage 8) this did not make the column readable: the image cells hold row and
+column alike, and the answer still reads only the row (``assets/mllm/README.md``, Limits).
 """
 from __future__ import annotations
 

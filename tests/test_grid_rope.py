@@ -29,6 +29,9 @@ def test_grid_cells_get_row_and_column_streams_and_text_keeps_its_position():
     assert rows.tolist() == [[10, 11, 11, 12, 12, 15, 16]]
     assert cols.tolist() == [[10, 11, 12, 11, 12, 15, 16]]
     assert torch.equal(grid_position_ids(positions, None, 2), positions.expand(3, 1, 7))
+    _, rows, cols = grid_position_ids(positions, cells, grid_size=2, stride=2)  # rows as far apart as in raster order
+    assert rows.tolist() == [[10, 11, 11, 13, 13, 15, 16]]
+    assert cols.tolist() == [[10, 11, 13, 11, 13, 15, 16]]
 
 
 def test_rotary_frequencies_are_dealt_to_the_streams_in_turn(parts):

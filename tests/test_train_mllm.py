@@ -136,3 +136,5 @@ def test_a_later_stage_can_switch_on_grid_rotary_positions(root):
     model = EvoTokMLLM.from_pretrained(root / "rope" / "final")
     assert model.config.grid_rope
     assert set(weights(root / "rope" / "final")) == set(weights(root / "rope_base" / "final"))  # no new weights
+    run(root, "rope_wide", f"model.init_from={root / 'rope' / 'final'}", "model.grid_rope_stride=4", "train.steps=1")
+    assert EvoTokMLLM.from_pretrained(root / "rope_wide" / "final").config.grid_rope_stride == 4

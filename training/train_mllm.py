@@ -84,6 +84,8 @@ def build_model(config: dict, tokenizer: EvoTok, pools: dict, run_dir: Path, res
             model.add_grid_axes(float(model_cfg.get("grid_axes_init_norm", 0.0)))
         if model_cfg.get("grid_rope") and not model.config.grid_rope:
             model.add_grid_rope()
+        if "grid_rope_stride" in model_cfg:  # a later stage may respace the row and column streams
+            model.config.grid_rope_stride = int(model_cfg["grid_rope_stride"])
         return model
     text_dir = run_dir / "text_tokenizer"
     if accelerator.is_main_process:  # one BPE, trained once, shared by every rank
@@ -98,8 +100,8 @@ def build_model(config: dict, tokenizer: EvoTok, pools: dict, run_dir: Path, res
     accelerator.wait_for_everyone()
     text_tok = TextTokenizer.load(text_dir)
     adapters = {k: model_cfg[k] for k in ("projector_hidden", "projector_context_layers", "grid_axis_embeddings",
-                                          "grid_rope", "depth_layers", "depth_width", "depth_heads", "max_prompt_tokens",
-                                          "max_answer_tokens") if k in model_cfg}
+                                          "grid_rope", "grid_rope_stride", "depth_layers", "depth_width",
+                                          "depth_heads", "max_prompt_tokens", "max_answer_tokens") if k in model_cfg}
     if model_cfg.get("lm_name_or_path"):
         return EvoTokMLLM.build(tokenizer, text_tok, image_tokenizer_path=model_cfg["image_tokenizer"],
                                 lm_name_or_path=model_cfg["lm_name_or_path"], **adapters)

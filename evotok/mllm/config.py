@@ -38,6 +38,8 @@ class MLLMConfig:
             sequence index (``evotok.mllm.grid_rope``: a third of the rotary frequencies each);
             text keeps the LM's own rotary positions exactly. Added so that the model could read an
             object's column; in the bundled model it did not (its card says how this was tested).
+        grid_rope_stride: how far apart neighbouring rows (columns) sit in the row (column)
+            position stream (1: unit steps as in Qwen2-VL).
         depth_layers, depth_width, depth_heads: the depth transformer that samples the
             ``pixel_depth`` codes of one grid position stage after stage.
     Prompts:
@@ -62,6 +64,7 @@ class MLLMConfig:
     projector_context_layers: int = 0
     grid_axis_embeddings: bool = False
     grid_rope: bool = False
+    grid_rope_stride: int = 1
     depth_layers: int = 2
     depth_width: int = 256
     depth_heads: int = 4
@@ -71,7 +74,8 @@ class MLLMConfig:
 
     def __post_init__(self) -> None:
         for name in ("grid_size", "pixel_depth", "semantic_depth", "codebook_size", "code_dim", "semantic_dim",
-                     "depth_layers", "depth_width", "depth_heads", "max_prompt_tokens", "max_answer_tokens"):
+                     "depth_layers", "depth_width", "depth_heads", "max_prompt_tokens", "max_answer_tokens",
+                     "grid_rope_stride"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if int(self.projector_context_layers) < 0:

@@ -9,8 +9,10 @@ Here each token carries three position streams:
 
 * text: all three equal its sequence index, which is exactly the LM's own rotary embedding;
 * a grid cell (image placeholder or generated cell) at row ``r``, column ``c`` of a block whose
-  first cell sits at sequence index ``s``: ``(s + g·r + c, s + r, s + c)``, i.e. the sequence index
-  unchanged, then its row and its column counted from the block's start.
+  first cell sits at sequence index ``s``: ``(s + g·r + c, s + k·r, s + k·c)``, i.e. the sequence
+  index unchanged, then its row and its column counted from the block's start, ``k`` apart
+  (``stride``; 1 as in Qwen2-VL; ``g`` spreads a column over as many positions as the sequence
+  index spreads a row).
 
 The rotary frequencies are dealt out to the streams in turn (frequency ``i`` reads stream
 ``i mod 3``, as in Qwen3-VL's interleaved M-RoPE), so every stream gets fast and slow frequencies.
@@ -36,16 +38,18 @@ def cell_index_of(cell_mask: torch.Tensor, num_cells: int) -> torch.Tensor:
     return torch.where(cell_mask.bool(), counts % num_cells, torch.full_like(counts, -1))
 
 
-def grid_position_ids(positions: torch.Tensor, cell_index: torch.Tensor | None, grid_size: int) -> torch.Tensor:
-    """``3 B L`` position streams from ``B L`` sequence positions and cell indices (-1: text)."""
+def grid_position_ids(positions: torch.Tensor, cell_index: torch.Tensor | None, grid_size: int,
+                      stride: int = 1) -> torch.Tensor:
+    """``3 B L`` position streams from ``B L`` sequence positions and cell indices (-1: text);
+    ``stride``: how far apart neighbouring rows (columns) sit in the row (column) stream."""
     if cell_index is None:
         cell_index = torch.full_like(positions, -1)
     positions = positions.expand_as(cell_index)
     cell = cell_index.clamp_min(0)
     start = positions - cell  # the block's first cell (cells are consecutive)
     is_cell = cell_index >= 0
-    rows = torch.where(is_cell, start + cell // grid_size, positions)
-    cols = torch.where(is_cell, start + cell % grid_size, positions)
+    rows = torch.where(is_cell, start + stride * (cell // grid_size), positions)
+    cols = torch.where(is_cell, start + stride * (cell % grid_size), positions)
     return torch.stack([positions, rows, cols])
 
 

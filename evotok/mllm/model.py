@@ -314,7 +314,7 @@ class EvoTokMLLM(nn.Module, PretrainedMixin):
         ``config.grid_rope`` their three streams (sequence, row, column)."""
         if not self.config.grid_rope:
             return positions
-        return grid_position_ids(positions, cell_index, self.config.grid_size)
+        return grid_position_ids(positions, cell_index, self.config.grid_size, self.config.grid_rope_stride)
 
     def _build_grid_axes(self) -> None:
         g, hidden = self.config.grid_size, self.config.hidden_size

@@ -17,8 +17,8 @@ Here each token carries three position streams:
 The rotary frequencies are dealt out to the streams in turn (frequency ``i`` reads stream
 ``i mod 3``, as in Qwen3-VL's interleaved M-RoPE), so every stream gets fast and slow frequencies.
 Only the rotary embedding module is wrapped: any transformers LM whose base model has a
-``rotary_emb(x, position_ids) -> (cos, sin)`` module (Qwen2/2.5/3, Llama, Mistral) works, at any
-size, and the LM's weights are untouched.
+``rotary_emb(x, position_ids) -> (cos, sin)`` module can take it (Qwen2/2.5/3, Llama and Mistral
+have one; the tests use Qwen2), at any size, and the LM's weights are untouched.
 
 In the bundled model (stage 8) this did not make the column readable: the image cells hold row and
 column alike, and the answer still reads only the row (``assets/mllm/README.md``, Limits).

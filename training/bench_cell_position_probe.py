@@ -34,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from evotok.data.scenes import SceneWorld  # noqa: E402
 from evotok.images import pil_to_tensor  # noqa: E402
 from evotok.mllm import EvoTokMLLM  # noqa: E402
-from evotok.mllm.generate import answer_inputs, positions_of  # noqa: E402
+from evotok.mllm.generate import answer_inputs  # noqa: E402
+from training.bench_position_probe import layer_states  # noqa: E402
 
 QUESTION = "Is the red star left or right of the middle of the image?"
 
@@ -43,12 +44,9 @@ QUESTION = "Is the red star left or right of the middle of the image?"
 def cell_states(model: EvoTokMLLM, images: torch.Tensor, question: str = QUESTION) -> np.ndarray:
     """``layers+1 × b × cells × hidden``: the LM's hidden state at each image cell after every layer."""
     embeds, mask, cell_index = answer_inputs(model, [question] * len(images), model.encode_images(images))
-    out = model.lm.base_model(inputs_embeds=embeds, attention_mask=mask,
-                              position_ids=model.lm_position_ids(positions_of(mask), cell_index),
-                              output_hidden_states=True)
-    cells = cell_index >= 0
-    n = model.config.num_cells
-    return torch.stack([h[cells].view(len(images), n, -1) for h in out.hidden_states]).float().numpy()
+    layers = layer_states(model, embeds, mask, cell_index)
+    cells = layers[:, cell_index >= 0]  # layers+1 × (b·cells) × hidden, image by image in raster order
+    return cells.view(len(layers), len(images), model.config.num_cells, -1).float().numpy()
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -58,7 +56,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="assets/mllm")
-    parser.add_argument("--images", type=int, default=300)
+    parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--seed", type=int, default=4242, help="scene world seed (not the training pool's 0)")
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--threads", type=int, default=int(os.environ.get("EVOTOK_THREADS", "2")))

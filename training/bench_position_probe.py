@@ -73,11 +73,19 @@ def answer_states(model: EvoTokMLLM, images: torch.Tensor, questions: list[str])
     """Hidden states at the answer position after every layer (``layers+1 × b × hidden``) and the
     logits of the first answer token (``b × vocab``)."""
     embeds, mask, cell_index = answer_inputs(model, questions, model.encode_images(images))
+    layers = layer_states(model, embeds, mask, cell_index)
+    return layers[:, :, -1].float().numpy(), model.text_logits(layers[-1, :, -1]).float().numpy()
+
+
+@torch.no_grad()
+def layer_states(model: EvoTokMLLM, embeds: torch.Tensor, mask: torch.Tensor,
+                 cell_index: torch.Tensor | None) -> torch.Tensor:
+    """``layers+1 × b × L × hidden``: the LM's hidden states after the embedding and every layer,
+    at the positions the answering path gives them (grid rotary positions included)."""
     out = model.lm.base_model(inputs_embeds=embeds, attention_mask=mask,
                               position_ids=model.lm_position_ids(positions_of(mask), cell_index),
                               output_hidden_states=True)
-    states = torch.stack([h[:, -1] for h in out.hidden_states]).float()
-    return states.numpy(), model.text_logits(out.last_hidden_state[:, -1]).float().numpy()
+    return torch.stack(out.hidden_states)
 
 
 def word_scores(model: EvoTokMLLM, logits: np.ndarray, words: tuple[str, str]) -> np.ndarray:

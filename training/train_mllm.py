@@ -85,7 +85,10 @@ def build_model(config: dict, tokenizer: EvoTok, pools: dict, run_dir: Path, res
         if model_cfg.get("grid_rope") and not model.config.grid_rope:
             model.add_grid_rope()
         if "grid_rope_stride" in model_cfg:  # a later stage may respace the row and column streams
-            model.config.grid_rope_stride = int(model_cfg["grid_rope_stride"])
+            stride = int(model_cfg["grid_rope_stride"])
+            if stride < 1:
+                raise ValueError(f"model.grid_rope_stride must be a positive integer, got {stride}")
+            model.config.grid_rope_stride = stride
         return model
     text_dir = run_dir / "text_tokenizer"
     if accelerator.is_main_process:  # one BPE, trained once, shared by every rank

@@ -312,7 +312,7 @@ def test_image_pools_are_encoded_once_in_chunks_and_skip_unreadable_images(image
 
     from evotok.data.base import Sample
     from evotok.images import ImageError
-    from evotok.mllm.data import build_pool, load_pool
+    from evotok.mllm.data import build_pool, load_pool, pool_is_complete
 
     class Source:
         split, seed, reads = "train", 0, 0
@@ -338,6 +338,20 @@ def test_image_pools_are_encoded_once_in_chunks_and_skip_unreadable_images(image
     assert source.reads == reads and np.array_equal(again.codes, load_pool(tmp_path / "pool").codes)
     with pytest.raises(ValueError, match="different pool"):
         build_pool(tmp_path / "pool", "scenes", source, 4, 32, image_tok, chunk_size=2)
+    assert pool_is_complete(tmp_path / "pool") and not pool_is_complete(tmp_path / "nothing")
+    (tmp_path / "pool" / "chunk_00001.npz").unlink()
+    assert not pool_is_complete(tmp_path / "pool")
+
+
+def test_pool_rendered_by_forked_workers_equals_the_serial_pool(image_tok, tmp_path):
+    from evotok.data.mixture import build_sources
+    from evotok.mllm.data import build_pool
+
+    source = build_sources(["scenes"], resolution=32, seed=3, split="train")["scenes"]
+    serial = build_pool(tmp_path / "serial", "scenes", source, 7, 32, image_tok, chunk_size=4)
+    forked = build_pool(tmp_path / "forked", "scenes", source, 7, 32, image_tok, chunk_size=4, workers=3)
+    assert len(forked) == 7 and np.array_equal(forked.codes, serial.codes)
+    assert forked.records == serial.records
 
 
 # ---------------------------------------------------------------------------- saving

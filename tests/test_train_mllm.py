@@ -138,3 +138,49 @@ def test_a_later_stage_can_switch_on_grid_rotary_positions(root):
     assert set(weights(root / "rope" / "final")) == set(weights(root / "rope_base" / "final"))  # no new weights
     run(root, "rope_wide", f"model.init_from={root / 'rope' / 'final'}", "model.grid_rope_stride=4", "train.steps=1")
     assert EvoTokMLLM.from_pretrained(root / "rope_wide" / "final").config.grid_rope_stride == 4
+
+
+def test_loader_workers_give_the_same_run(root):
+    run(root, "serial_batches", "train.steps=4")
+    run(root, "worker_batches", "train.steps=4", "train.num_workers=2")
+    a, b = weights(root / "serial_batches" / "final"), weights(root / "worker_batches" / "final")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_time_budget_fits_the_total_once_from_timed_steps(monkeypatch):
+    from training import train_mllm
+
+    clock = [1000.0]
+    monkeypatch.setattr(train_mllm.time, "time", lambda: clock[0])
+    budget = train_mllm.TimeBudget(1.0, start_step=10)  # 60 s from now
+    skip, measure = budget.SKIP, budget.MEASURE
+    for step in range(11, 10 + skip + measure):
+        clock[0] += 2.0 if step <= 10 + skip else 0.5  # slow warm-up steps, then 0.5 s a step
+        assert budget.fit(step, 500) == 500
+    clock[0] += 0.5
+    step = 10 + skip + measure
+    left = 60.0 - 2.0 * skip - 0.5 * measure
+    assert budget.fit(step, 500) == step + int(left / 0.5)
+    assert budget.fit(step + 1, 500) == 500  # once only
+    assert train_mllm.TimeBudget(None, 0).fit(50, 500) == 500
+
+
+def test_a_time_budget_ends_the_run_early_with_the_schedule_decayed(root):
+    summary = run(root, "budget", "train.steps=100000", "train.time_budget_minutes=0.02", "train.eval_every=100000",
+                  "train.log_every=1", "train.lr=0.003", "train.min_lr=0.0003")
+    state = torch.load(root / "budget" / "training_state.pt", weights_only=False)
+    assert 26 <= summary["steps"] < 100000 and state["fitted_total_steps"] == state["step"] == summary["steps"]
+    assert summary["history"][-1]["lr"] == pytest.approx(0.0003)  # the cosine ran its whole course
+
+
+def test_finished_pools_load_without_their_image_sources(root, monkeypatch):
+    from training import train_mllm
+
+    run(root, "pools_built", "train.steps=0", "eval.at_start=false")
+
+    def no_sources(*args, **kwargs):
+        raise AssertionError("a finished pool asked for its image source")
+
+    monkeypatch.setattr(train_mllm, "build_sources", no_sources)
+    summary = run(root, "pools_cached", "train.steps=1")
+    assert summary["steps"] == 1

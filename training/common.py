@@ -9,7 +9,7 @@ import random
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -122,8 +122,11 @@ def batch_indices(step: int, batch_size: int, rank: int, world_size: int) -> ran
 
 
 def iterate_batches(dataset, start_step: int, batch_size: int, rank: int, world_size: int,
-                    num_workers: int = 0) -> Iterator[dict]:
-    """Endless batches from an indexable dataset, starting exactly at ``start_step``."""
+                    num_workers: int = 0, collate_fn: Callable | None = None) -> Iterator[dict]:
+    """Endless batches from an indexable dataset, starting exactly at ``start_step``.
+
+    Workers (``num_workers``) build the next batches while the current one trains. For a dataset
+    whose items depend only on their index the batches are the same with any number of workers."""
     from torch.utils.data import DataLoader
 
     class Steps(torch.utils.data.Sampler):
@@ -134,7 +137,7 @@ def iterate_batches(dataset, start_step: int, batch_size: int, rank: int, world_
                 step += 1
 
     # Its own generator: a loader draws a worker seed from the global RNG, which would shift a resumed run.
-    loader = DataLoader(dataset, batch_sampler=Steps(), num_workers=num_workers,
+    loader = DataLoader(dataset, batch_sampler=Steps(), num_workers=num_workers, collate_fn=collate_fn,
                         persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(start_step))
     yield from loader
 

@@ -14,6 +14,7 @@ chunks), so training steps touch only the language model, the projector and the 
 """
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import time
@@ -30,11 +31,11 @@ from evotok.data.mixture import build_sources  # noqa: E402
 from evotok.data.scenes import SceneWorld  # noqa: E402
 from evotok.mllm import EvoTokMLLM, TextTokenizer, qwen2_lm_config  # noqa: E402
 from evotok.mllm.data import (TASKS, ChatDataset, attach_scene_objects, build_pool, collate,  # noqa: E402
-                              corpus_texts, heldout_questions, load_pool)
+                              corpus_texts, heldout_questions, load_pool, pool_is_complete)
 from evotok.mllm.model import tokenizer_digest  # noqa: E402
 from evotok.model import EvoTok  # noqa: E402
-from training.common import (STATE_FILE, Logger, append_jsonl, batch_indices, copy_config,  # noqa: E402
-                             finish_run, load_training_state, parse_run_args, rng_state, save_checkpoint,
+from training.common import (STATE_FILE, Logger, append_jsonl, copy_config, finish_run,  # noqa: E402
+                             iterate_batches, load_training_state, parse_run_args, rng_state, save_checkpoint,
                              set_rng_state, set_seed, to_float_dict)
 
 TENSOR_KEYS = ("input_ids", "attention_mask", "labels", "image_mask", "gen_mask", "image_codes", "gen_codes",
@@ -49,14 +50,16 @@ def build_pools(tokenizer: EvoTok, data_cfg: dict, split: str, counts: dict[str,
     cache = Path(data_cfg.get("cache_dir", "runs/mllm_cache"))
     folders = {name: cache / f"{name}-{split}-{resolution}px-seed{seed}-n{count}-{digest[:12]}"
                for name, count in counts.items() if count}
-    if accelerator.is_main_process:
-        sources = build_sources(list(folders), resolution=resolution, seed=seed, split=split,
+    missing = {name: folder for name, folder in folders.items() if not pool_is_complete(folder)}
+    if accelerator.is_main_process and missing:  # finished pools load without their sources' data
+        sources = build_sources(list(missing), resolution=resolution, seed=seed, split=split,
                                 roots=data_cfg.get("roots"))
-        for name, folder in folders.items():
+        for name, folder in missing.items():
             count = min(int(counts[name]), len(sources[name]))
             with tqdm(total=count, desc=f"encoding {name}/{split}", leave=False) as bar:
                 build_pool(folder, name, sources[name], count, resolution, tokenizer,
-                           batch_size=int(data_cfg.get("encode_batch_size", 64)), digest=digest, progress=bar.update)
+                           batch_size=int(data_cfg.get("encode_batch_size", 64)), digest=digest, progress=bar.update,
+                           workers=int(data_cfg.get("render_workers", 0)))
     accelerator.wait_for_everyone()
     pools = {name: load_pool(folder) for name, folder in folders.items()}
     if data_cfg.get("resample_scene_questions") and split == "train" and "scenes" in pools:
@@ -178,6 +181,35 @@ def evaluate(model: EvoTokMLLM, eval_batch: dict, questions: list, heldout_scene
     return report
 
 
+class TimeBudget:
+    """``train.time_budget_minutes``: fit the training steps to a fixed time (a lent GPU, say).
+
+    The budget counts from the first training step. Steps ``SKIP`` to ``SKIP + MEASURE`` after
+    it are timed (the first ones pay for warm-up); then the total becomes the steps that fit in
+    the rest of the budget, never more than ``train.steps``, once, and the cosine schedule decays
+    over that total. Evaluations and saves are not counted: keep them rare in such a run, and
+    leave room for the final ones. The fitted total is saved with the training state, and
+    ``--resume`` keeps it rather than fitting again."""
+
+    SKIP, MEASURE = 5, 20
+
+    def __init__(self, minutes: float | None, start_step: int):
+        self.deadline = time.time() + 60 * float(minutes) if minutes else None
+        self.start_step, self.mark, self.done = start_step, None, False
+
+    def fit(self, step: int, total_steps: int) -> int:
+        if self.deadline is None or self.done:
+            return total_steps
+        if step == self.start_step + self.SKIP:
+            self.mark = time.time()
+        if self.mark is None or step < self.start_step + self.SKIP + self.MEASURE:
+            return total_steps
+        self.done = True
+        seconds_per_step = (time.time() - self.mark) / self.MEASURE
+        fits = step + int((self.deadline - time.time()) / seconds_per_step)
+        return max(step + 1, min(total_steps, fits))
+
+
 def main(argv: list[str] | None = None) -> dict:
     args, config = parse_run_args(argv, __doc__)
     train_cfg, data_cfg, eval_cfg = config["train"], config["data"], config.get("eval", {})
@@ -206,15 +238,20 @@ def main(argv: list[str] | None = None) -> dict:
     total_steps = int(train_cfg["steps"])
     warmup = int(train_cfg.get("warmup_steps", 0))
     min_ratio = float(train_cfg.get("min_lr", train_cfg["lr"])) / float(train_cfg["lr"])
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup, total_steps, min_ratio))
+    # the schedule reads the total through this dict: a time budget may shorten the run once
+    schedule = {"total": total_steps}
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup, schedule["total"], min_ratio))
 
-    step = 0
+    step, fitted_total = 0, None
     if resuming:
         state = load_training_state(run_dir / STATE_FILE)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         step = state["step"]
+        fitted_total = state.get("fitted_total_steps")  # a time budget fitted it: keep that schedule
+        if fitted_total:
+            total_steps = schedule["total"] = int(fitted_total)
         set_rng_state(state["rng"][min(accelerator.process_index, len(state["rng"]) - 1)])
         accelerator.print(f"resumed {run_dir} at step {step}")
     elif args.resume:
@@ -246,7 +283,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     def save(final: bool = False) -> None:
         state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                 "step": step, "rng": [rng_state()], "config": config}
+                 "step": step, "fitted_total_steps": fitted_total, "rng": [rng_state()], "config": config}
         save_checkpoint(accelerator, run_dir, state, model, final)
 
     history: list[dict] = []
@@ -265,10 +302,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     if eval_batch is not None and step == 0 and eval_cfg.get("at_start", True):
         run_eval()  # the untrained baseline
+    batches = iterate_batches(dataset, step, batch_size, accelerator.process_index, accelerator.num_processes,
+                              int(train_cfg.get("num_workers", 0)), functools.partial(collate, pad_id=pad_id))
+    budget = TimeBudget(None if fitted_total else train_cfg.get("time_budget_minutes"), step)
     wrapped.train()
     while step < total_steps:
-        items = [dataset[i] for i in batch_indices(step, batch_size, accelerator.process_index, accelerator.num_processes)]
-        batch = to_device(collate(items, pad_id), device)
+        batch = to_device(next(batches), device)
         with accelerator.autocast():
             out = wrapped(**batch, depth_loss_weight=depth_weight)
         opt.zero_grad(set_to_none=True)
@@ -279,6 +318,11 @@ def main(argv: list[str] | None = None) -> dict:
         sched.step()
         step += 1
         bar.update(1)
+        fitted = budget.fit(step, total_steps)
+        if fitted != total_steps:
+            total_steps = schedule["total"] = fitted_total = fitted
+            bar.total = total_steps
+            accelerator.print(f"time budget: the run ends at step {total_steps}, the schedule fitted to it")
 
         if step % log_every == 0 or step == total_steps:
             values = to_float_dict({"loss": out.loss.detach(), "lm_loss": out.lm_loss.detach(),

@@ -125,16 +125,69 @@ def attach_scene_objects(pool: ImagePool, world, checks: int = 16) -> None:
 
 def build_pool(folder: str | os.PathLike, name: str, source, count: int, resolution: int, tokenizer: torch.nn.Module,
                batch_size: int = 64, chunk_size: int = 1024, digest: str = "",
-               progress: Callable[[int], None] | None = None) -> ImagePool:
+               progress: Callable[[int], None] | None = None, workers: int = 0) -> ImagePool:
     """Encode the first ``count`` items of ``source`` (fewer if it is shorter, or has unreadable
     images) into ``folder``.
 
     Chunks already on disk are kept, so an interrupted build continues where it stopped; each
     chunk is written to a temporary file and renamed. ``progress(n)`` is told of each finished chunk.
+    ``workers`` > 0 renders the items in that many forked processes (the encoding stays here):
+    on a GPU the rendering is most of the time. The pool is the same either way.
     """
+    with _Renderer(source, workers) as render:
+        return _build_pool(Path(folder), name, source, count, resolution, tokenizer, batch_size, chunk_size,
+                           digest, progress, render)
+
+
+class _Renderer:
+    """``render(start, stop)``: the readable items of ``source`` in that range, in order, in this
+    process or split over forked workers (fork: the source is inherited, never pickled)."""
+
+    def __init__(self, source, workers: int):
+        self.source, self.workers, self.pool = source, int(workers), None
+
+    def __enter__(self) -> Callable[[int, int], list]:
+        if self.workers > 0:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("fork"),
+                                            initializer=_set_render_source, initargs=(self.source,))
+        return self.render
+
+    def __exit__(self, *exc) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+
+    def render(self, start: int, stop: int) -> list:
+        if self.pool is None:
+            return _render_range(self.source, start, stop)
+        step = -(-(stop - start) // self.workers)
+        parts = self.pool.map(_render_in_worker, [(i, min(i + step, stop)) for i in range(start, stop, step)])
+        return [s for part in parts for s in part]
+
+
+_RENDER_SOURCE = None
+
+
+def _set_render_source(source) -> None:
+    global _RENDER_SOURCE
+    _RENDER_SOURCE = source
+
+
+def _render_in_worker(bounds: tuple[int, int]) -> list:
+    return _render_range(_RENDER_SOURCE, *bounds)
+
+
+def _render_range(source, start: int, stop: int) -> list:
+    return [s for s in (load_or_skip(source, i) for i in range(start, stop)) if s is not None]
+
+
+def _build_pool(folder: Path, name: str, source, count: int, resolution: int, tokenizer: torch.nn.Module,
+                batch_size: int, chunk_size: int, digest: str, progress: Callable[[int], None] | None,
+                render: Callable[[int, int], list]) -> ImagePool:
     from ..images import pil_to_tensor
 
-    folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     count = min(int(count), len(source))
     meta = {"name": name, "count": count, "resolution": resolution, "chunk_size": chunk_size, "tokenizer": digest,
@@ -150,7 +203,7 @@ def build_pool(folder: str | os.PathLike, name: str, source, count: int, resolut
         path = folder / f"chunk_{start // chunk_size:05d}.npz"
         stop = min(start + chunk_size, count)
         if not path.is_file():
-            samples = [s for s in (load_or_skip(source, i) for i in range(start, stop)) if s is not None]
+            samples = render(start, stop)
             codes = []
             for k in range(0, len(samples), batch_size):
                 images = torch.stack([pil_to_tensor(s.image, resolution) for s in samples[k:k + batch_size]])
@@ -181,13 +234,25 @@ def load_or_skip(source, index: int):
         return None
 
 
+def _chunk_paths(folder: Path, meta: dict) -> list[Path]:
+    chunks = (meta["count"] + meta["chunk_size"] - 1) // meta["chunk_size"]
+    return [folder / f"chunk_{k:05d}.npz" for k in range(chunks)]
+
+
+def pool_is_complete(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` holds a finished pool: loading it needs no image source (its data
+    may not be installed on the machine that trains, a rented GPU say)."""
+    folder = Path(folder)
+    if not (folder / "meta.json").is_file():
+        return False
+    return all(path.is_file() for path in _chunk_paths(folder, json.loads((folder / "meta.json").read_text())))
+
+
 def load_pool(folder: str | os.PathLike) -> ImagePool:
     folder = Path(folder)
     meta = json.loads((folder / "meta.json").read_text())
-    chunks = (meta["count"] + meta["chunk_size"] - 1) // meta["chunk_size"]
     codes, records = [], []
-    for k in range(chunks):
-        path = folder / f"chunk_{k:05d}.npz"
+    for path in _chunk_paths(folder, meta):
         if not path.is_file():
             raise FileNotFoundError(f"pool {folder} is incomplete: {path.name} is missing (rebuild it)")
         with np.load(path, allow_pickle=False) as data:

@@ -85,3 +85,28 @@ def test_two_cpu_processes_keep_codebooks_in_sync_and_write_one_checkpoint(tmp_p
     assert len((run_dir / "eval.jsonl").read_text().splitlines()) == 1  # main process only
     state = torch.load(run_dir / "training_state.pt", map_location="cpu", weights_only=False)
     assert state["step"] == STEPS and len(state["rng"]) == 1
+
+
+@pytest.mark.skipif(shutil.which("accelerate") is None, reason="the `accelerate` command-line launcher is not installed")
+def test_two_cpu_processes_end_a_time_budgeted_mllm_run_at_the_same_step(tmp_path):
+    """A time-budgeted run under DDP ends, with the fitted total in its state. Each rank times its
+    own steps; the main process's fit is broadcast so that none can end a step early and leave the
+    other waiting for its gradients (here the clocks agree closely, so this run does not show that
+    failure without the broadcast; it shows the broadcast path works)."""
+    from test_mllm import tiny_tokenizer
+
+    tiny_tokenizer().save_pretrained(tmp_path / "tokenizer")
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+    command = [shutil.which("accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+               str(REPO / "training" / "train_mllm.py"), "--config", str(REPO / "training/configs/mllm_tiny_test.yaml"),
+               "--set", f"model.image_tokenizer={tmp_path / 'tokenizer'}", f"data.cache_dir={tmp_path / 'cache'}",
+               f"train.output_dir={run_dir}", "train.steps=100000", "train.time_budget_minutes=0.03",
+               "train.eval_every=100000", "train.save_every=100000", "eval.at_start=false"]
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    state = torch.load(run_dir / "training_state.pt", map_location="cpu", weights_only=False)
+    assert 26 <= summary["steps"] < 100000 and state["fitted_total_steps"] == summary["steps"]

@@ -147,22 +147,31 @@ def test_loader_workers_give_the_same_run(root):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_time_budget_fits_the_total_once_from_timed_steps(monkeypatch):
+def test_time_budget_refits_the_total_from_the_speed_since_the_last_fit(monkeypatch):
     from training import train_mllm
 
     clock = [1000.0]
     monkeypatch.setattr(train_mllm.time, "time", lambda: clock[0])
-    budget = train_mllm.TimeBudget(1.0, start_step=10)  # 60 s from now
-    skip, measure = budget.SKIP, budget.MEASURE
-    for step in range(11, 10 + skip + measure):
-        clock[0] += 2.0 if step <= 10 + skip else 0.5  # slow warm-up steps, then 0.5 s a step
-        assert budget.fit(step, 500) == 500
-    clock[0] += 0.5
-    step = 10 + skip + measure
-    left = 60.0 - 2.0 * skip - 0.5 * measure
-    assert budget.fit(step, 500) == step + int(left / 0.5)
-    assert budget.fit(step + 1, 500) == 500  # once only
-    assert train_mllm.TimeBudget(None, 0).fit(50, 500) == 500
+    budget = train_mllm.TimeBudget(10.0, start_step=10, max_steps=100_000)  # 600 s from now
+    skip, (first, second, third) = budget.SKIP, budget.FIT_AT
+    fits = {}
+    for done in range(1, third + 6):
+        clock[0] += 2.0 if done <= skip else (0.5 if done <= first else 0.25)  # slow start, then faster
+        fitted = budget.fit(10 + done)
+        if fitted is not None:
+            fits[done] = fitted
+    assert sorted(fits) == [first, second, third]  # and no fit between the points
+    elapsed_first = 2.0 * skip + 0.5 * (first - skip)
+    assert fits[first] == 10 + first + int((600 - elapsed_first) / 0.5)
+    elapsed_second = elapsed_first + 0.25 * (second - first)
+    assert fits[second] == 10 + second + int((600 - elapsed_second) / 0.25)
+    assert fits[second] > fits[first]  # a later fit may lengthen the run, not only shorten it
+    capped = train_mllm.TimeBudget(10.0, start_step=0, max_steps=300)
+    for done in range(1, first + 1):
+        clock[0] += 0.1
+        fitted = capped.fit(done)
+    assert fitted == 300  # never beyond train.steps
+    assert train_mllm.TimeBudget(None, 0, 500).fit(25) is None
 
 
 def test_a_time_budget_ends_the_run_early_with_the_schedule_decayed(root):

@@ -12,8 +12,9 @@ Measured on stage 7 (runs/mllm_place/final; defaults: 3000 seen-pair scenes, 126
 axis, each pair asked both ways round, so the majority class is 0.500): left or right, the model's
 own choice 0.482 and the probe 0.500, 0.479, 0.489, 0.479, 0.508 after the embedding and layers
 1-4; above or below, 0.518 and 0.500, 0.497, 0.524, 0.576, 0.529. The relation is not computed
-(stage 6 read the same: 0.489-0.505 and 0.500-0.553; the bundled stage 8: 0.482-0.508 and
-0.518-0.545).
+(stage 6 read the same: 0.489-0.505 and 0.500-0.553; stage 8: 0.482-0.508 and 0.518-0.545). The
+bundled stage 11 computes above or below (model 0.955, probe 0.526-0.961) but not yet left or
+right (0.553, probe 0.497-0.603).
 
 ``--questions place`` asks the one-object place questions instead ("Is the red star left or right of the
 middle of the image?", ``evotok.data.scenes.place_questions``), the stepping stone to the relations.
@@ -22,7 +23,8 @@ above or below at 0.816 (probe 0.584, 0.812, 0.812, 0.832 after layers 1-4) but 
 0.529 (probe 0.568, 0.587, 0.620, 0.595). Stage 6, never asked them, already held the row (probe
 0.703-0.787) more than the column (0.555-0.606). Stage 8, with grid rotary positions
 (``model.grid_rope``), answers 0.848 and 0.504 (probes 0.599-0.828 and 0.548-0.642): the column is
-still not read, though the image cells hold it (``bench_cell_position_probe.py``).
+still not read, though the image cells hold it (``bench_cell_position_probe.py``). Stage 11, after
+three GPU stages of larger batches, answers 0.977 and 0.853 (probes 0.586-0.975 and 0.587-0.852).
 
     python training/bench_position_probe.py --model assets/mllm
     python training/bench_position_probe.py --questions place

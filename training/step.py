@@ -404,9 +404,8 @@ class TokenizerTrainer:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip, foreach=True)
 
     def _to_device(self, tensor: Tensor) -> Tensor:
-        if tensor.device == self.device:
-            return tensor
-        if self.opts.sync_free and self.device.type == "cuda":
+        # only host tensors are pinned: a tensor already on a GPU ("cuda:0" never equals a bare "cuda") just moves
+        if self.opts.sync_free and self.device.type == "cuda" and tensor.device.type == "cpu":
             if not tensor.is_pinned():
                 tensor = tensor.pin_memory()
             return tensor.to(self.device, non_blocking=True)

@@ -25,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from accelerate import Accelerator, DistributedDataParallelKwargs  # noqa: E402
+from accelerate.utils import broadcast_object_list  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from evotok.data.mixture import build_sources  # noqa: E402
@@ -184,30 +185,34 @@ def evaluate(model: EvoTokMLLM, eval_batch: dict, questions: list, heldout_scene
 class TimeBudget:
     """``train.time_budget_minutes``: fit the training steps to a fixed time (a lent GPU, say).
 
-    The budget counts from the first training step. Steps ``SKIP`` to ``SKIP + MEASURE`` after
-    it are timed (the first ones pay for warm-up); then the total becomes the steps that fit in
-    the rest of the budget, never more than ``train.steps``, once, and the cosine schedule decays
-    over that total. Evaluations and saves are not counted: keep them rare in such a run, and
-    leave room for the final ones. The fitted total is saved with the training state, and
-    ``--resume`` keeps it rather than fitting again."""
+    The budget counts from the first training step. At ``FIT_AT`` steps after it the total
+    becomes the steps that fit in the rest of the budget at the speed since the last fit (the
+    first window starts ``SKIP`` steps in), never more than ``train.steps``; the cosine schedule
+    decays over that total. Several fits because the first steps run slow while loader workers
+    start (seen on an H200: 0.3 s a step over steps 5-25, 0.07 s later), and a fit made in the
+    warm-up or just after it moves the learning rate only a little. Evaluations and saves are
+    not counted: keep them rare in such a run, and leave room for the final ones. The fitted
+    total is saved with the training state, and ``--resume`` keeps it rather than fitting again."""
 
-    SKIP, MEASURE = 5, 20
+    SKIP, FIT_AT = 5, (25, 100, 400)
 
-    def __init__(self, minutes: float | None, start_step: int):
+    def __init__(self, minutes: float | None, start_step: int, max_steps: int):
         self.deadline = time.time() + 60 * float(minutes) if minutes else None
-        self.start_step, self.mark, self.done = start_step, None, False
+        self.start_step, self.max_steps, self.mark = start_step, max_steps, None
 
-    def fit(self, step: int, total_steps: int) -> int:
-        if self.deadline is None or self.done:
-            return total_steps
-        if step == self.start_step + self.SKIP:
-            self.mark = time.time()
-        if self.mark is None or step < self.start_step + self.SKIP + self.MEASURE:
-            return total_steps
-        self.done = True
-        seconds_per_step = (time.time() - self.mark) / self.MEASURE
-        fits = step + int((self.deadline - time.time()) / seconds_per_step)
-        return max(step + 1, min(total_steps, fits))
+    def fit(self, step: int) -> int | None:
+        """The new total at a fit point (at most ``max_steps``, at least ``step + 1``), else None."""
+        if self.deadline is None:
+            return None
+        done = step - self.start_step
+        if done == self.SKIP:
+            self.mark = (step, time.time())
+        if done not in self.FIT_AT or self.mark is None:
+            return None
+        (since, then), now = self.mark, time.time()
+        self.mark = (step, now)
+        fits = step + int((self.deadline - now) / ((now - then) / (step - since)))
+        return max(step + 1, min(self.max_steps, fits))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -238,7 +243,7 @@ def main(argv: list[str] | None = None) -> dict:
     total_steps = int(train_cfg["steps"])
     warmup = int(train_cfg.get("warmup_steps", 0))
     min_ratio = float(train_cfg.get("min_lr", train_cfg["lr"])) / float(train_cfg["lr"])
-    # the schedule reads the total through this dict: a time budget may shorten the run once
+    # the schedule reads the total through this dict: a time budget may refit it
     schedule = {"total": total_steps}
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup, schedule["total"], min_ratio))
 
@@ -304,7 +309,7 @@ def main(argv: list[str] | None = None) -> dict:
         run_eval()  # the untrained baseline
     batches = iterate_batches(dataset, step, batch_size, accelerator.process_index, accelerator.num_processes,
                               int(train_cfg.get("num_workers", 0)), functools.partial(collate, pad_id=pad_id))
-    budget = TimeBudget(None if fitted_total else train_cfg.get("time_budget_minutes"), step)
+    budget = TimeBudget(None if fitted_total else train_cfg.get("time_budget_minutes"), step, int(train_cfg["steps"]))
     wrapped.train()
     while step < total_steps:
         batch = to_device(next(batches), device)
@@ -318,11 +323,13 @@ def main(argv: list[str] | None = None) -> dict:
         sched.step()
         step += 1
         bar.update(1)
-        fitted = budget.fit(step, total_steps)
-        if fitted != total_steps:
+        fitted = budget.fit(step)  # every rank reaches the fit points at the same steps
+        if fitted is not None and accelerator.num_processes > 1:
+            fitted = broadcast_object_list([fitted])[0]  # all ranks end where the main process's clock says
+        if fitted is not None and fitted != total_steps:
             total_steps = schedule["total"] = fitted_total = fitted
             bar.total = total_steps
-            accelerator.print(f"time budget: the run ends at step {total_steps}, the schedule fitted to it")
+            accelerator.print(f"time budget: at step {step} the run is fitted to end at step {total_steps}")
 
         if step % log_every == 0 or step == total_steps:
             values = to_float_dict({"loss": out.loss.detach(), "lm_loss": out.lm_loss.detach(),

@@ -176,6 +176,28 @@ def test_judge_accepts_true_specs_and_rejects_near_misses_in_every_category():
             assert image.size == (64, 64)
 
 
+def test_drawing_breakdown_counts_what_the_oracle_found():
+    from training.bench_geneval import breakdown_markdown, drawing_breakdown
+
+    def det(colour, shape):
+        return {"shape": shape, "colour": colour, "centre": (0.5, 0.5), "area": 100}
+
+    specs = [PromptSpec("two_objects", "", (("red", "star"), ("blue", "cross"))),
+             PromptSpec("two_objects", "", (("red", "star"), ("blue", "cross"))),
+             PromptSpec("counting", "", ((None, "star"),), count=3)]
+    detections = [[det("red", "cross"), det("blue", "star")],  # both colours and shapes, neither pair
+                  [det("red", "star")],
+                  [det("green", "star"), det("green", "star")]]
+    found = drawing_breakdown(specs, detections)
+    two = found["two_objects"]
+    assert (two["n"], two["asked"], two["found"]) == (2, 2.0, 1.5)
+    assert (two["shape"], two["colour"], two["pair"]) == (0.75, 0.75, 0.25)
+    counting = found["counting"]
+    assert (counting["asked"], counting["found"], counting["shape"]) == (3.0, 2.0, 1.0)
+    assert np.isnan(counting["colour"]) and np.isnan(counting["pair"])  # the prompt names no colour
+    assert "| counting | 1 | 3.00 | 2.00 | 1.00 | – | – |" in breakdown_markdown(found)
+
+
 def test_judge_rules_on_handmade_detections():
     def det(colour, shape, x, y, area=100):
         return {"shape": shape, "colour": colour, "centre": (x, y), "area": area}

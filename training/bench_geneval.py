@@ -14,7 +14,9 @@ share of the reference renders *passed through the model's image tokenizer* (enc
 pixel depth) it accepts — what a perfect generator writing these codes would score, so a gap here
 is the tokenizer's, not the language model's; and the oracle's own accuracy on the reference renders
 (true prompts accepted = the oracle's ceiling, near-miss prompts rejected). The overall score is the
-mean of categories, as in GenEval. Below it: FID (bundled Inception) of the generations, and of the
+mean of categories, as in GenEval. A second table says what the oracle found in the generations
+(objects asked for and found; asked-for shapes, colours and pairs found), which tells drawing
+apart from composition. Below it: FID (bundled Inception) of the generations, and of the
 reconstructions, against the reference renders, and seconds per image (prompt to decoded pixels,
 batched). FID on a few hundred images is biased upwards; compare it only between runs of the same size.
 """
@@ -74,6 +76,38 @@ def score(specs: list[PromptSpec], detections: list[list[dict[str, Any]]],
     table = {cat: {"score": float(np.mean(v)), "n": len(v)} for cat, v in per.items()}
     table["overall"] = {"score": float(np.mean([t["score"] for t in table.values()])), "n": len(specs)}
     return table
+
+
+def drawing_breakdown(specs: list[PromptSpec], detections: list[list[dict[str, Any]]]) -> dict[str, dict[str, float]]:
+    """Per category, what the oracle found in the generated images, to tell drawing apart from
+    composition: objects asked for and detected (means per image; counting asks for ``count``), and
+    the share of asked-for objects whose shape, whose colour (where the prompt names one), and whose
+    colour and shape together are among the detections."""
+    per: dict[str, dict[str, list[float]]] = {}
+    for spec, dets in zip(specs, detections):
+        row = per.setdefault(spec.category, {"asked": [], "found": [], "shape": [], "colour": [], "pair": []})
+        row["asked"].append(spec.count if spec.count is not None else len(spec.objects))
+        row["found"].append(len(dets))
+        shapes, colours = {d["shape"] for d in dets}, {d["colour"] for d in dets}
+        pairs = {(d["colour"], d["shape"]) for d in dets}
+        for colour, shape in spec.objects:
+            row["shape"].append(shape in shapes)
+            if colour is not None:
+                row["colour"].append(colour in colours)
+                row["pair"].append((colour, shape) in pairs)
+    return {cat: {**{k: float(np.mean(v)) if v else float("nan") for k, v in row.items()}, "n": len(row["asked"])}
+            for cat, row in per.items()}
+
+
+def breakdown_markdown(breakdown: dict[str, dict[str, float]]) -> str:
+    rows = ["| category | n | objects asked (mean) | objects found | asked shape found | asked colour found | "
+            "asked colour and shape found |", "|" + "---|" * 7]
+    for cat in GENEVAL_CATEGORIES:
+        if cat in breakdown:
+            b = breakdown[cat]
+            cells = [f"{b[k]:.2f}" if b[k] == b[k] else "–" for k in ("asked", "found", "shape", "colour", "pair")]
+            rows.append(f"| {cat} | {b['n']} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
 
 
 def markdown(ceiling: dict, generated: dict | None = None, recon: dict | None = None) -> str:
@@ -152,7 +186,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for first in range(0, len(images), 64):
             detections += oracle.detect(images[first:first + 64])
         generated = score(specs, detections, oracle.config.position_margin)
-        results.update(generated=generated, seconds_per_image=seconds, batch_size=args.batch_size,
+        results.update(generated=generated, found=drawing_breakdown(specs, detections),
+                       seconds_per_image=seconds, batch_size=args.batch_size,
                        sampling={"guidance": args.guidance, "temperature": args.temperature, "top_k": args.top_k,
                                  "top_p": args.top_p},
                        prompts=[{**s.to_dict(), "passed": judge(s, d, oracle.config.position_margin), "detections": d}
@@ -173,6 +208,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ("" if model is None else f" — {args.model}, guidance {args.guidance}")
     print(f"\n{title}\n\n{markdown(ceiling, generated, recon)}")
     if model is not None:
+        print(f"\nWhat the oracle found in the generated images\n\n{breakdown_markdown(results['found'])}")
         if "fid_bundled" in results:
             print(f"\nFID (bundled Inception) against the {len(specs)} reference renders: generations "
                   f"{results['fid_bundled']:.2f}; the tokenizer's reconstructions of the renders "

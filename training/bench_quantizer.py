@@ -218,6 +218,17 @@ def print_table(tokens: int, rows: list[Row], args: argparse.Namespace) -> None:
         print("\nCPU memory: peak live torch allocations, measured single-threaded (see the docstring).")
 
 
+def compare_picks(x: Tensor, codebook: Tensor, picks: Tensor, reference: Tensor) -> tuple[Tensor, Tensor]:
+    """(farther, tie): masks of the rows where ``picks`` chose a code truly farther from ``x`` than
+    ``reference``'s (fp64 distances), and where it chose another code at the same distance."""
+    x64, codebook64 = x.double(), codebook.double()
+    mine = (x64 - codebook64[picks]).pow(2).sum(-1)
+    best = (x64 - codebook64[reference]).pow(2).sum(-1)
+    other = picks != reference
+    farther = other & (mine > best * (1 + 1e-9) + 1e-12)
+    return farther, other & ~farther
+
+
 def precision_effect(x: Tensor, args: argparse.Namespace) -> None:
     """What a faster search precision costs against the fp32 search.
 
@@ -232,26 +243,18 @@ def precision_effect(x: Tensor, args: argparse.Namespace) -> None:
     rq.eval()
     with torch.no_grad():
         codebook, norms = rq.embed[0], squared_norms(rq.embed[0])
-        x64, codebook64 = x.double(), codebook.double()
-
-        def distance(picks: Tensor) -> Tensor:
-            return (x64 - codebook64[picks]).pow(2).sum(-1)
-
         first = nearest_code(x, codebook, norms)
-        best = distance(first)
         chain_error = rq(x).residual_norms[-1].item()
         print(f"\n### search precision against fp32 ({x.shape[0]} tokens, codebooks initialised from other tokens)")
         print(f"\nWhole chain, fp32: mean ||r_D|| = {chain_error:.5f}")
         print("\n| precision | stage 1: farther picks | stage 1: tie broken otherwise | whole chain: mean ||r_D|| (change) |")
         print("|---|---|---|---|")
         for precision in PRECISIONS[1:]:
-            picks = nearest_code(x, codebook, norms, precision=precision)
-            other = picks != first
-            farther = other & (distance(picks) > best * (1 + 1e-9) + 1e-12)
+            farther, tie = compare_picks(x, codebook, nearest_code(x, codebook, norms, precision=precision), first)
             rq.search_precision = precision
             error = rq(x).residual_norms[-1].item()
             rq.search_precision = "fp32"
-            print(f"| {precision} | {farther.sum().item()} / {x.shape[0]} | {(other & ~farther).sum().item()} | "
+            print(f"| {precision} | {farther.sum().item()} / {x.shape[0]} | {tie.sum().item()} | "
                   f"{error:.5f} ({(error - chain_error) / chain_error:+.2%}) |")
 
 

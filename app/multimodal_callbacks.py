@@ -70,7 +70,8 @@ class MultimodalCallbacks:
     # -- text to image ---------------------------------------------------------------------------
     @user_errors("generate an image")
     def generate(self, prompt: str | None, guidance_scale: float = 3.0, temperature: float = 1.0,
-                 top_k: float | None = 0, seed: float | None = -1) -> Iterator[tuple[Any, Any, str]]:
+                 top_k: float | None = 0, seed: float | None = -1,
+                 candidates: float | None = 1) -> Iterator[tuple[Any, Any, str]]:
         """Prompt + sampling settings -> (image, stage gallery, note), streamed row by row."""
         service = self.service
         check = service.check_prompt(prompt)
@@ -91,7 +92,8 @@ class MultimodalCallbacks:
 
         def work() -> None:
             try:
-                events.put(("done", service.generate(check, guidance_scale, temperature, top_k, seed, on_row=on_row)))
+                events.put(("done", service.generate(check, guidance_scale, temperature, top_k, seed, on_row=on_row,
+                                                     candidates=candidates or 1)))
             except BaseException as err:  # handed to the request's thread, which reports it
                 events.put(("error", err))
 
@@ -130,6 +132,12 @@ class MultimodalCallbacks:
             f"1, 2, … {self.service.pixel_depth} stages (the last one is the image): coarse layout first, "
             "detail last.",
         ]
+        if result.candidate_scores:
+            scores = ", ".join(f"{v:.2f}" for v in result.candidate_scores)
+            picked = max(range(len(result.candidate_scores)), key=result.candidate_scores.__getitem__) + 1
+            lines.append(f"Best of {len(result.candidate_scores)} candidates: the model read each drawing back and "
+                         f"kept the one under which the prompt is its likeliest caption (mean log-probability per "
+                         f"token {scores}; kept candidate {picked}). The preview showed candidate 1.")
         if check.heldout_pairs:
             lines.append("Held out of training (never seen together): "
                          + ", ".join(f"{c} {s_}" for c, s_ in check.heldout_pairs) + ".")

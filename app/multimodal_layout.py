@@ -96,6 +96,9 @@ def _text_to_image(callbacks: MultimodalCallbacks, model: dict[str, Any]) -> Non
             seed = gr.Number(value=-1, precision=0, label="Seed", minimum=-1,
                              info="-1 = a new random seed each time (the note says which); any other number "
                                   "gives the same image every time")
+            candidates = gr.Slider(1, service.max_candidates, value=1, step=1, label="Candidates",
+                                   info="draw this many and keep the one the model itself reads back as the prompt "
+                                        "best (slower: each one is drawn)")
             run = gr.Button("Generate", variant="primary", elem_id="evotok-generate")
             split = example_prompts()
             example_blocks = [
@@ -114,7 +117,7 @@ def _text_to_image(callbacks: MultimodalCallbacks, model: dict[str, Any]) -> Non
                                       "stages)", columns=service.pixel_depth, rows=1, height=220,
                                 object_fit="contain", format="png", preview=False, elem_id="evotok-generated-stages")
             note = gr.Markdown("Type a prompt or click an example.", label="Note", elem_id="evotok-generate-note")
-    inputs, outputs = [prompt, guidance, temperature, top_k, seed], [image, stages, note]
+    inputs, outputs = [prompt, guidance, temperature, top_k, seed, candidates], [image, stages, note]
     run.click(callbacks.generate, inputs, outputs, api_name="generate", **model)
     prompt.submit(callbacks.generate, inputs, outputs, api_visibility="private", **model)
     for block in example_blocks:  # clicking an example fills the prompt, then draws it

@@ -59,9 +59,9 @@ def test_generate_and_ask_endpoints_are_public(app):
     client, _, _ = app
     api = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
     assert [p["parameter_name"] for p in api["/generate"]["parameters"]] == [
-        "prompt", "guidance_scale", "temperature", "top_k", "seed"]
+        "prompt", "guidance_scale", "temperature", "top_k", "seed", "candidates"]
     defaults = {p["parameter_name"]: p.get("parameter_default") for p in api["/generate"]["parameters"]}
-    assert defaults["guidance_scale"] == 3.0 and defaults["temperature"] == 1.0
+    assert defaults["guidance_scale"] == 3.0 and defaults["temperature"] == 1.0 and defaults["candidates"] == 1
     assert [p["parameter_name"] for p in api["/ask"]["parameters"]] == ["image", "question", "history"]
     assert len(api["/generate"]["returns"]) == 3 and len(api["/ask"]["returns"]) == 3
 
@@ -82,6 +82,12 @@ def test_a_fixed_seed_gives_the_same_image_and_unknown_words_are_flagged(app):
     depth = len(captions)
     assert depth >= 2 and captions == [f"after stage {d} of {depth}" for d in range(1, depth + 1)]
     assert np.array_equal(pixels(gallery[-1]["image"]), first)
+
+
+def test_candidates_keep_the_models_own_pick(app):
+    client, _, _ = app
+    image, gallery, note = client.predict("a red circle", 3.0, 1.0, 0, 7, 2, api_name="/generate")
+    assert Path(image).is_file() and "Best of 2 candidates" in note and "kept candidate" in note
 
 
 def test_an_empty_prompt_draws_an_unconditional_sample(app):

@@ -60,6 +60,21 @@ def test_random_seed_is_reported_and_reproduces(service):
         service.generate("a red circle", temperature=-1, seed=0)
 
 
+def test_candidates_keep_the_models_own_pick_and_report_the_scores(service):
+    from evotok.mllm.rerank import generate_best_of
+
+    one = service.generate("a red circle", seed=5)
+    assert one.candidate_scores == [] and one.settings["candidates"] == 1
+    rows: list[int] = []
+    best = service.generate("a red circle", seed=5, candidates=3, on_row=lambda r, im: rows.append(r))
+    codes, scores = generate_best_of(service.model, ["a red circle"], 3, seed=5, guidance_scale=3.0)
+    assert torch.equal(best.codes, codes[0]) and best.candidate_scores == pytest.approx(scores[0].tolist())
+    assert rows == list(range(1, service.grid_size + 1))  # the first candidate's rows were previewed
+    for bad in (0, 1.5, service.max_candidates + 1):
+        with pytest.raises(ValueError, match="candidates"):
+            service.generate("a red circle", seed=5, candidates=bad)
+
+
 def test_a_row_callback_can_cancel(service):
     def stop(rows, preview):
         if rows == 2:

@@ -280,3 +280,8 @@ def test_benchmark_scores_generations_and_the_render_ceiling(oracle, tmp_path):
     assert result["seconds_per_image"] > 0 and result["image_size"] == 32
     assert len(result["prompts"]) == 6 and out.is_file()
     assert len(list((tmp_path / "images").glob("*.png"))) == 6
+    assert set(result["found"]) == set(GENEVAL_CATEGORIES) and result["sampling"]["best_of"] == 1
+
+    picked = main(["--model", str(model), "--oracle", str(tmp_path / "oracle"), "--per-category", "1",
+                   "--no-fid", "--batch-size", "6", "--threads", "1", "--best-of", "2"])
+    assert picked["sampling"]["best_of"] == 2 and len(picked["prompts"]) == 6

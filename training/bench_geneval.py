@@ -3,6 +3,7 @@
     python training/bench_geneval.py --model assets/mllm                       # 20 prompts per category
     python training/bench_geneval.py --model assets/mllm --per-category 50 --json geneval.json
     python training/bench_geneval.py --renders-only --per-category 200          # the oracle's ceiling alone
+    python training/bench_geneval.py --model assets/mllm --best-of 4            # keep the model's own pick of 4
 
 Prompts: ``evotok.oracle.geneval_prompts`` — six categories (single object, two objects, counting,
 colours, position, colour attribution), objects drawn only from ``HELDOUT_PAIRS`` (never seen in
@@ -55,13 +56,17 @@ def load_oracle(path: str) -> SceneOracle:
 
 
 def generate(model: Any, specs: list[PromptSpec], args: argparse.Namespace) -> tuple[torch.Tensor, float]:
-    """Decoded images ``n 3 H W`` in [-1, 1] for the specs' prompts, and seconds per image."""
+    """Decoded images ``n 3 H W`` in [-1, 1] for the specs' prompts, and seconds per image (with
+    ``--best-of n``, per kept image: n drawn, read back and scored)."""
+    from evotok.mllm.rerank import generate_best_of
+
     images = []
     start = time.perf_counter()
     for first in range(0, len(specs), args.batch_size):
         prompts = [s.prompt for s in specs[first:first + args.batch_size]]
-        codes = model.generate_image(prompts, guidance_scale=args.guidance, temperature=args.temperature,
-                                     top_k=args.top_k, top_p=args.top_p, seed=args.seed * 100_003 + first)
+        codes, _ = generate_best_of(model, prompts, args.best_of, guidance_scale=args.guidance,
+                                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                    seed=args.seed * 100_003 + first)
         images.append(model.decode_codes(codes).float().cpu())
         done = first + len(prompts)
         print(f"  generated {done}/{len(specs)} ({(time.perf_counter() - start) / done:.2f} s/image)", flush=True)
@@ -143,6 +148,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--best-of", type=int, default=1,
+                        help="draw this many candidates per prompt and keep the one under which the prompt is the "
+                             "model's likeliest caption (evotok.mllm.rerank; 1: one image, as plain generation)")
     parser.add_argument("--batch-size", type=int, default=8, help="prompts generated together")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -153,6 +161,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     if args.per_category < 1:
         parser.error("--per-category must be at least 1")
+    if args.best_of < 1:
+        parser.error("--best-of must be at least 1")
     if args.guidance is not None and args.guidance <= 0:
         args.guidance = None
     torch.set_num_threads(args.threads)
@@ -189,7 +199,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results.update(generated=generated, found=drawing_breakdown(specs, detections),
                        seconds_per_image=seconds, batch_size=args.batch_size,
                        sampling={"guidance": args.guidance, "temperature": args.temperature, "top_k": args.top_k,
-                                 "top_p": args.top_p},
+                                 "top_p": args.top_p, "best_of": args.best_of},
                        prompts=[{**s.to_dict(), "passed": judge(s, d, oracle.config.position_margin), "detections": d}
                                 for s, d in zip(specs, detections)])
         if not args.no_fid:
@@ -205,7 +215,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 tensor_to_pil(image).save(out / f"{i:04d}_{spec.category}_{verdict}.png")
 
     title = f"GenEval-style score on {'held-out' if args.pairs == 'heldout' else 'training'} colour/shape pairs" + \
-        ("" if model is None else f" — {args.model}, guidance {args.guidance}")
+        ("" if model is None else f" — {args.model}, guidance {args.guidance}"
+         + (f", best of {args.best_of} by the model's own caption score" if args.best_of > 1 else ""))
     print(f"\n{title}\n\n{markdown(ceiling, generated, recon)}")
     if model is not None:
         print(f"\nWhat the oracle found in the generated images\n\n{breakdown_markdown(results['found'])}")

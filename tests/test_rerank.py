@@ -1,0 +1,56 @@
+"""evotok.mllm.rerank: the caption score is the training loss's own quantity, and best-of-n keeps
+the candidate it scores highest."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from evotok.mllm.chat import encode_chat
+from evotok.mllm.data import DESCRIBE_QUESTIONS, collate
+from evotok.mllm.rerank import caption_log_likelihood, generate_best_of
+from test_mllm import build, tiny_text_tokenizer, tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build(tiny_tokenizer(), tiny_text_tokenizer(), grid_rope=True)
+
+
+def test_caption_score_is_minus_the_lm_loss_of_that_conversation(model):
+    torch.manual_seed(0)
+    codes = torch.randint(0, model.config.codebook_size, (3, 4, 4, 4))
+    captions = ["a red circle", "two blue squares", ""]
+    scores = caption_log_likelihood(model, codes, captions)
+    assert scores.shape == (3,) and torch.isfinite(scores).all()
+    for k, caption in enumerate(captions):
+        encoded = encode_chat(model.text, [(DESCRIBE_QUESTIONS[0], caption)], model.config.num_cells)
+        item = {"task": "scene_qa", "image_codes": codes[k].numpy(), "gen_codes": None,
+                "input_ids": encoded.input_ids, "labels": encoded.labels, "image_mask": encoded.image_mask,
+                "gen_mask": encoded.gen_mask}
+        batch = {key: value for key, value in collate([item], model.text.ids["pad"]).items() if key != "tasks"}
+        with torch.no_grad():
+            loss = model(**batch).lm_loss
+        assert scores[k].item() == pytest.approx(-loss.item(), abs=1e-5)  # batched with padding, same value
+
+
+def test_caption_score_needs_one_caption_per_image(model):
+    with pytest.raises(ValueError, match="captions"):
+        caption_log_likelihood(model, torch.zeros(2, 4, 4, 4, dtype=torch.long), ["a red circle"])
+
+
+def test_best_of_one_is_the_plain_image_and_best_of_n_keeps_the_top_scored(model):
+    prompts = ["a red circle", "a blue square"]
+    plain = model.generate_image(prompts, seed=3)
+    one, _ = generate_best_of(model, prompts, 1, seed=3)
+    assert torch.equal(one, plain)
+
+    best, scores = generate_best_of(model, prompts, 3, seed=3)
+    assert best.shape == plain.shape and scores.shape == (2, 3)
+    drawn = model.generate_image([p for p in prompts for _ in range(3)], seed=3).view(2, 3, *plain.shape[1:])
+    for k in range(2):
+        assert torch.equal(best[k], drawn[k, int(scores[k].argmax())])
+    full = model.encode_images(model.decode_codes(drawn.flatten(0, 1)).clamp(-1, 1))
+    again = caption_log_likelihood(model, full, [p for p in prompts for _ in range(3)]).view(2, 3)
+    assert torch.allclose(again, scores, atol=1e-5)
+    with pytest.raises(ValueError, match="at least 1"):
+        generate_best_of(model, prompts, 0)

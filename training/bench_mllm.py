@@ -14,8 +14,8 @@ Prints three tables:
    figure stays comparable with earlier runs); then on clip-art category questions
    (held-out 10% of the pictures) and on Fashion-MNIST class questions (its test split).
 2. Speed on CPU, end to end: one text-to-image image (prompt -> decoded pixels, guidance 3), the
-   same kept as the best of 4 candidates (``evotok.mllm.rerank``: all four drawn, read back and
-   scored) and one answer (image tensor -> full answer text), median over ``--repeats``.
+   same kept as the best of ``--best-of`` (4) candidates (``evotok.mllm.rerank``: all drawn, read
+   back and scored) and one answer (image tensor -> full answer text), median over ``--repeats``.
 3. With ``--fid N``: FID (bundled Inception) of N images generated from held-out scene captions
    against the N renders those captions describe.
 A GenEval-style score needs an oracle that reads generated scenes; it is not part of this script.
@@ -107,10 +107,7 @@ def label_understanding(model: EvoTokMLLM, name: str, count: int, size: int, bat
     return sum(hits) / len(hits), len(hits)
 
 
-BEST_OF = 4  # candidates of the timed best-of-n image (evotok.mllm.rerank)
-
-
-def speed(model: EvoTokMLLM, repeats: int, size: int) -> dict[str, float]:
+def speed(model: EvoTokMLLM, repeats: int, size: int, best_of: int = 4) -> dict[str, float]:
     sample = SceneWorld(size, seed=7, split="heldout")[0]
     image = pil_to_tensor(sample.image, size)
     image_times, best_times, answer_times = [], [], []
@@ -120,13 +117,13 @@ def speed(model: EvoTokMLLM, repeats: int, size: int) -> dict[str, float]:
         model.decode_codes(model.generate_image(sample.caption, guidance_scale=3.0, seed=k))
         image_times.append(time.perf_counter() - start)
         start = time.perf_counter()
-        model.decode_codes(generate_best_of(model, [sample.caption], BEST_OF, seed=k, guidance_scale=3.0)[0])
+        model.decode_codes(generate_best_of(model, [sample.caption], best_of, seed=k, guidance_scale=3.0)[0])
         best_times.append(time.perf_counter() - start)
         start = time.perf_counter()
         "".join(model.answer(image, sample.qa[0][0]))
         answer_times.append(time.perf_counter() - start)
     return {"one image (s)": statistics.median(image_times),
-            f"one image, best of {BEST_OF} (s)": statistics.median(best_times),
+            f"one image, best of {best_of} (s)": statistics.median(best_times),
             "one answer (s)": statistics.median(answer_times)}
 
 
@@ -153,6 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--trained-scenes", type=int, default=0,
                         help="also the first N scenes of the training pool, seen in training (0 = skip)")
     parser.add_argument("--labels", type=int, default=500, help="clip-art / Fashion-MNIST images per source")
+    parser.add_argument("--best-of", type=int, default=4, help="candidates of the timed best-of-n image")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--fid", type=int, default=0, help="generated images for FID (0 = skip)")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -186,7 +184,7 @@ def main(argv: list[str] | None = None) -> dict:
     results["understanding"] = {"scenes": scenes, **{k: v for k, v in labels.items() if v is not None}}
     results["understanding"].update({key: table for key, (_, table) in columns.items()})
 
-    timing = speed(model, args.repeats, size)
+    timing = speed(model, args.repeats, size, args.best_of)
     print(f"\nSpeed, end to end, {args.threads} CPU threads (median of {args.repeats})")
     for name, seconds in timing.items():
         print(f"{name:32s} {seconds:9.3f}")

@@ -193,3 +193,10 @@ def test_finished_pools_load_without_their_image_sources(root, monkeypatch):
     monkeypatch.setattr(train_mllm, "build_sources", no_sources)
     summary = run(root, "pools_cached", "train.steps=1")
     assert summary["steps"] == 1
+
+
+def test_a_later_stage_refuses_a_grid_rope_stride_below_one(root):
+    run(root, "stride_base", "train.steps=0", "eval.at_start=false", "model.grid_rope=true")
+    with pytest.raises(ValueError, match="grid_rope_stride must be a positive integer"):
+        run(root, "stride_zero", f"model.init_from={root / 'stride_base' / 'final'}", "model.grid_rope_stride=0",
+            "train.steps=1")

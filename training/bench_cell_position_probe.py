@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -36,7 +35,7 @@ from evotok.data.scenes import SceneWorld  # noqa: E402
 from evotok.images import pil_to_tensor  # noqa: E402
 from evotok.mllm import EvoTokMLLM  # noqa: E402
 from evotok.mllm.generate import answer_inputs  # noqa: E402
-from training.bench_position_probe import layer_states  # noqa: E402
+from training.bench_position_probe import layer_states, probe_arguments  # noqa: E402
 
 QUESTION = "Is the red star left or right of the middle of the image?"
 
@@ -56,12 +55,8 @@ def main(argv: list[str] | None = None) -> dict:
     from sklearn.preprocessing import StandardScaler
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="assets/mllm")
+    probe_arguments(parser, batch_size=50)
     parser.add_argument("--images", type=int, default=200)
-    parser.add_argument("--seed", type=int, default=4242, help="scene world seed (not the training pool's 0)")
-    parser.add_argument("--batch-size", type=int, default=50)
-    parser.add_argument("--threads", type=int, default=int(os.environ.get("EVOTOK_THREADS", "2")))
-    parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 

@@ -96,20 +96,25 @@ def word_scores(model: EvoTokMLLM, logits: np.ndarray, words: tuple[str, str]) -
     return np.stack([logits[:, i].max(axis=1) for i in ids], axis=1)
 
 
+def probe_arguments(parser: argparse.ArgumentParser, batch_size: int) -> None:
+    """The arguments both probe scripts take: model, scene seed, batch size, threads, JSON output."""
+    parser.add_argument("--model", default="assets/mllm")
+    parser.add_argument("--seed", type=int, default=4242, help="scene world seed (not the training pool's 0)")
+    parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument("--threads", type=int, default=int(os.environ.get("EVOTOK_THREADS", "2")))
+    parser.add_argument("--json", help="also write the results here")
+
+
 def main(argv: list[str] | None = None) -> dict:
     from sklearn.linear_model import LogisticRegression
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="assets/mllm")
+    probe_arguments(parser, batch_size=64)
     parser.add_argument("--split", default="train", choices=("train", "heldout"),
                         help="scene pairs: position does not depend on them; train = the pairs the model saw")
     parser.add_argument("--scenes", type=int, default=3000)
-    parser.add_argument("--seed", type=int, default=4242, help="scene world seed (not the training pool's 0)")
     parser.add_argument("--questions", default="relations", choices=("relations", "place"),
                         help="relations: one object against another; place: one object against the image's middle")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=int(os.environ.get("EVOTOK_THREADS", "2")))
-    parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 

@@ -14,6 +14,7 @@ chunks), so training steps touch only the language model, the projector and the 
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import sys
@@ -89,10 +90,8 @@ def build_model(config: dict, tokenizer: EvoTok, pools: dict, run_dir: Path, res
         if model_cfg.get("grid_rope") and not model.config.grid_rope:
             model.add_grid_rope()
         if "grid_rope_stride" in model_cfg:  # a later stage may respace the row and column streams
-            stride = int(model_cfg["grid_rope_stride"])
-            if stride < 1:
-                raise ValueError(f"model.grid_rope_stride must be a positive integer, got {stride}")
-            model.config.grid_rope_stride = stride
+            # through the config's own checks (a stride below 1 is refused there)
+            model.config = dataclasses.replace(model.config, grid_rope_stride=int(model_cfg["grid_rope_stride"]))
         return model
     text_dir = run_dir / "text_tokenizer"
     if accelerator.is_main_process:  # one BPE, trained once, shared by every rank
@@ -243,9 +242,8 @@ def main(argv: list[str] | None = None) -> dict:
     total_steps = int(train_cfg["steps"])
     warmup = int(train_cfg.get("warmup_steps", 0))
     min_ratio = float(train_cfg.get("min_lr", train_cfg["lr"])) / float(train_cfg["lr"])
-    # the schedule reads the total through this dict: a time budget may refit it
-    schedule = {"total": total_steps}
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup, schedule["total"], min_ratio))
+    # the closure reads total_steps when called, so a time budget's refit reshapes the schedule
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup, total_steps, min_ratio))
 
     step, fitted_total = 0, None
     if resuming:
@@ -256,7 +254,7 @@ def main(argv: list[str] | None = None) -> dict:
         step = state["step"]
         fitted_total = state.get("fitted_total_steps")  # a time budget fitted it: keep that schedule
         if fitted_total:
-            total_steps = schedule["total"] = int(fitted_total)
+            total_steps = int(fitted_total)
         set_rng_state(state["rng"][min(accelerator.process_index, len(state["rng"]) - 1)])
         accelerator.print(f"resumed {run_dir} at step {step}")
     elif args.resume:
@@ -327,7 +325,7 @@ def main(argv: list[str] | None = None) -> dict:
         if fitted is not None and accelerator.num_processes > 1:
             fitted = broadcast_object_list([fitted])[0]  # all ranks end where the main process's clock says
         if fitted is not None and fitted != total_steps:
-            total_steps = schedule["total"] = fitted_total = fitted
+            total_steps = fitted_total = fitted
             bar.total = total_steps
             accelerator.print(f"time budget: at step {step} the run is fitted to end at step {total_steps}")
 

@@ -44,9 +44,11 @@ def caption_log_likelihood(model: "EvoTokMLLM", image_codes: torch.Tensor, capti
     hidden, _ = model.backbone(embeds, batch["attention_mask"].to(device), cell_index=model.cell_index(image_mask))
     targets = batch["labels"][:, 1:].to(device)
     supervised = targets != IGNORE
-    log_probs = F.log_softmax(model.text_logits(hidden[:, :-1]).float(), dim=-1)
-    picked = log_probs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (picked * supervised).sum(1) / supervised.sum(1)
+    # logits only where a caption token is predicted, as the training loss does
+    log_probs = F.log_softmax(model.text_logits(hidden[:, :-1][supervised]).float(), dim=-1)
+    picked = torch.zeros(targets.shape, device=device)
+    picked[supervised] = log_probs.gather(-1, targets[supervised].unsqueeze(-1)).squeeze(-1)
+    return picked.sum(1) / supervised.sum(1)
 
 
 @torch.no_grad()

@@ -23,6 +23,7 @@ from ..hub import resolve_checkpoint
 from ..images import tensor_to_pil
 from .chat import EmptyPromptError, PromptTooLongError, encode_chat, prompt_ids
 from .model import EvoTokMLLM, tokenizer_digest
+from .rerank import generate_best_of
 from .text_tokenizer import words_of
 
 # Refused before tokenizing, so a pasted novel costs nothing; the token cap is the model's own.
@@ -227,8 +228,6 @@ class MultimodalService:
         :class:`GenerationCancelled` to stop. ``candidates`` > 1 draws that many and keeps the one
         the model itself reads back as the prompt best (:mod:`evotok.mllm.rerank`).
         """
-        from .rerank import generate_best_of
-
         check = prompt if isinstance(prompt, PromptCheck) else self.check_prompt(prompt)
         seed = self.pick_seed(seed)
         if int(candidates) != candidates or not 1 <= candidates <= MAX_CANDIDATES:

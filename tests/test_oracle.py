@@ -198,6 +198,31 @@ def test_drawing_breakdown_counts_what_the_oracle_found():
     assert "| counting | 1 | 3.00 | 2.00 | 1.00 | – | – |" in breakdown_markdown(found)
 
 
+def test_candidate_table_counts_accepted_draws_and_prompts_with_any():
+    from types import SimpleNamespace
+
+    from training.bench_geneval import candidates_markdown, judge_candidates
+
+    def det(colour, shape):
+        return {"shape": shape, "colour": colour, "centre": (0.5, 0.5), "area": 100}
+
+    specs = [PromptSpec("single_object", "a red star", (("red", "star"),)),
+             PromptSpec("single_object", "a blue cross", (("blue", "cross"),)),
+             PromptSpec("colours", "a green circle", (("green", "circle"),))]
+    # candidate codes carry their own index; the fake decoder passes it on as the "image" (in [-1, 1])
+    candidates = torch.arange(9).view(3, 3, 1, 1, 1)
+    right = {0: det("red", "star"), 1: det("red", "star"), 5: det("blue", "cross")}
+    model = SimpleNamespace(device="cpu", decode_codes=lambda codes: codes.flatten() / 100)
+    oracle = SimpleNamespace(config=SimpleNamespace(position_margin=0.08),
+                             detect=lambda images: [[right.get(round(float(i) * 100), det("white", "square"))] for i in images])
+    table = judge_candidates(model, oracle, specs, candidates)
+    assert table["single_object"] == {"mean": 0.5, "any": 1.0, "n": 2}  # 3 of 6 draws; both prompts have one
+    assert table["colours"] == {"mean": 0.0, "any": 0.0, "n": 1}
+    assert table["overall"] == {"mean": 0.25, "any": 0.5, "n": 3}
+    generated = {"single_object": {"score": 0.5}, "colours": {"score": 0.0}, "overall": {"score": 0.25}}
+    assert "| single_object | 2 | 0.500 | 0.500 | 1.000 |" in candidates_markdown(generated, table)
+
+
 def test_judge_rules_on_handmade_detections():
     def det(colour, shape, x, y, area=100):
         return {"shape": shape, "colour": colour, "centre": (x, y), "area": area}
@@ -285,3 +310,8 @@ def test_benchmark_scores_generations_and_the_render_ceiling(oracle, tmp_path):
     picked = main(["--model", str(model), "--oracle", str(tmp_path / "oracle"), "--per-category", "1",
                    "--no-fid", "--batch-size", "6", "--threads", "1", "--best-of", "2"])
     assert picked["sampling"]["best_of"] == 2 and len(picked["prompts"]) == 6
+    pool = picked["candidates"]
+    assert set(pool) == {*GENEVAL_CATEGORIES, "overall"} and pool["overall"]["n"] == 6
+    for cat in GENEVAL_CATEGORIES:  # a perfect judge keeps an accepted candidate whenever one exists
+        assert 0.0 <= pool[cat]["mean"] <= pool[cat]["any"] <= 1.0
+        assert pool[cat]["any"] >= picked["generated"][cat]["score"]

@@ -17,9 +17,11 @@ is the tokenizer's, not the language model's; and the oracle's own accuracy on t
 (true prompts accepted = the oracle's ceiling, near-miss prompts rejected). The overall score is the
 mean of categories, as in GenEval. A second table says what the oracle found in the generations
 (objects asked for and found; asked-for shapes, colours and pairs found), which tells drawing
-apart from composition. Below it: FID (bundled Inception) of the generations, and of the
-reconstructions, against the reference renders, and seconds per image (prompt to decoded pixels,
-batched). FID on a few hundred images is biased upwards; compare it only between runs of the same size.
+apart from composition. With ``--best-of n``, a third table judges all n candidates of each
+prompt: the share accepted (one image's score, from n times the draws) and the share of prompts
+with at least one accepted, the most any way of picking among these candidates could score.
+Below it: FID (bundled Inception) of the generations, and of the reconstructions, against the
+reference renders, and seconds per image (prompt to decoded pixels, batched). FID on a few hundred images is biased upwards; compare it only between runs of the same size.
 """
 from __future__ import annotations
 
@@ -55,22 +57,47 @@ def load_oracle(path: str) -> SceneOracle:
                          f"Train one with: nice -n 10 python training/train_oracle.py --out {path}") from None
 
 
-def generate(model: Any, specs: list[PromptSpec], args: argparse.Namespace) -> tuple[torch.Tensor, float]:
-    """Decoded images ``n 3 H W`` in [-1, 1] for the specs' prompts, and seconds per image (with
-    ``--best-of n``, per kept image: n drawn, read back and scored)."""
-    from evotok.mllm.rerank import generate_best_of
+def generate(model: Any, specs: list[PromptSpec], args: argparse.Namespace) -> tuple[torch.Tensor, float, torch.Tensor]:
+    """Decoded images ``n 3 H W`` in [-1, 1] for the specs' prompts, seconds per image (with
+    ``--best-of n``, per kept image: n drawn, read back and scored), and every candidate's codes
+    (``n best_of h w L``)."""
+    from evotok.mllm.rerank import draw_candidates, pick_best
 
-    images = []
-    start = time.perf_counter()
+    images, candidates = [], []
+    seconds = 0.0
     for first in range(0, len(specs), args.batch_size):
         prompts = [s.prompt for s in specs[first:first + args.batch_size]]
-        codes, _ = generate_best_of(model, prompts, args.best_of, guidance_scale=args.guidance,
-                                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                    seed=args.seed * 100_003 + first)
-        images.append(model.decode_codes(codes).float().cpu())
+        start = time.perf_counter()
+        drawn = draw_candidates(model, prompts, args.best_of, guidance_scale=args.guidance,
+                                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                seed=args.seed * 100_003 + first)
+        images.append(model.decode_codes(pick_best(model, prompts, drawn)[0]).float().cpu())
+        seconds += time.perf_counter() - start
+        candidates.append(drawn.cpu())
         done = first + len(prompts)
-        print(f"  generated {done}/{len(specs)} ({(time.perf_counter() - start) / done:.2f} s/image)", flush=True)
-    return torch.cat(images), (time.perf_counter() - start) / len(specs)
+        print(f"  generated {done}/{len(specs)} ({seconds / done:.2f} s/image)", flush=True)
+    return torch.cat(images), seconds / len(specs), torch.cat(candidates)
+
+
+def judge_candidates(model: Any, oracle: SceneOracle, specs: list[PromptSpec],
+                     candidates: torch.Tensor) -> dict[str, dict[str, float]]:
+    """Per category, of all ``best_of`` candidates drawn for each prompt: the share the oracle
+    accepts (one image's score, from ``best_of`` times the draws) and the share of prompts with at
+    least one accepted (what a perfect judge of the candidates would score)."""
+    n = candidates.shape[1]
+    verdicts = []
+    for first in range(0, len(specs), 8):
+        chunk = candidates[first:first + 8].flatten(0, 1)
+        detections = oracle.detect(model.decode_codes(chunk.to(model.device)).clamp(-1, 1).float().cpu())
+        verdicts += [judge(specs[first + k // n], d, oracle.config.position_margin) for k, d in enumerate(detections)]
+    accepted = np.array(verdicts).reshape(len(specs), n)
+    table = {}
+    for cat in dict.fromkeys(s.category for s in specs):
+        rows = accepted[[s.category == cat for s in specs]]
+        table[cat] = {"mean": float(rows.mean()), "any": float(rows.any(1).mean()), "n": len(rows)}
+    table["overall"] = {key: float(np.mean([t[key] for t in table.values()])) for key in ("mean", "any")}
+    table["overall"]["n"] = len(specs)
+    return table
 
 
 def score(specs: list[PromptSpec], detections: list[list[dict[str, Any]]],
@@ -112,6 +139,17 @@ def breakdown_markdown(breakdown: dict[str, dict[str, float]]) -> str:
             b = breakdown[cat]
             cells = [f"{b[k]:.2f}" if b[k] == b[k] else "–" for k in ("asked", "found", "shape", "colour", "pair")]
             rows.append(f"| {cat} | {b['n']} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def candidates_markdown(generated: dict, candidates: dict) -> str:
+    rows = ["| category | n | the model's pick | one candidate (mean of all) | any candidate (a perfect judge's pick) |",
+            "|" + "---|" * 5]
+    for cat in [*GENEVAL_CATEGORIES, "overall"]:
+        if cat in candidates:
+            c = candidates[cat]
+            name = "**overall** (mean of categories)" if cat == "overall" else cat
+            rows.append(f"| {name} | {c['n']} | {generated[cat]['score']:.3f} | {c['mean']:.3f} | {c['any']:.3f} |")
     return "\n".join(rows)
 
 
@@ -191,7 +229,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results["reconstructions"] = recon
         print(f"generating {len(specs)} images ({args.per_category} per category, guidance {args.guidance}, "
               f"batch {args.batch_size}, {args.threads} threads, {args.device})", flush=True)
-        images, seconds = generate(model, specs, args)
+        images, seconds, candidates = generate(model, specs, args)
         detections: list[list[dict[str, Any]]] = []
         for first in range(0, len(images), 64):
             detections += oracle.detect(images[first:first + 64])
@@ -202,6 +240,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                  "top_p": args.top_p, "best_of": args.best_of},
                        prompts=[{**s.to_dict(), "passed": judge(s, d, oracle.config.position_margin), "detections": d}
                                 for s, d in zip(specs, detections)])
+        if args.best_of > 1:
+            results["candidates"] = judge_candidates(model, oracle, specs, candidates)
         if not args.no_fid:
             from evotok.metrics import fid_bundled
 
@@ -220,6 +260,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"\n{title}\n\n{markdown(ceiling, generated, recon)}")
     if model is not None:
         print(f"\nWhat the oracle found in the generated images\n\n{breakdown_markdown(results['found'])}")
+        if "candidates" in results:
+            print(f"\nAll {args.best_of} candidates of each prompt, judged by the oracle\n\n"
+                  f"{candidates_markdown(generated, results['candidates'])}")
         if "fid_bundled" in results:
             print(f"\nFID (bundled Inception) against the {len(specs)} reference renders: generations "
                   f"{results['fid_bundled']:.2f}; the tokenizer's reconstructions of the renders "

@@ -52,18 +52,35 @@ def caption_log_likelihood(model: "EvoTokMLLM", image_codes: torch.Tensor, capti
 
 
 @torch.no_grad()
+def draw_candidates(model: "EvoTokMLLM", prompts: Sequence[str], n: int, seed: int | None = None,
+                    **sampling) -> torch.Tensor:
+    """``n`` drawings of each prompt, drawn together: codes ``b n h w pixel_depth``. ``sampling``
+    goes to :meth:`EvoTokMLLM.generate_image`; with ``n = 1`` the drawing is that call's image."""
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    prompts = list(prompts)
+    drawn = model.generate_image([p for p in prompts for _ in range(n)], seed=seed, **sampling)
+    return drawn.view(len(prompts), n, *drawn.shape[1:])
+
+
+@torch.no_grad()
+def pick_best(model: "EvoTokMLLM", prompts: Sequence[str], candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The candidate (codes ``b n h w pixel_depth``) of each prompt that the model reads back as the
+    prompt best: (codes ``b h w pixel_depth``, each candidate's caption score ``b n``; zeros for one)."""
+    b, n = candidates.shape[:2]
+    if len(prompts) != b:
+        raise ValueError(f"{b} candidate sets but {len(prompts)} prompts")
+    if n == 1:
+        return candidates[:, 0], torch.zeros(b, 1)
+    flat = candidates.flatten(0, 1)
+    full = model.encode_images(model.decode_codes(flat).clamp(-1, 1))  # read back as any image would be
+    scores = caption_log_likelihood(model, full, [p for p in prompts for _ in range(n)]).view(b, n).cpu()
+    return candidates[torch.arange(b), scores.argmax(1)], scores
+
+
 def generate_best_of(model: "EvoTokMLLM", prompts: Sequence[str], n: int, seed: int | None = None,
                      **sampling) -> tuple[torch.Tensor, torch.Tensor]:
     """For each prompt, the best of ``n`` drawn candidates: (codes ``b h w pixel_depth``, each
     candidate's score ``b n``). ``sampling`` goes to :meth:`EvoTokMLLM.generate_image`; with
     ``n = 1`` the result is that call's image."""
-    if n < 1:
-        raise ValueError(f"n must be at least 1, got {n}")
-    prompts = list(prompts)
-    drawn = model.generate_image([p for p in prompts for _ in range(n)], seed=seed, **sampling)
-    if n == 1:
-        return drawn, torch.zeros(len(prompts), 1)
-    full = model.encode_images(model.decode_codes(drawn).clamp(-1, 1))  # read back as any image would be
-    scores = caption_log_likelihood(model, full, [p for p in prompts for _ in range(n)]).view(len(prompts), n)
-    best = scores.argmax(1).cpu()
-    return drawn.view(len(prompts), n, *drawn.shape[1:])[torch.arange(len(prompts)), best], scores.cpu()
+    return pick_best(model, prompts, draw_candidates(model, prompts, n, seed=seed, **sampling))

@@ -21,7 +21,8 @@ apart from composition. With ``--best-of n``, a third table judges all n candida
 prompt: the share accepted (one image's score, from n times the draws) and the share of prompts
 with at least one accepted, the most any way of picking among these candidates could score.
 Below it: FID (bundled Inception) of the generations, and of the reconstructions, against the
-reference renders, and seconds per image (prompt to decoded pixels, batched). FID on a few hundred images is biased upwards; compare it only between runs of the same size.
+reference renders, and seconds per image (prompt to decoded pixels, batched). FID on a few hundred
+images is biased upwards; compare it only between runs of the same size.
 """
 from __future__ import annotations
 

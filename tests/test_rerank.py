@@ -54,3 +54,15 @@ def test_best_of_one_is_the_plain_image_and_best_of_n_keeps_the_top_scored(model
     assert torch.allclose(again, scores, atol=1e-5)
     with pytest.raises(ValueError, match="at least 1"):
         generate_best_of(model, prompts, 0)
+
+
+def test_candidates_are_drawn_per_prompt_and_picked_among_their_own(model):
+    from evotok.mllm.rerank import draw_candidates, pick_best
+
+    drawn = draw_candidates(model, ["a red circle", "a blue square"], 2, seed=4)
+    assert drawn.shape[:2] == (2, 2)
+    best, scores = pick_best(model, ["a red circle", "a blue square"], drawn)
+    for k in range(2):  # each prompt keeps one of its own two drawings
+        assert any(torch.equal(best[k], drawn[k, j]) for j in range(2)) and scores.shape == (2, 2)
+    with pytest.raises(ValueError, match="prompts"):
+        pick_best(model, ["a red circle"], drawn)

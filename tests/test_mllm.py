@@ -15,7 +15,7 @@ from evotok.mllm import (EmptyPromptError, EvoTokMLLM, PromptTooLongError, TextT
                          encode_generation, qwen2_lm_config, render_chat)
 from evotok.mllm.chat import IGNORE
 from evotok.mllm.data import ChatDataset, ImagePool, collate, corpus_texts
-from evotok.mllm.generate import generate_image_codes, sample_logits
+from evotok.mllm.generate import LogitMix, generate_image_codes, sample_logits
 
 CORPUS = [
     "a red circle", "a blue square above a green star", "two yellow triangles", "a photo of a white cross",
@@ -156,6 +156,33 @@ def test_guidance_scale_one_equals_the_conditional_branch(model):
     trace_strong = []
     generate_image_codes(model, ["a red circle"], guidance_scale=3.0, seed=3, logits_trace=trace_strong)
     assert not torch.allclose(trace_strong[0], trace_cond[0], atol=1e-4)
+
+
+def test_logit_mix_adds_each_attribute_branch_to_the_guided_logits():
+    c, s, k, u = (torch.full((2, 3), v) for v in (5.0, 2.0, 1.0, 0.5))
+    logits = torch.cat([c, s, k, u])
+    assert LogitMix(2, None).branches == 1 and LogitMix(2, 3.0).branches == 2
+    mix = LogitMix(2, 3.0, 0.5)
+    assert mix.branches == 4
+    assert torch.allclose(mix(logits), u + 3.0 * (c - u) + 0.5 * ((s - u) + (k - u)))
+    assert torch.allclose(LogitMix(2, 3.0)(torch.cat([c, u])), u + 3.0 * (c - u))
+
+
+def test_attribute_guidance_pulls_only_where_the_prompt_names_a_coloured_shape(model):
+    def trace(prompt, **kwargs):
+        out = []
+        generate_image_codes(model, [prompt], guidance_scale=3.0, seed=3, logits_trace=out, **kwargs)
+        return torch.stack(out)
+
+    plain = trace("a red circle")
+    assert torch.allclose(trace("a red circle", attribute_guidance=0.0), plain, atol=1e-4)
+    assert not torch.allclose(trace("a red circle", attribute_guidance=2.0)[0], plain[0], atol=1e-3)
+    # no coloured shape in the prompt: the extra branches are the empty prompt and pull nowhere
+    assert torch.allclose(trace("two", attribute_guidance=2.0), trace("two"), atol=1e-4)
+    with pytest.raises(ValueError, match="guidance_scale"):
+        model.generate_image("a red circle", guidance_scale=None, attribute_guidance=1.0)
+    with pytest.raises(ValueError, match="attribute_guidance"):
+        model.generate_image("a red circle", attribute_guidance=-1.0)
 
 
 def test_kv_cached_generation_equals_uncached(model):

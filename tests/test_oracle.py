@@ -308,8 +308,11 @@ def test_benchmark_scores_generations_and_the_render_ceiling(oracle, tmp_path):
     assert set(result["found"]) == set(GENEVAL_CATEGORIES) and result["sampling"]["best_of"] == 1
 
     picked = main(["--model", str(model), "--oracle", str(tmp_path / "oracle"), "--per-category", "1",
-                   "--no-fid", "--batch-size", "6", "--threads", "1", "--best-of", "2"])
+                   "--no-fid", "--batch-size", "6", "--threads", "1", "--best-of", "2", "--attribute-guidance", "1"])
     assert picked["sampling"]["best_of"] == 2 and len(picked["prompts"]) == 6
+    assert picked["sampling"]["attribute_guidance"] == 1.0
+    with pytest.raises(SystemExit):  # attribute guidance mixes guidance branches: none without guidance
+        main(["--model", str(model), "--oracle", str(tmp_path / "oracle"), "--guidance", "0", "--attribute-guidance", "1"])
     pool = picked["candidates"]
     assert set(pool) == {*GENEVAL_CATEGORIES, "overall"} and pool["overall"]["n"] == 6
     for cat in GENEVAL_CATEGORIES:  # a perfect judge keeps an accepted candidate whenever one exists

@@ -71,7 +71,7 @@ def generate(model: Any, specs: list[PromptSpec], args: argparse.Namespace) -> t
         start = time.perf_counter()
         drawn = draw_candidates(model, prompts, args.best_of, guidance_scale=args.guidance,
                                 temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                seed=args.seed * 100_003 + first)
+                                attribute_guidance=args.attribute_guidance, seed=args.seed * 100_003 + first)
         images.append(model.decode_codes(pick_best(model, prompts, drawn)[0]).float().cpu())
         seconds += time.perf_counter() - start
         candidates.append(drawn.cpu())
@@ -184,6 +184,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="colour/shape pairs of the prompts: held-out (the score) or seen in training "
                              "(separates composition from drawing quality)")
     parser.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (<= 0: none)")
+    parser.add_argument("--attribute-guidance", type=float, default=None,
+                        help="also guide by each prompt's shapes alone and colours alone, at this scale "
+                             "(evotok.mllm.prompt_parts; for models trained with data.attribute_dropout)")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--top-p", type=float, default=None)
@@ -204,6 +207,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error("--best-of must be at least 1")
     if args.guidance is not None and args.guidance <= 0:
         args.guidance = None
+    if args.attribute_guidance is not None and args.guidance is None:
+        parser.error("--attribute-guidance mixes guidance branches: it needs --guidance > 0")
     torch.set_num_threads(args.threads)
 
     oracle = load_oracle(args.oracle)
@@ -229,6 +234,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         recon = render_accuracy(oracle, specs, list(reconstructions), seed=args.seed)
         results["reconstructions"] = recon
         print(f"generating {len(specs)} images ({args.per_category} per category, guidance {args.guidance}, "
+              f"attribute guidance {args.attribute_guidance}, "
               f"batch {args.batch_size}, {args.threads} threads, {args.device})", flush=True)
         images, seconds, candidates = generate(model, specs, args)
         detections: list[list[dict[str, Any]]] = []
@@ -237,7 +243,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         generated = score(specs, detections, oracle.config.position_margin)
         results.update(generated=generated, found=drawing_breakdown(specs, detections),
                        seconds_per_image=seconds, batch_size=args.batch_size,
-                       sampling={"guidance": args.guidance, "temperature": args.temperature, "top_k": args.top_k,
+                       sampling={"guidance": args.guidance, "attribute_guidance": args.attribute_guidance,
+                                 "temperature": args.temperature, "top_k": args.top_k,
                                  "top_p": args.top_p, "best_of": args.best_of},
                        prompts=[{**s.to_dict(), "passed": judge(s, d, oracle.config.position_margin), "detections": d}
                                 for s, d in zip(specs, detections)])

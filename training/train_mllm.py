@@ -134,8 +134,9 @@ def param_groups(model: EvoTokMLLM, lr: float, position_lr_scale: float) -> list
 
 def make_dataset(pools: dict, data_cfg: dict, model: EvoTokMLLM, seed: int, tasks: dict | None = None,
                  training: bool = True) -> ChatDataset:
-    """``data.mask_answer_gaps``, ``data.mask_caption_gaps``, ``data.resample_scene_questions`` and
-    ``data.place_questions`` apply to training batches only: held-out losses stay plain."""
+    """``data.mask_answer_gaps``, ``data.mask_caption_gaps``, ``data.resample_scene_questions``,
+    ``data.place_questions`` and ``data.attribute_dropout`` apply to training batches only: held-out
+    losses stay plain."""
     return ChatDataset(pools, tasks or data_cfg["tasks"], model.text, model.config.num_cells, model.config.pixel_depth,
                        seed=seed, cfg_dropout=float(data_cfg.get("cfg_dropout", 0.1)),
                        describe_prob=float(data_cfg.get("describe_prob", 0.2)),
@@ -143,7 +144,8 @@ def make_dataset(pools: dict, data_cfg: dict, model: EvoTokMLLM, seed: int, task
                        mask_answer_gaps=training and bool(data_cfg.get("mask_answer_gaps", False)),
                        mask_caption_gaps=training and bool(data_cfg.get("mask_caption_gaps", False)),
                        resample_scene_questions=training and bool(data_cfg.get("resample_scene_questions", False)),
-                       place_questions=training and bool(data_cfg.get("place_questions", False)))
+                       place_questions=training and bool(data_cfg.get("place_questions", False)),
+                       attribute_dropout=float(data_cfg.get("attribute_dropout", 0.0)) if training else 0.0)
 
 
 def to_device(batch: dict, device: torch.device) -> dict:

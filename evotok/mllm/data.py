@@ -25,6 +25,7 @@ from ..data.scenes import (COUNT_WORDS, IMAGE_MIDDLE, SceneObject, is_place_ques
                            question_candidates, split_pairs)
 from .answer_gaps import caption_gaps, gap_answers, words
 from .chat import IGNORE, encode_chat, encode_generation
+from .prompt_parts import colours_only, shapes_only
 from .text_tokenizer import TextTokenizer
 
 # task name -> (pool it draws images from, kind)
@@ -277,13 +278,16 @@ class ChatDataset(torch.utils.data.Dataset):
     (:func:`attach_scene_objects`). ``place_questions`` adds one more category to those
     conversations: on which side of the image's middle an object lies
     (:func:`evotok.data.scenes.place_questions`), a one-object step towards the two-object relations.
+    ``attribute_dropout``: the share of scene text-to-image captions that name only the shapes or
+    only the colours (:mod:`evotok.mllm.prompt_parts`, one or the other at even odds).
     """
 
     def __init__(self, pools: Mapping[str, ImagePool], task_weights: Mapping[str, float], text_tokenizer: TextTokenizer,
                  num_cells: int, pixel_depth: int, seed: int = 0, cfg_dropout: float = 0.1, describe_prob: float = 0.2,
                  max_turns: int = 3, max_prompt_tokens: int | None = 64, length: int = 10**9,
                  mask_answer_gaps: bool = False, mask_caption_gaps: bool = False,
-                 resample_scene_questions: bool = False, place_questions: bool = False):
+                 resample_scene_questions: bool = False, place_questions: bool = False,
+                 attribute_dropout: float = 0.0):
         unknown = sorted(set(task_weights) - set(TASKS))
         if unknown:
             raise ValueError(f"unknown tasks {unknown}; expected some of {sorted(TASKS)}")
@@ -306,6 +310,9 @@ class ChatDataset(torch.utils.data.Dataset):
             raise ValueError("place_questions are drawn with the fresh scene questions: "
                              "set resample_scene_questions too")
         self.place_questions = place_questions
+        if not 0.0 <= attribute_dropout <= 1.0:
+            raise ValueError(f"attribute_dropout must lie in [0, 1], got {attribute_dropout}")
+        self.attribute_dropout = float(attribute_dropout)
         if resample_scene_questions and "scenes" in self.pools:
             scenes = self.pools["scenes"]
             if scenes.records and "objects" not in scenes.records[0]:
@@ -339,6 +346,8 @@ class ChatDataset(torch.utils.data.Dataset):
             record, codes = pool.records[j], pool.codes[j]
             if kind == "generate":
                 prompt = "" if rng.uniform() < self.cfg_dropout else record["caption"]
+                if prompt and source == "scenes" and rng.uniform() < self.attribute_dropout:
+                    prompt = (shapes_only if rng.uniform() < 0.5 else colours_only)(prompt)
                 encoded = encode_generation(self.tok, prompt, self.num_cells, self.max_prompt_tokens, truncate=True)
                 item["gen_codes"] = codes[..., : self.pixel_depth]
             else:

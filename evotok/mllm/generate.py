@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 import torch
 
 from .chat import encode_chat, encode_generation
+from .prompt_parts import attribute_parts
 
 if TYPE_CHECKING:
     from .model import EvoTokMLLM
@@ -134,34 +135,67 @@ def generate_image_codes(model: "EvoTokMLLM", prompts: Sequence[str], guidance_s
                          temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                          seed: int | None = None, callback: Callable[[int, torch.Tensor], None] | None = None,
                          use_cache: bool = True, logits_trace: list | None = None,
-                         cpu_threads: int | None = None) -> torch.Tensor:
+                         cpu_threads: int | None = None, attribute_guidance: float | None = None) -> torch.Tensor:
     """Codes ``b h w L`` for ``prompts``; see :meth:`EvoTokMLLM.generate_image`.
 
     With guidance the batch holds ``b`` conditional rows then ``b`` unconditional (empty prompt)
-    rows; both branches receive the same sampled codes. ``logits_trace`` (a list) collects the
-    mixed logits of every sampling step (for tests).
+    rows; every branch receives the same sampled codes. ``attribute_guidance`` (needs
+    ``guidance_scale``) adds two branches between them, each prompt's shapes alone and colours
+    alone (:func:`evotok.mllm.prompt_parts.attribute_parts`; the empty prompt where it names no
+    coloured shape), and mixes ``u + g (c - u) + a ((s - u) + (k - u))``: a product of experts in
+    which each attribute word pulls on its own. ``logits_trace`` (a list) collects the mixed
+    logits of every sampling step (for tests).
     """
     check_sampling(temperature, top_k, top_p, guidance_scale)
+    if attribute_guidance is not None:
+        if guidance_scale is None:
+            raise ValueError("attribute_guidance mixes guidance branches: give a guidance_scale too")
+        if attribute_guidance < 0:
+            raise ValueError(f"attribute_guidance must be ≥ 0, got {attribute_guidance}")
     if not prompts:
         raise ValueError("give at least one prompt (an empty string means unconditional generation)")
     cfg, tok, n = model.config, model.text, model.config.num_cells
     b = len(prompts)
-    seqs = [encode_generation(tok, p, n, cfg.max_prompt_tokens, include_grid=False).input_ids for p in prompts]
+    branches = [list(prompts)]
+    if attribute_guidance is not None:
+        parts = [attribute_parts(p) or ("", "") for p in prompts]
+        branches += [[s for s, _ in parts], [k for _, k in parts]]
     if guidance_scale is not None:
-        seqs += [encode_generation(tok, "", n, include_grid=False).input_ids] * b
+        branches.append([""] * b)
+    seqs = [encode_generation(tok, p, n, cfg.max_prompt_tokens, include_grid=False).input_ids
+            for branch in branches for p in branch]
     ids, mask = left_pad(seqs, tok.ids["pad"], model.device)
+    mix = LogitMix(b, guidance_scale, attribute_guidance)
     with thread_scope(model, cpu_threads):
-        return _sample_grid(model, ids, mask, b, guidance_scale, temperature, top_k, top_p, seed, callback,
-                            use_cache, logits_trace)
+        return _sample_grid(model, ids, mask, mix, temperature, top_k, top_p, seed, callback, use_cache,
+                            logits_trace)
 
 
-def _sample_grid(model: "EvoTokMLLM", ids: torch.Tensor, mask: torch.Tensor, b: int, guidance_scale: float | None,
+class LogitMix:
+    """How the branches' logits (``branches · b`` rows, in the order above) become one row per image."""
+
+    def __init__(self, b: int, guidance_scale: float | None, attribute_guidance: float | None = None):
+        self.b, self.guidance_scale, self.attribute_guidance = b, guidance_scale, attribute_guidance
+        self.branches = 1 + (guidance_scale is not None) + 2 * (attribute_guidance is not None)
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.guidance_scale is None:
+            return logits
+        rows = logits.float().split(self.b)
+        cond, uncond = rows[0], rows[-1]
+        mixed = uncond + self.guidance_scale * (cond - uncond)
+        if self.attribute_guidance is not None:
+            mixed = mixed + self.attribute_guidance * ((rows[1] - uncond) + (rows[2] - uncond))
+        return mixed
+
+
+def _sample_grid(model: "EvoTokMLLM", ids: torch.Tensor, mask: torch.Tensor, mix: LogitMix,
                  temperature: float, top_k: int | None, top_p: float | None, seed: int | None,
                  callback: Callable[[int, torch.Tensor], None] | None, use_cache: bool,
                  logits_trace: list | None) -> torch.Tensor:
     cfg, device = model.config, model.device
     n, depth, grid = cfg.num_cells, cfg.pixel_depth, cfg.grid_size
-    guided = guidance_scale is not None
+    b, branches = mix.b, mix.branches
     stepper = _Stepper(model, model.embed_inputs(ids), mask, use_cache)
     generator = make_generator(seed, device)
     codes = torch.zeros(b, n, depth, dtype=torch.long, device=device)
@@ -171,10 +205,7 @@ def _sample_grid(model: "EvoTokMLLM", ids: torch.Tensor, mask: torch.Tensor, b: 
         cells = torch.full((hidden.shape[0],), cell, dtype=torch.long, device=device)
         prefix = torch.zeros(b, 0, dtype=torch.long, device=device)
         for _ in range(depth):
-            logits = model.depth.next_logits(hidden, cells, torch.cat([prefix, prefix]) if guided else prefix)
-            if guided:
-                cond, uncond = logits[:b].float(), logits[b:].float()
-                logits = uncond + guidance_scale * (cond - uncond)
+            logits = mix(model.depth.next_logits(hidden, cells, prefix.repeat(branches, 1)))
             if logits_trace is not None:
                 logits_trace.append(logits.float().cpu())
             prefix = torch.cat([prefix, sample_logits(logits, temperature, top_k, top_p, generator)[:, None]], 1)
@@ -182,7 +213,7 @@ def _sample_grid(model: "EvoTokMLLM", ids: torch.Tensor, mask: torch.Tensor, b: 
         if cell + 1 < n:
             latent = model.code_latents(prefix)
             embed = model.latent_in(latent.to(stepper.last.dtype)) + positions[cell]
-            stepper.step(torch.cat([embed, embed]) if guided else embed, cell=cell)
+            stepper.step(embed.repeat(branches, 1), cell=cell)
         if callback is not None and (cell + 1) % grid == 0:
             callback((cell + 1) // grid, codes.view(b, grid, grid, depth).clone())
     return codes.view(b, grid, grid, depth)

@@ -1,0 +1,64 @@
+"""training/bench_drawing_likelihood.py: the teacher-forced code likelihood it reports is the
+model's own training loss, and the script runs end to end."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+
+from evotok.mllm.data import collate
+from evotok.mllm.chat import encode_generation
+from test_oracle import tiny_mllm
+from evotok.data.scenes import SceneObject
+from training.bench_drawing_likelihood import PROMPTS, code_nll, main, object_cells, prompt_variants
+
+
+def test_code_nll_is_the_depth_loss_of_the_training_step(tmp_path):
+    from evotok.mllm import EvoTokMLLM
+
+    model = EvoTokMLLM.from_pretrained(tiny_mllm(tmp_path)).eval()
+    g, depth = model.config.grid_size, model.config.pixel_depth
+    codes = torch.randint(0, model.tokenizer.config.codebook_size, (2, g, g, depth))
+    prompts = ["a red star", "an image of a blue cross and a white square"]  # lengths differ: left padding
+    nll = code_nll(model, prompts, codes)
+    assert nll.shape == (2, g * g, depth) and (nll > 0).all()
+    for k, prompt in enumerate(prompts):
+        encoded = encode_generation(model.text, prompt, g * g, model.config.max_prompt_tokens)
+        item = {"task": "t2i", "image_codes": None, "gen_codes": codes[k].numpy(), "exclusions": [],
+                "input_ids": encoded.input_ids, "labels": encoded.labels, "image_mask": encoded.image_mask,
+                "gen_mask": encoded.gen_mask}
+        batch = collate([item], model.text.ids["pad"])
+        with torch.no_grad():
+            out = model(batch["input_ids"], batch["attention_mask"], batch["labels"], gen_mask=batch["gen_mask"],
+                        gen_codes=batch["gen_codes"])
+        assert torch.allclose(nll[k].mean(), out.depth_loss, atol=1e-4)
+
+
+def test_prompt_variants_change_one_word_each():
+    rng = np.random.default_rng(0)
+    v = prompt_variants("an orange hexagon on a plain background", "orange", "hexagon", rng)
+    assert set(v) == set(PROMPTS)
+    assert v["caption"] == "an orange hexagon on a plain background" and v["empty"] == ""
+    assert v["another shape"].startswith("an orange ") and "hexagon" not in v["another shape"]
+    assert "orange" not in v["another colour"] and v["another colour"].split()[2] == "hexagon"
+    assert v["shapes only"] == "a hexagon on a plain background"
+    assert v["colours only"] == "an orange object on a plain background"
+
+
+def test_object_cells_cover_the_box_or_at_least_the_centre_cell():
+    large = SceneObject("star", "red", "large", (0.5, 0.5))  # drawn within 0.32-0.68: centres 0.4375, 0.5625
+    assert object_cells(large, 8).reshape(8, 8)[3:5, 3:5].all() and object_cells(large, 8).sum() == 4
+    small = SceneObject("star", "red", "small", (0.3, 0.3))  # box 0.19-0.41: no centre of a 4×4 grid
+    assert object_cells(small, 4).nonzero()[0].tolist() == [5]
+
+
+def test_the_script_prints_and_saves_both_pair_sets(tmp_path, capsys):
+    out = tmp_path / "likelihood.json"
+    result = main(["--model", str(tiny_mllm(tmp_path)), "--scenes", "3", "--batch-size", "2", "--threads", "1",
+                   "--json", str(out)])
+    assert json.loads(out.read_text())["held-out"]["scenes"] == 3
+    for pairs in ("seen", "held-out"):
+        assert set(result[pairs]["object"]) == set(PROMPTS) == set(result[pairs]["background"])
+        assert all(v > 0 for part in ("object", "background") for v in result[pairs][part].values())
+    assert "held-out − seen" in capsys.readouterr().out

@@ -8,7 +8,9 @@ Why: every scene caption names colour and shape together, so nothing in training
 pair as a whole and fail on a pair it never saw. Captions that name one attribute (training,
 ``data.attribute_dropout``) give each word its own job, and make the one-attribute prompts usable
 as extra guidance branches when sampling (``attribute_guidance`` in
-:func:`evotok.mllm.generate.generate_image_codes`).
+:func:`evotok.mllm.generate.generate_image_codes`). Tried on the bundled model's scale, both made
+held-out drawing no better (``training/configs/mllm_attribute_dropout.yaml``; figures in
+``assets/mllm/README.md``): each one-attribute caption still carries the gaps of training.
 """
 from __future__ import annotations
 

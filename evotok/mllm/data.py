@@ -346,7 +346,7 @@ class ChatDataset(torch.utils.data.Dataset):
             record, codes = pool.records[j], pool.codes[j]
             if kind == "generate":
                 prompt = "" if rng.uniform() < self.cfg_dropout else record["caption"]
-                if prompt and source == "scenes" and rng.uniform() < self.attribute_dropout:
+                if prompt and source == "scenes" and self.attribute_dropout and rng.uniform() < self.attribute_dropout:
                     prompt = (shapes_only if rng.uniform() < 0.5 else colours_only)(prompt)
                 encoded = encode_generation(self.tok, prompt, self.num_cells, self.max_prompt_tokens, truncate=True)
                 item["gen_codes"] = codes[..., : self.pixel_depth]

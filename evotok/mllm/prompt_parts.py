@@ -31,7 +31,7 @@ _ARTICLE = re.compile(r"\b(a|an) (\w+)")
 
 
 def fix_articles(text: str) -> str:
-    """"a" or "an" before each word as its first letter asks ("a orange" -> "an orange")."""
+    """Put "a" or "an" before each word as its first letter asks ("a orange" -> "an orange")."""
     return _ARTICLE.sub(lambda m: ("an " if m[2][0] in "aeiou" else "a ") + m[2], text)
 
 

@@ -58,12 +58,8 @@ def code_nll(model: EvoTokMLLM, prompts: Sequence[str], codes: torch.Tensor) -> 
     codes = codes[..., : cfg.pixel_depth].to(model.device)
     embeds = model.embed_inputs(ids, gen_mask=gen, gen_codes=codes)
     hidden, _ = model.backbone(embeds, mask, positions_of(mask), cell_index=model.cell_index(None, gen))
-    before = torch.zeros_like(gen)
-    before[:, :-1] = gen[:, 1:]  # the hidden state before a cell predicts that cell
-    flat = codes.reshape(-1, cfg.pixel_depth).long()
-    cells = torch.arange(n, device=model.device).repeat(len(prompts))
-    logits = model.depth(hidden[before], cells, flat).float()
-    picked = torch.log_softmax(logits, -1).gather(-1, flat[..., None])[..., 0]
+    logits, targets = model.code_logits(hidden, gen, codes)
+    picked = torch.log_softmax(logits.float(), -1).gather(-1, targets[..., None])[..., 0]
     return -picked.view(len(prompts), n, cfg.pixel_depth).cpu()
 
 

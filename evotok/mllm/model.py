@@ -407,12 +407,7 @@ class EvoTokMLLM(nn.Module, PretrainedMixin):
 
         depth = self.config.pixel_depth
         if gen_mask is not None and bool(gen_mask.any()):
-            source = torch.zeros_like(gen_mask)
-            source[:, :-1] = gen_mask[:, 1:]  # the hidden state *before* a cell predicts that cell
-            h = hidden[source]
-            codes = gen_codes[..., :depth].reshape(-1, depth).long()
-            cells = torch.arange(self.config.num_cells, device=h.device).repeat(codes.shape[0] // self.config.num_cells)
-            logits = self.depth(h, cells, codes)
+            logits, codes = self.code_logits(hidden, gen_mask, gen_codes)
             per_stage = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), codes.reshape(-1),
                                         reduction="none").view(-1, depth).mean(0)
             depth_loss = per_stage.mean()
@@ -423,6 +418,17 @@ class EvoTokMLLM(nn.Module, PretrainedMixin):
             positions = 0
         return MLLMOutput(lm_loss + depth_loss_weight * depth_loss, lm_loss, depth_loss, per_stage.detach(),
                           lm_tokens, positions)
+
+    def code_logits(self, hidden: torch.Tensor, gen_mask: torch.Tensor,
+                    gen_codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forced depth-transformer logits of every generated cell: (``N L K``, the target
+        codes ``N L``), cells in batch then raster order."""
+        depth, n = self.config.pixel_depth, self.config.num_cells
+        source = torch.zeros_like(gen_mask)
+        source[:, :-1] = gen_mask[:, 1:]  # the hidden state *before* a cell predicts that cell
+        codes = gen_codes[..., :depth].reshape(-1, depth).long()
+        cells = torch.arange(n, device=hidden.device).repeat(codes.shape[0] // n)
+        return self.depth(hidden[source], cells, codes), codes
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()

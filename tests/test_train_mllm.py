@@ -140,6 +140,18 @@ def test_a_later_stage_can_switch_on_grid_rotary_positions(root):
     assert EvoTokMLLM.from_pretrained(root / "rope_wide" / "final").config.grid_rope_stride == 4
 
 
+def test_a_later_stage_can_switch_to_the_codebook_head(root):
+    run(root, "head_base", "train.steps=1")
+    run(root, "head", f"model.init_from={root / 'head_base' / 'final'}", "model.depth_head=codebook",
+        "model.depth_head_width=16", "train.steps=2")
+    model = EvoTokMLLM.from_pretrained(root / "head" / "final")
+    assert (model.config.depth_head, model.config.depth_head_width) == ("codebook", 16)
+    before, after = weights(root / "head_base" / "final"), weights(root / "head" / "final")
+    assert {"depth.head_weight", "depth.head_bias"} <= set(before) - set(after)
+    assert {k for k in set(after) - set(before)} == {k for k in after if k.startswith("depth.code_head.")}
+    assert after["depth.code_head.query"].shape[-1] == 16
+
+
 def test_loader_workers_give_the_same_run(root):
     run(root, "serial_batches", "train.steps=4")
     run(root, "worker_batches", "train.steps=4", "train.num_workers=2")

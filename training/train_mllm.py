@@ -89,6 +89,8 @@ def build_model(config: dict, tokenizer: EvoTok, pools: dict, run_dir: Path, res
             model.add_grid_axes(float(model_cfg.get("grid_axes_init_norm", 0.0)))
         if model_cfg.get("grid_rope") and not model.config.grid_rope:
             model.add_grid_rope()
+        if model_cfg.get("depth_head", "free") == "codebook" and model.config.depth_head != "codebook":
+            model.use_codebook_head(model_cfg.get("depth_head_width"))
         if "grid_rope_stride" in model_cfg:  # a later stage may respace the row and column streams
             # through the config's own checks (a stride below 1 is refused there)
             model.config = dataclasses.replace(model.config, grid_rope_stride=int(model_cfg["grid_rope_stride"]))
@@ -107,7 +109,8 @@ def build_model(config: dict, tokenizer: EvoTok, pools: dict, run_dir: Path, res
     text_tok = TextTokenizer.load(text_dir)
     adapters = {k: model_cfg[k] for k in ("projector_hidden", "projector_context_layers", "grid_axis_embeddings",
                                           "grid_rope", "grid_rope_stride", "depth_layers", "depth_width",
-                                          "depth_heads", "max_prompt_tokens", "max_answer_tokens") if k in model_cfg}
+                                          "depth_heads", "depth_head", "depth_head_width", "max_prompt_tokens",
+                                          "max_answer_tokens") if k in model_cfg}
     if model_cfg.get("lm_name_or_path"):
         return EvoTokMLLM.build(tokenizer, text_tok, image_tokenizer_path=model_cfg["image_tokenizer"],
                                 lm_name_or_path=model_cfg["lm_name_or_path"], **adapters)

@@ -42,6 +42,10 @@ class MLLMConfig:
             position stream (1: unit steps as in Qwen2-VL).
         depth_layers, depth_width, depth_heads: the depth transformer that samples the
             ``pixel_depth`` codes of one grid position stage after stage.
+        depth_head: its output head. "free": a learned output vector per code. "codebook": codes
+            scored by their vectors in the tokenizer (``evotok.mllm.codebook_head``), so that codes
+            lying close score alike; meant for drawing colour-shape pairs never seen together.
+        depth_head_width: width of the codebook head's query and code vectors.
     Prompts:
         max_prompt_tokens: longest prompt or question accepted, in text tokens.
         max_answer_tokens: longest answer ``answer`` produces unless asked otherwise.
@@ -68,6 +72,8 @@ class MLLMConfig:
     depth_layers: int = 2
     depth_width: int = 256
     depth_heads: int = 4
+    depth_head: str = "free"
+    depth_head_width: int = 128
 
     max_prompt_tokens: int = 64
     max_answer_tokens: int = 32
@@ -75,11 +81,13 @@ class MLLMConfig:
     def __post_init__(self) -> None:
         for name in ("grid_size", "pixel_depth", "semantic_depth", "codebook_size", "code_dim", "semantic_dim",
                      "depth_layers", "depth_width", "depth_heads", "max_prompt_tokens", "max_answer_tokens",
-                     "grid_rope_stride"):
+                     "grid_rope_stride", "depth_head_width"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if int(self.projector_context_layers) < 0:
             raise ValueError(f"projector_context_layers must be >= 0, got {self.projector_context_layers!r}")
+        if self.depth_head not in ("free", "codebook"):
+            raise ValueError(f"depth_head must be 'free' or 'codebook', got {self.depth_head!r}")
         if self.depth_width % self.depth_heads:
             raise ValueError(f"depth_width {self.depth_width} is not divisible by depth_heads {self.depth_heads}")
         if self.lm_config is None and not self.lm_name_or_path:

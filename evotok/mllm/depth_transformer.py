@@ -3,19 +3,28 @@ that position one stage after another (RQ-Transformer style).
 
 Input at stage ``j``: ``c + stage_pos[j] + code_emb[j-1](k_{j-1})`` (no code term at ``j = 0``),
 where ``c = proj(hidden) + cell_pos[target cell]``. A few causal layers over the ``L`` stages, then
-one output head per stage (each stage has its own codebook).
+one output head per stage (each stage has its own codebook): ``head="free"`` learns an output
+vector per code, ``head="codebook"`` scores codes by their vectors in the tokenizer
+(``evotok.mllm.codebook_head``).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from .codebook_head import CodebookHead
+
+HEADS = ("free", "codebook")
+
 
 class DepthTransformer(nn.Module):
     def __init__(self, lm_hidden: int, depth: int, codebook_size: int, num_cells: int,
-                 width: int = 256, layers: int = 2, heads: int = 4):
+                 width: int = 256, layers: int = 2, heads: int = 4, head: str = "free",
+                 code_dim: int | None = None, head_width: int = 128):
         super().__init__()
-        self.depth, self.codebook_size = depth, codebook_size
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+        self.depth, self.codebook_size, self.width = depth, codebook_size, width
         self.cond = nn.Sequential(nn.LayerNorm(lm_hidden), nn.Linear(lm_hidden, width))
         self.cell_pos = nn.Embedding(num_cells, width)
         self.stage_pos = nn.Parameter(torch.zeros(depth, width))
@@ -24,14 +33,37 @@ class DepthTransformer(nn.Module):
                                            batch_first=True, norm_first=True)
         self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(width)
-        self.head_weight = nn.Parameter(torch.zeros(depth, width, codebook_size))
-        self.head_bias = nn.Parameter(torch.zeros(depth, codebook_size))
         nn.init.trunc_normal_(self.stage_pos, std=0.02)
-        nn.init.trunc_normal_(self.head_weight, std=0.02)
+        self.code_head: CodebookHead | None = None
+        if head == "free":
+            self.head_weight = nn.Parameter(torch.zeros(depth, width, codebook_size))
+            self.head_bias = nn.Parameter(torch.zeros(depth, codebook_size))
+            nn.init.trunc_normal_(self.head_weight, std=0.02)
+        else:
+            self.use_codebook_head(code_dim, head_width)
         for emb in [self.cell_pos, *self.code_emb]:
             nn.init.trunc_normal_(emb.weight, std=0.02)
         mask = torch.triu(torch.full((depth, depth), float("-inf")), diagonal=1)
         self.register_buffer("causal_mask", mask, persistent=False)
+
+    def use_codebook_head(self, code_dim: int | None, head_width: int = 128) -> None:
+        """Score codes by their tokenizer vectors from now on (a new head; the free one, if any, is
+        dropped). Its codebooks come from :meth:`CodebookHead.set_codebooks`."""
+        if code_dim is None:
+            raise ValueError("the codebook head needs the tokenizer's code_dim")
+        self.register_parameter("head_weight", None)
+        self.register_parameter("head_bias", None)
+        like = self.stage_pos
+        self.code_head = CodebookHead(self.width, self.depth, self.codebook_size, code_dim, head_width).to(
+            like.device, like.dtype)
+
+    def _logits(self, out: torch.Tensor, stage: int | None = None) -> torch.Tensor:
+        """Outputs ``N L W`` -> ``N L K`` (all stages), or ``N W`` -> ``N K`` at ``stage``."""
+        if self.code_head is not None:
+            return self.code_head(out) if stage is None else self.code_head.stage_logits(out, stage)
+        if stage is None:
+            return torch.einsum("nlw,lwk->nlk", out, self.head_weight) + self.head_bias
+        return out @ self.head_weight[stage] + self.head_bias[stage]
 
     def _inputs(self, hidden: torch.Tensor, cells: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         """``N H``, ``N``, ``N j`` (j < depth codes known) -> ``N (j+1) width`` stage inputs."""
@@ -49,13 +81,11 @@ class DepthTransformer(nn.Module):
         """Teacher-forced logits of every stage: ``N H``, ``N``, ``N L`` -> ``N L K``."""
         if codes.shape[1] != self.depth:
             raise ValueError(f"expected {self.depth} codes per position, got {codes.shape[1]}")
-        out = self._run(self._inputs(hidden, cells, codes[:, :-1]))
-        return torch.einsum("nlw,lwk->nlk", out, self.head_weight) + self.head_bias
+        return self._logits(self._run(self._inputs(hidden, cells, codes[:, :-1])))
 
     def next_logits(self, hidden: torch.Tensor, cells: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
         """Logits of stage ``j = prefix.shape[1]`` given the codes of stages ``< j``: ``N K``."""
         j = prefix.shape[1]
         if j >= self.depth:
             raise ValueError(f"all {self.depth} stages are already known")
-        out = self._run(self._inputs(hidden, cells, prefix))[:, -1]
-        return out @ self.head_weight[j] + self.head_bias[j]
+        return self._logits(self._run(self._inputs(hidden, cells, prefix))[:, -1], j)

@@ -94,7 +94,9 @@ class EvoTokMLLM(nn.Module, PretrainedMixin):
         if config.grid_rope:
             install_grid_rope(self.lm)
         self.depth = DepthTransformer(hidden, config.pixel_depth, config.codebook_size, config.num_cells,
-                                      config.depth_width, config.depth_layers, config.depth_heads)
+                                      config.depth_width, config.depth_layers, config.depth_heads,
+                                      head=config.depth_head, code_dim=config.code_dim,
+                                      head_width=config.depth_head_width)
         self.text_tokenizer = text_tokenizer
         self.__dict__["image_tokenizer"] = None  # attached, never a submodule: not saved, not trained
         self._embedding_hooks: list = []
@@ -161,6 +163,8 @@ class EvoTokMLLM(nn.Module, PretrainedMixin):
             p.requires_grad_(False)
         device = self.grid_pos.device
         self.__dict__["image_tokenizer"] = tokenizer.to(device)
+        if self.depth.code_head is not None:
+            self.depth.code_head.set_codebooks(tokenizer.quantizer.embed)
 
     def _apply(self, fn, recurse: bool = True):  # .to()/.cuda() move the attached tokenizer too
         super()._apply(fn, recurse)
@@ -292,6 +296,18 @@ class EvoTokMLLM(nn.Module, PretrainedMixin):
                 pattern = _centred_sincos(self.config.grid_size, half) * (init_norm / 2 ** 0.5)
                 self.grid_rows[:, 0, :half] = pattern
                 self.grid_cols[0, :, half:2 * half] = pattern
+
+    def use_codebook_head(self, head_width: int | None = None) -> None:
+        """Give a trained model the codebook output head (``evotok.mllm.codebook_head``) in place of
+        the free one. The head is new, so the drawing must be trained again: at first the code
+        loss sits near uniform (ln K per stage)."""
+        if self.config.depth_head == "codebook":
+            raise ValueError("this model already has the codebook head")
+        self.config.depth_head = "codebook"
+        self.config.depth_head_width = int(head_width or self.config.depth_head_width)
+        self.depth.use_codebook_head(self.config.code_dim, self.config.depth_head_width)
+        if self.__dict__.get("image_tokenizer") is not None:
+            self.depth.code_head.set_codebooks(self.tokenizer.quantizer.embed)
 
     def add_grid_rope(self) -> None:
         """Switch a trained model to row-and-column rotary positions on grid cells

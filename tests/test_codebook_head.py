@@ -38,6 +38,22 @@ def test_each_stage_is_scaled_to_unit_rms_norm():
     assert torch.allclose(rms, torch.ones(2), atol=1e-5)
 
 
+def test_kept_code_vectors_follow_every_change_of_their_weights():
+    torch.manual_seed(2)
+    head = CodebookHead(width=8, depth=1, codebook_size=6, code_dim=4).eval()
+    head.set_codebooks(torch.randn(1, 6, 4))
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        first = head.stage_logits(x, 0)
+        assert head.code_vectors(0) is head.code_vectors(0)  # kept between calls
+        head.code_mlp[0][2].weight.add_(0.5)  # an in-place change, as an optimiser or a load makes
+        assert torch.allclose(head.stage_logits(x, 0), head.train().stage_logits(x, 0))
+        head.eval()
+        assert not torch.allclose(head.stage_logits(x, 0), first)
+        head.set_codebooks(torch.randn(1, 6, 4))
+        assert torch.allclose(head.stage_logits(x, 0), head.train().stage_logits(x, 0))
+
+
 def test_the_head_needs_codebooks_of_its_shape():
     head = CodebookHead(width=8, depth=2, codebook_size=6, code_dim=4)
     with pytest.raises(RuntimeError, match="attach the image tokenizer"):

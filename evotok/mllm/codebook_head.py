@@ -34,6 +34,7 @@ class CodebookHead(nn.Module):
         self.bias = nn.Parameter(torch.zeros(depth, codebook_size))
         self.register_buffer("codebooks", torch.zeros(depth, codebook_size, code_dim), persistent=False)
         self.codebooks_set = False
+        self._frozen_vectors: dict[int, tuple[tuple, torch.Tensor]] = {}
 
     @torch.no_grad()
     def set_codebooks(self, codebooks: torch.Tensor) -> None:
@@ -50,9 +51,26 @@ class CodebookHead(nn.Module):
         self.codebooks_set = True
 
     def code_vectors(self, stage: int) -> torch.Tensor:
-        """``K head_width``: every code of ``stage`` as the head sees it."""
+        """``K head_width``: every code of ``stage`` as the head sees it.
+
+        Outside training (eval mode, no grad) they are computed once and kept until a weight they
+        depend on changes (its storage or version): sampling asks for them at every stage of every
+        cell, and the MLP over all codes would otherwise cost more than the depth transformer.
+        """
         if not self.codebooks_set:
             raise RuntimeError("the codebook head has no codebooks yet; attach the image tokenizer first")
+        if self.training or torch.is_grad_enabled():
+            return self._code_vectors(stage)
+        tensors = (self.codebooks, self.query, *self.code_mlp[stage].parameters())
+        key = (*((t.data_ptr(), t._version, t.dtype) for t in tensors),
+               torch.is_autocast_enabled(self.query.device.type))
+        kept = self._frozen_vectors.get(stage)
+        if kept is None or kept[0] != key:
+            kept = (key, self._code_vectors(stage))
+            self._frozen_vectors[stage] = kept
+        return kept[1]
+
+    def _code_vectors(self, stage: int) -> torch.Tensor:
         return self.code_mlp[stage](self.codebooks[stage].to(self.query.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -44,7 +44,8 @@ class MLLMConfig:
             ``pixel_depth`` codes of one grid position stage after stage.
         depth_head: its output head. "free": a learned output vector per code. "codebook": codes
             scored by their vectors in the tokenizer (``evotok.mllm.codebook_head``), so that codes
-            lying close score alike; meant for drawing colour-shape pairs never seen together.
+            lying close score alike; meant for drawing colour-shape pairs never seen together. Put
+            on the bundled model for one CPU stage, it did not help (its card says how this was tested).
         depth_head_width: width of the codebook head's query and code vectors.
     Prompts:
         max_prompt_tokens: longest prompt or question accepted, in text tokens.

@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+DEPTH_HEADS = ("free", "codebook")  # the depth transformer's output heads (see MLLMConfig.depth_head)
+
 
 @dataclass
 class MLLMConfig:
@@ -87,8 +89,8 @@ class MLLMConfig:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if int(self.projector_context_layers) < 0:
             raise ValueError(f"projector_context_layers must be >= 0, got {self.projector_context_layers!r}")
-        if self.depth_head not in ("free", "codebook"):
-            raise ValueError(f"depth_head must be 'free' or 'codebook', got {self.depth_head!r}")
+        if self.depth_head not in DEPTH_HEADS:
+            raise ValueError(f"depth_head must be one of {DEPTH_HEADS}, got {self.depth_head!r}")
         if self.depth_width % self.depth_heads:
             raise ValueError(f"depth_width {self.depth_width} is not divisible by depth_heads {self.depth_heads}")
         if self.lm_config is None and not self.lm_name_or_path:

@@ -13,8 +13,7 @@ import torch
 from torch import nn
 
 from .codebook_head import CodebookHead
-
-HEADS = ("free", "codebook")
+from .config import DEPTH_HEADS
 
 
 class DepthTransformer(nn.Module):
@@ -22,8 +21,8 @@ class DepthTransformer(nn.Module):
                  width: int = 256, layers: int = 2, heads: int = 4, head: str = "free",
                  code_dim: int | None = None, head_width: int = 128):
         super().__init__()
-        if head not in HEADS:
-            raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+        if head not in DEPTH_HEADS:
+            raise ValueError(f"head must be one of {DEPTH_HEADS}, got {head!r}")
         self.depth, self.codebook_size, self.width = depth, codebook_size, width
         self.cond = nn.Sequential(nn.LayerNorm(lm_hidden), nn.Linear(lm_hidden, width))
         self.cell_pos = nn.Embedding(num_cells, width)

@@ -10,8 +10,8 @@ import torch
 from evotok.mllm.data import collate
 from evotok.mllm.chat import encode_generation
 from test_oracle import tiny_mllm
-from evotok.data.scenes import SceneObject
-from training.bench_drawing_likelihood import PROMPTS, code_nll, main, object_cells, prompt_variants
+from evotok.data.scenes import HELDOUT_PAIRS, SceneObject
+from training.bench_drawing_likelihood import PROMPTS, by_pair, code_nll, main, object_cells, prompt_variants
 
 
 def test_code_nll_is_the_depth_loss_of_the_training_step(tmp_path):
@@ -61,4 +61,20 @@ def test_the_script_prints_and_saves_both_pair_sets(tmp_path, capsys):
     for pairs in ("seen", "held-out"):
         assert set(result[pairs]["object"]) == set(PROMPTS) == set(result[pairs]["background"])
         assert all(v > 0 for part in ("object", "background") for v in result[pairs][part].values())
-    assert "held-out − seen" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "held-out − seen" in printed and "additive expectation" in printed
+    held = result["held-out"]["caption_by_scene"]
+    assert len(held) == 3 and all((r["colour"], r["shape"]) in HELDOUT_PAIRS for r in held)
+    assert sum(r["n"] for r in result["by_pair"]) == 3
+    assert abs(sum(r["held-out"] * r["n"] for r in result["by_pair"]) / 3 - result["held-out"]["object"]["caption"]) < 1e-6
+
+
+def test_by_pair_sets_each_held_out_pair_against_its_additive_expectation():
+    scene = lambda colour, shape, v: {"colour": colour, "shape": shape, "object": v}  # noqa: E731
+    results = {"seen": {"caption_by_scene": [scene("red", "circle", 4.0), scene("blue", "star", 6.0),
+                                             scene("red", "square", 2.0), scene("green", "star", 8.0)]},
+               "held-out": {"caption_by_scene": [scene("red", "star", 9.0), scene("red", "star", 7.0)]}}
+    (row,) = by_pair(results)
+    # same shape (stars) 7.0, same colour (red) 3.0, seen mean 5.0: expectation 5.0, excess +3.0
+    assert row == {"pair": "red star", "n": 2, "held-out": 8.0, "seen, same shape": 7.0, "seen, same colour": 3.0,
+                   "additive expectation": 5.0, "excess": 3.0}

@@ -198,6 +198,23 @@ def test_drawing_breakdown_counts_what_the_oracle_found():
     assert "| counting | 1 | 3.00 | 2.00 | 1.00 | – | – |" in breakdown_markdown(found)
 
 
+def test_one_object_prompts_are_counted_by_pair(oracle):
+    from training.bench_geneval import by_pair_markdown, one_object_by_pair
+
+    def det(colour, shape):
+        return {"shape": shape, "colour": colour, "centre": (0.5, 0.5), "bbox": (0.3, 0.3, 0.7, 0.7), "area": 100}
+
+    specs = [PromptSpec("single_object", "", (("red", "star"),)), PromptSpec("colours", "", (("red", "star"),)),
+             PromptSpec("single_object", "", (("blue", "cross"),)),
+             PromptSpec("two_objects", "", (("red", "star"), ("blue", "cross"))),  # not a one-object prompt
+             PromptSpec("counting", "", ((None, "star"),), count=1)]
+    detections = [[det("red", "star")], [det("red", "circle")], [], [det("red", "star")], [det("red", "star")]]
+    table = one_object_by_pair(specs, detections, oracle.config.position_margin)
+    assert table == {"blue cross": {"passed": 0.0, "shape": 0.0, "colour": 0.0, "n": 1},
+                     "red star": {"passed": 0.5, "shape": 0.5, "colour": 1.0, "n": 2}}
+    assert "| red star | 2 | 0.50 | 0.50 | 1.00 |" in by_pair_markdown(table)
+
+
 def test_candidate_table_counts_accepted_draws_and_prompts_with_any():
     from types import SimpleNamespace
 
@@ -306,6 +323,7 @@ def test_benchmark_scores_generations_and_the_render_ceiling(oracle, tmp_path):
     assert len(result["prompts"]) == 6 and out.is_file()
     assert len(list((tmp_path / "images").glob("*.png"))) == 6
     assert set(result["found"]) == set(GENEVAL_CATEGORIES) and result["sampling"]["best_of"] == 1
+    assert sum(r["n"] for r in result["one_object_by_pair"].values()) == 2  # single object and colours
 
     picked = main(["--model", str(model), "--oracle", str(tmp_path / "oracle"), "--per-category", "1",
                    "--no-fid", "--batch-size", "6", "--threads", "1", "--best-of", "2", "--attribute-guidance", "1"])

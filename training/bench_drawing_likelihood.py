@@ -13,7 +13,10 @@ the object's cells (the cells whose centre lies in the object's box, as in
 
 The held-out minus seen difference on the object cells under the true caption is how much worse
 the model knows a drawing of a colour-shape pair it never drew: a low-noise companion to the
-GenEval-style score, which samples and judges whole images.
+GenEval-style score, which samples and judges whole images. A second table splits it by held-out
+pair: each pair's cost against what its shape and its colour cost on seen pairs (the additive
+expectation: same-shape mean + same-colour mean - seen mean), so that a deficit shared by all
+pairs can be told from one that a few pairs carry.
 
     python training/bench_drawing_likelihood.py --model assets/mllm --scenes 200
 """
@@ -90,7 +93,7 @@ def measure(model: EvoTokMLLM, split: str, seed: int, count: int, batch_size: in
     grid, rng = model.config.grid_size, np.random.default_rng(seed)
     object_nll = {p: [] for p in PROMPTS}
     background_nll = {p: [] for p in PROMPTS}
-    stages = []
+    stages, pairs = [], []
     for first in range(0, count, batch_size):
         indices = range(first, min(count, first + batch_size))
         samples = [world[i] for i in indices]
@@ -106,8 +109,10 @@ def measure(model: EvoTokMLLM, split: str, seed: int, count: int, batch_size: in
                 background_nll[name].append(float(nll[k, ~inside].sum(-1).mean()))
                 if name == "caption":
                     stages.append(nll[k, inside].mean(0).numpy())
+                    pairs.append((objects[k].colour, objects[k].shape))
     caption = np.array(object_nll["caption"])
     return {"scenes": count,
+            "caption_by_scene": [{"colour": c, "shape": k, "object": v} for (c, k), v in zip(pairs, caption)],
             "object": {p: float(np.mean(v)) for p, v in object_nll.items()},
             "background": {p: float(np.mean(v)) for p, v in background_nll.items()},
             "object_stages": [float(x) for x in np.mean(stages, 0)],
@@ -115,6 +120,33 @@ def measure(model: EvoTokMLLM, split: str, seed: int, count: int, batch_size: in
             # each prompt against the caption on the same scenes: paired, so far tighter
             "object_sem_vs_caption": {p: float(np.std(np.array(v) - caption) / np.sqrt(count))
                                       for p, v in object_nll.items() if p != "caption"}}
+
+
+def by_pair(results: dict) -> list[dict]:
+    """Each held-out pair's caption cost on its object cells against its additive expectation from
+    seen pairs of the same shape and of the same colour."""
+    seen, held = results["seen"]["caption_by_scene"], results["held-out"]["caption_by_scene"]
+    seen_mean = float(np.mean([r["object"] for r in seen]))
+    rows = []
+    for colour, shape in sorted({(r["colour"], r["shape"]) for r in held}):
+        own = [r["object"] for r in held if (r["colour"], r["shape"]) == (colour, shape)]
+        same_shape = [r["object"] for r in seen if r["shape"] == shape]
+        same_colour = [r["object"] for r in seen if r["colour"] == colour]
+        row = {"pair": f"{colour} {shape}", "n": len(own), "held-out": float(np.mean(own)),
+               "seen, same shape": float(np.mean(same_shape)) if same_shape else float("nan"),
+               "seen, same colour": float(np.mean(same_colour)) if same_colour else float("nan")}
+        row["additive expectation"] = row["seen, same shape"] + row["seen, same colour"] - seen_mean
+        row["excess"] = row["held-out"] - row["additive expectation"]
+        rows.append(row)
+    return rows
+
+
+def pair_markdown(rows: list[dict]) -> str:
+    lines = ["| held-out pair | n | caption, object cells | seen, same shape | seen, same colour | additive expectation | excess |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['pair']} | {r['n']} | {r['held-out']:.2f} | {r['seen, same shape']:.2f} | "
+              f"{r['seen, same colour']:.2f} | {r['additive expectation']:.2f} | {r['excess']:+.2f} |" for r in rows]
+    return "\n".join(lines)
 
 
 def markdown(results: dict) -> str:
@@ -158,6 +190,10 @@ def main(argv: list[str] | None = None) -> dict:
           "for held-out − seen; each prompt's difference from the caption on the same scenes: "
           + ", ".join(f"{p} {seen['object_sem_vs_caption'][p]:.2f} / {held['object_sem_vs_caption'][p]:.2f}"
                       for p in PROMPTS[1:]) + " (seen / held-out)")
+    results["by_pair"] = by_pair(results)
+    print("\nBy held-out pair, caption, object cells (additive expectation: the seen same-shape mean plus the "
+          "seen same-colour mean minus the seen mean)\n")
+    print(pair_markdown(results["by_pair"]))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return results

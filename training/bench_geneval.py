@@ -132,6 +132,33 @@ def drawing_breakdown(specs: list[PromptSpec], detections: list[list[dict[str, A
             for cat, row in per.items()}
 
 
+ONE_OBJECT_CATEGORIES = ("single_object", "colours")
+
+
+def one_object_by_pair(specs: list[PromptSpec], detections: list[list[dict[str, Any]]],
+                       margin: float) -> dict[str, dict[str, float]]:
+    """Prompts that ask for one object of a named colour, by colour-shape pair: how many pass, and
+    how often the asked shape and the asked colour are among the detections."""
+    per: dict[str, dict[str, list[bool]]] = {}
+    for spec, dets in zip(specs, detections):
+        if spec.category not in ONE_OBJECT_CATEGORIES or spec.objects[0][0] is None:
+            continue
+        colour, shape = spec.objects[0]
+        row = per.setdefault(f"{colour} {shape}", {"passed": [], "shape": [], "colour": []})
+        row["passed"].append(judge(spec, dets, margin))
+        row["shape"].append(shape in {d["shape"] for d in dets})
+        row["colour"].append(colour in {d["colour"] for d in dets})
+    return {pair: {**{k: float(np.mean(v)) for k, v in row.items()}, "n": len(row["passed"])}
+            for pair, row in sorted(per.items())}
+
+
+def by_pair_markdown(table: dict[str, dict[str, float]]) -> str:
+    rows = ["| pair | n | oracle accepts | asked shape found | asked colour found |", "|" + "---|" * 5]
+    rows += [f"| {pair} | {r['n']} | {r['passed']:.2f} | {r['shape']:.2f} | {r['colour']:.2f} |"
+             for pair, r in table.items()]
+    return "\n".join(rows)
+
+
 def breakdown_markdown(breakdown: dict[str, dict[str, float]]) -> str:
     rows = ["| category | n | objects asked (mean) | objects found | asked shape found | asked colour found | "
             "asked colour and shape found |", "|" + "---|" * 7]
@@ -242,6 +269,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             detections += oracle.detect(images[first:first + 64])
         generated = score(specs, detections, oracle.config.position_margin)
         results.update(generated=generated, found=drawing_breakdown(specs, detections),
+                       one_object_by_pair=one_object_by_pair(specs, detections, oracle.config.position_margin),
                        seconds_per_image=seconds, batch_size=args.batch_size,
                        sampling={"guidance": args.guidance, "attribute_guidance": args.attribute_guidance,
                                  "temperature": args.temperature, "top_k": args.top_k,
@@ -268,6 +296,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"\n{title}\n\n{markdown(ceiling, generated, recon)}")
     if model is not None:
         print(f"\nWhat the oracle found in the generated images\n\n{breakdown_markdown(results['found'])}")
+        if args.pairs == "heldout":  # 7 pairs (the training pairs' table, in the JSON, has 41)
+            print("\nOne-object prompts (" + ", ".join(ONE_OBJECT_CATEGORIES) + ") by colour-shape pair\n\n"
+                  + by_pair_markdown(results["one_object_by_pair"]))
         if "candidates" in results:
             print(f"\nAll {args.best_of} candidates of each prompt, judged by the oracle\n\n"
                   f"{candidates_markdown(generated, results['candidates'])}")

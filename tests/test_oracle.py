@@ -209,7 +209,8 @@ def test_one_object_prompts_are_counted_by_pair(oracle):
              PromptSpec("two_objects", "", (("red", "star"), ("blue", "cross"))),  # not a one-object prompt
              PromptSpec("counting", "", ((None, "star"),), count=1)]
     detections = [[det("red", "star")], [det("red", "circle")], [], [det("red", "star")], [det("red", "star")]]
-    table = one_object_by_pair(specs, detections, oracle.config.position_margin)
+    verdicts = [judge(s, d, oracle.config.position_margin) for s, d in zip(specs, detections)]
+    table = one_object_by_pair(specs, detections, verdicts)
     assert table == {"blue cross": {"passed": 0.0, "shape": 0.0, "colour": 0.0, "n": 1},
                      "red star": {"passed": 0.5, "shape": 0.5, "colour": 1.0, "n": 2}}
     assert "| red star | 2 | 0.50 | 0.50 | 1.00 |" in by_pair_markdown(table)

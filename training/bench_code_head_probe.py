@@ -2,8 +2,8 @@
 
 A probe of the depth transformer's output head, apart from the language model: a small MLP maps
 what a grid cell of a single-object scene should show (the object's colour, shape and size, the
-background's kind, and where the cell's centre sits in the object's box) to the cell's stage-1
-code from the bundled image tokenizer. It is trained on training-pair scenes and scored
+background's kind, and where the cell's centre sits in the square the object is drawn in) to the
+cell's stage-1 code from the bundled image tokenizer. It is trained on training-pair scenes and scored
 (negative log-likelihood in nats, top-1 accuracy) on new scenes of seen pairs and of held-out pairs.
 Heads:
 
@@ -40,6 +40,7 @@ from evotok.data.scenes import BACKGROUND_KINDS, COLOURS, SHAPES, SIZES, SceneWo
 from evotok.images import pil_to_tensor  # noqa: E402
 from evotok.mllm.codebook_head import CodebookHead  # noqa: E402
 from evotok.model import EvoTok  # noqa: E402
+from training.bench_drawing_likelihood import object_cells  # noqa: E402
 
 HEADS = ("free", "codebook", "free-then-codebook")
 FEATURES = len(COLOURS) + len(SHAPES) + len(SIZES) + len(BACKGROUND_KINDS) + 2
@@ -47,24 +48,21 @@ SETS = {"train": ("train", 1), "seen": ("train", 2), "held-out": ("heldout", 3)}
 
 
 def cell_features(scene, grid: int) -> tuple[list[int], np.ndarray]:
-    """The object's cells (centre inside its box) and each one's features."""
-    obj, cells, rows = scene.objects[0], [], []
-    side = SIZES[obj.size]
-    for cell in range(grid * grid):
-        r, c = divmod(cell, grid)
-        dx, dy = ((c + 0.5) / grid - obj.centre[0]) / side, ((r + 0.5) / grid - obj.centre[1]) / side
-        if abs(dx) > 0.5 or abs(dy) > 0.5:
-            continue
-        f = np.zeros(FEATURES, np.float32)
-        at = 0
-        for value, names in ((obj.colour, list(COLOURS)), (obj.shape, SHAPES), (obj.size, list(SIZES)),
-                             (scene.background["kind"], BACKGROUND_KINDS)):
-            f[at + list(names).index(value)] = 1.0
-            at += len(names)
-        f[at:] = 2 * dx, 2 * dy
-        cells.append(cell)
-        rows.append(f)
-    return cells, np.array(rows, np.float32).reshape(-1, FEATURES)
+    """The object's cells (as ``bench_drawing_likelihood.object_cells``: centre inside the drawn
+    shape's box) and each one's features."""
+    obj = scene.objects[0]
+    attributes = np.zeros(FEATURES - 2, np.float32)
+    at = 0
+    for value, names in ((obj.colour, list(COLOURS)), (obj.shape, SHAPES), (obj.size, list(SIZES)),
+                         (scene.background["kind"], BACKGROUND_KINDS)):
+        attributes[at + list(names).index(value)] = 1.0
+        at += len(names)
+    cells = np.flatnonzero(object_cells(obj, grid))
+    rows, cols = np.divmod(cells, grid)
+    # where the cell's centre sits in the square the object is drawn in, from -1 to 1 on each axis
+    place = np.stack([(cols + 0.5) / grid - obj.centre[0], (rows + 0.5) / grid - obj.centre[1]], 1) * 2 / obj.extent
+    features = np.concatenate([np.repeat(attributes[None], len(cells), 0), place], 1).astype(np.float32)
+    return cells.tolist(), features
 
 
 @torch.no_grad()
@@ -121,7 +119,8 @@ def fit(probe: Probe, data, epochs: int, seed: int) -> None:
 @torch.no_grad()
 def score(probe: Probe, data) -> dict:
     logits = probe(data[0])
-    return {"nll": float(F.cross_entropy(logits, data[1])), "accuracy": float((logits.argmax(-1) == data[1]).float().mean())}
+    return {"nll": float(F.cross_entropy(logits, data[1])),
+            "accuracy": float((logits.argmax(-1) == data[1]).float().mean())}
 
 
 def run_head(head: str, sets: dict, codebook: torch.Tensor, epochs: int, seed: int) -> dict:

@@ -101,11 +101,11 @@ def judge_candidates(model: Any, oracle: SceneOracle, specs: list[PromptSpec],
     return table
 
 
-def score(specs: list[PromptSpec], detections: list[list[dict[str, Any]]],
-          margin: float) -> dict[str, dict[str, float]]:
+def score(specs: list[PromptSpec], verdicts: list[bool]) -> dict[str, dict[str, float]]:
+    """The oracle's verdict on each prompt's image, averaged per category and over categories."""
     per: dict[str, list[bool]] = {}
-    for spec, dets in zip(specs, detections):
-        per.setdefault(spec.category, []).append(judge(spec, dets, margin))
+    for spec, passed in zip(specs, verdicts):
+        per.setdefault(spec.category, []).append(passed)
     table = {cat: {"score": float(np.mean(v)), "n": len(v)} for cat, v in per.items()}
     table["overall"] = {"score": float(np.mean([t["score"] for t in table.values()])), "n": len(specs)}
     return table
@@ -136,16 +136,16 @@ ONE_OBJECT_CATEGORIES = ("single_object", "colours")
 
 
 def one_object_by_pair(specs: list[PromptSpec], detections: list[list[dict[str, Any]]],
-                       margin: float) -> dict[str, dict[str, float]]:
+                       verdicts: list[bool]) -> dict[str, dict[str, float]]:
     """Prompts that ask for one object of a named colour, by colour-shape pair: how many pass, and
     how often the asked shape and the asked colour are among the detections."""
     per: dict[str, dict[str, list[bool]]] = {}
-    for spec, dets in zip(specs, detections):
+    for spec, dets, passed in zip(specs, detections, verdicts):
         if spec.category not in ONE_OBJECT_CATEGORIES or spec.objects[0][0] is None:
             continue
         colour, shape = spec.objects[0]
         row = per.setdefault(f"{colour} {shape}", {"passed": [], "shape": [], "colour": []})
-        row["passed"].append(judge(spec, dets, margin))
+        row["passed"].append(passed)
         row["shape"].append(shape in {d["shape"] for d in dets})
         row["colour"].append(colour in {d["colour"] for d in dets})
     return {pair: {**{k: float(np.mean(v)) for k, v in row.items()}, "n": len(row["passed"])}
@@ -267,15 +267,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         detections: list[list[dict[str, Any]]] = []
         for first in range(0, len(images), 64):
             detections += oracle.detect(images[first:first + 64])
-        generated = score(specs, detections, oracle.config.position_margin)
+        verdicts = [judge(s, d, oracle.config.position_margin) for s, d in zip(specs, detections)]
+        generated = score(specs, verdicts)
         results.update(generated=generated, found=drawing_breakdown(specs, detections),
-                       one_object_by_pair=one_object_by_pair(specs, detections, oracle.config.position_margin),
+                       one_object_by_pair=one_object_by_pair(specs, detections, verdicts),
                        seconds_per_image=seconds, batch_size=args.batch_size,
                        sampling={"guidance": args.guidance, "attribute_guidance": args.attribute_guidance,
                                  "temperature": args.temperature, "top_k": args.top_k,
                                  "top_p": args.top_p, "best_of": args.best_of},
-                       prompts=[{**s.to_dict(), "passed": judge(s, d, oracle.config.position_margin), "detections": d}
-                                for s, d in zip(specs, detections)])
+                       prompts=[{**s.to_dict(), "passed": v, "detections": d}
+                                for s, d, v in zip(specs, detections, verdicts)])
         if args.best_of > 1:
             results["candidates"] = judge_candidates(model, oracle, specs, candidates)
         if not args.no_fid:

@@ -1,8 +1,8 @@
-"""training/bench_attribute_probe.py: which grid cells an object labels (the probes' targets)."""
+"""Which grid cells an object labels (the attribute probes' targets, evotok.mllm.cell_attributes.cell_labels)."""
 from __future__ import annotations
 
 from evotok.data.scenes import COLOURS, SHAPES, SceneObject
-from training.bench_attribute_probe import cell_labels
+from evotok.mllm.cell_attributes import cell_labels
 
 
 def test_cells_take_the_object_drawn_over_their_centre_and_the_last_object_wins():

@@ -54,26 +54,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from evotok.data.scenes import COLOURS, SHAPES, TRAIN_PAIRS, SceneObject, SceneWorld  # noqa: E402
 from evotok.images import pil_to_tensor  # noqa: E402
+from evotok.mllm.cell_attributes import cell_labels  # noqa: E402
 from evotok.model import EvoTok  # noqa: E402
 from evotok.teacher import load_teacher  # noqa: E402
 
 
 CELL_REPRESENTATIONS = ("grid cells", "grid 3×3", "teacher cells")
 MLP_REPRESENTATIONS = {"grid 3×3"}
-
-
-def cell_labels(objects, grid: int) -> dict[str, np.ndarray]:
-    """Colour and shape index of the object covering each cell centre (-1: background); a later
-    object is drawn on top of an earlier one."""
-    labels = {"colour": np.full(grid * grid, -1), "shape": np.full(grid * grid, -1)}
-    centres = (np.arange(grid) + 0.5) / grid
-    for obj in objects:
-        x0, y0, x1, y1 = obj.bbox
-        inside = ((centres[None, :] >= x0) & (centres[None, :] <= x1) &
-                  (centres[:, None] >= y0) & (centres[:, None] <= y1)).reshape(-1)
-        labels["colour"][inside] = list(COLOURS).index(obj.colour)
-        labels["shape"][inside] = list(SHAPES).index(obj.shape)
-    return labels
 
 
 @torch.no_grad()

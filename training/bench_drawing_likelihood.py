@@ -42,9 +42,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from evotok.data.scenes import COLOURS, SHAPES, SceneWorld  # noqa: E402
 from evotok.images import pil_to_tensor  # noqa: E402
 from evotok.mllm import EvoTokMLLM, encode_generation  # noqa: E402
+from evotok.mllm.cell_attributes import cell_labels  # noqa: E402
 from evotok.mllm.generate import left_pad, positions_of  # noqa: E402
 from evotok.mllm.prompt_parts import colours_only, fix_articles, shapes_only  # noqa: E402
-from training.bench_attribute_probe import cell_labels  # noqa: E402
 
 PROMPTS = ("caption", "another shape", "another colour", "empty", "shapes only", "colours only")
 SPLITS = {"seen": ("train", 4242), "held-out": ("heldout", 4343)}  # split, world seed
@@ -61,7 +61,7 @@ def code_nll(model: EvoTokMLLM, prompts: Sequence[str], codes: torch.Tensor) -> 
     codes = codes[..., : cfg.pixel_depth].to(model.device)
     embeds = model.embed_inputs(ids, gen_mask=gen, gen_codes=codes)
     hidden, _ = model.backbone(embeds, mask, positions_of(mask), cell_index=model.cell_index(None, gen))
-    logits, targets = model.code_logits(hidden, gen, codes)
+    logits, targets = model.code_logits(model.drawing_states(hidden, gen), codes)
     picked = torch.log_softmax(logits.float(), -1).gather(-1, targets[..., None])[..., 0]
     return -picked.view(len(prompts), n, cfg.pixel_depth).cpu()
 

@@ -41,7 +41,7 @@ from training.common import (STATE_FILE, Logger, append_jsonl, copy_config, fini
                              set_rng_state, set_seed, to_float_dict)
 
 TENSOR_KEYS = ("input_ids", "attention_mask", "labels", "image_mask", "gen_mask", "image_codes", "gen_codes",
-               "answer_exclusions")
+               "answer_exclusions", "cell_targets")
 
 
 def build_pools(tokenizer: EvoTok, data_cfg: dict, split: str, counts: dict[str, int], accelerator: Accelerator) -> dict:
@@ -91,6 +91,8 @@ def build_model(config: dict, tokenizer: EvoTok, pools: dict, run_dir: Path, res
             model.add_grid_rope()
         if model_cfg.get("depth_head", "free") == "codebook" and model.config.depth_head != "codebook":
             model.use_codebook_head(model_cfg.get("depth_head_width"))
+        if cell_attribute_weight(config) > 0 and not model.config.cell_attribute_head:
+            model.add_cell_attribute_head()
         if "grid_rope_stride" in model_cfg:  # a later stage may respace the row and column streams
             # through the config's own checks (a stride below 1 is refused there)
             model.config = dataclasses.replace(model.config, grid_rope_stride=int(model_cfg["grid_rope_stride"]))
@@ -111,12 +113,19 @@ def build_model(config: dict, tokenizer: EvoTok, pools: dict, run_dir: Path, res
                                           "grid_rope", "grid_rope_stride", "depth_layers", "depth_width",
                                           "depth_heads", "depth_head", "depth_head_width", "max_prompt_tokens",
                                           "max_answer_tokens") if k in model_cfg}
+    if cell_attribute_weight(config) > 0:
+        adapters["cell_attribute_head"] = True
     if model_cfg.get("lm_name_or_path"):
         return EvoTokMLLM.build(tokenizer, text_tok, image_tokenizer_path=model_cfg["image_tokenizer"],
                                 lm_name_or_path=model_cfg["lm_name_or_path"], **adapters)
     lm_config = qwen2_lm_config(len(text_tok), **model_cfg.get("lm", {}))
     return EvoTokMLLM.build(tokenizer, text_tok, image_tokenizer_path=model_cfg["image_tokenizer"],
                             lm_config=lm_config, **adapters)
+
+
+def cell_attribute_weight(config: dict) -> float:
+    """``train.cell_attribute_weight``: the weight of the cell-attribute loss (0: off, no head)."""
+    return float(config["train"].get("cell_attribute_weight", 0.0))
 
 
 POSITION_PARAMS = ("grid_pos", "grid_rows", "grid_cols")
@@ -136,10 +145,10 @@ def param_groups(model: EvoTokMLLM, lr: float, position_lr_scale: float) -> list
 
 
 def make_dataset(pools: dict, data_cfg: dict, model: EvoTokMLLM, seed: int, tasks: dict | None = None,
-                 training: bool = True) -> ChatDataset:
+                 training: bool = True, cell_attributes: bool = False) -> ChatDataset:
     """``data.mask_answer_gaps``, ``data.mask_caption_gaps``, ``data.resample_scene_questions``,
-    ``data.place_questions`` and ``data.attribute_dropout`` apply to training batches only: held-out
-    losses stay plain."""
+    ``data.place_questions``, ``data.attribute_dropout`` and ``cell_attributes`` (the scene
+    drawings' cell targets) apply to training batches only: held-out losses stay plain."""
     return ChatDataset(pools, tasks or data_cfg["tasks"], model.text, model.config.num_cells, model.config.pixel_depth,
                        seed=seed, cfg_dropout=float(data_cfg.get("cfg_dropout", 0.1)),
                        describe_prob=float(data_cfg.get("describe_prob", 0.2)),
@@ -148,7 +157,8 @@ def make_dataset(pools: dict, data_cfg: dict, model: EvoTokMLLM, seed: int, task
                        mask_caption_gaps=training and bool(data_cfg.get("mask_caption_gaps", False)),
                        resample_scene_questions=training and bool(data_cfg.get("resample_scene_questions", False)),
                        place_questions=training and bool(data_cfg.get("place_questions", False)),
-                       attribute_dropout=float(data_cfg.get("attribute_dropout", 0.0)) if training else 0.0)
+                       attribute_dropout=float(data_cfg.get("attribute_dropout", 0.0)) if training else 0.0,
+                       cell_attributes=training and cell_attributes)
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -271,7 +281,8 @@ def main(argv: list[str] | None = None) -> dict:
     model = accelerator.unwrap_model(wrapped)
     device = accelerator.device
     pad_id = model.text.ids["pad"]
-    dataset = make_dataset(pools, data_cfg, model, seed)
+    cell_weight = cell_attribute_weight(config)
+    dataset = make_dataset(pools, data_cfg, model, seed, cell_attributes=cell_weight > 0)
     model.text.learn_words(dataset.texts_beyond_records())  # saved with the model; the app warns on unknown words
     batch_size = int(train_cfg["batch_size"])
 
@@ -317,7 +328,7 @@ def main(argv: list[str] | None = None) -> dict:
     while step < total_steps:
         batch = to_device(next(batches), device)
         with accelerator.autocast():
-            out = wrapped(**batch, depth_loss_weight=depth_weight)
+            out = wrapped(**batch, depth_loss_weight=depth_weight, cell_attribute_weight=cell_weight)
         opt.zero_grad(set_to_none=True)
         accelerator.backward(out.loss)
         if train_cfg.get("grad_clip"):
@@ -338,6 +349,8 @@ def main(argv: list[str] | None = None) -> dict:
             values = to_float_dict({"loss": out.loss.detach(), "lm_loss": out.lm_loss.detach(),
                                     "depth_loss": out.depth_loss.detach(), "lr": sched.get_last_lr()[0]})
             values.update({f"depth_loss_stage{j + 1}": float(v) for j, v in enumerate(out.depth_loss_per_stage)})
+            if out.cell_attribute_loss is not None:
+                values["cell_attribute_loss"] = float(out.cell_attribute_loss)
             bar.set_postfix(lm=f"{values['lm_loss']:.3f}", depth=f"{values['depth_loss']:.3f}")
             logger.scalars(values, step, "train/")
             history.append({"step": step, **values})

@@ -49,6 +49,9 @@ class MLLMConfig:
             lying close score alike; meant for drawing colour-shape pairs never seen together. Put
             on the bundled model for one CPU stage, it did not help (its card says how this was tested).
         depth_head_width: width of the codebook head's query and code vectors.
+        cell_attribute_head: two linear read-outs of each drawing hidden state, the colour and the
+            shape of the cell it draws (``evotok.mllm.cell_attributes``); an auxiliary training
+            target (``train.cell_attribute_weight``), never read when sampling.
     Prompts:
         max_prompt_tokens: longest prompt or question accepted, in text tokens.
         max_answer_tokens: longest answer ``answer`` produces unless asked otherwise.
@@ -77,6 +80,7 @@ class MLLMConfig:
     depth_heads: int = 4
     depth_head: str = "free"
     depth_head_width: int = 128
+    cell_attribute_head: bool = False
 
     max_prompt_tokens: int = 64
     max_answer_tokens: int = 32

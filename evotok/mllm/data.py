@@ -24,6 +24,7 @@ from ..data.base import item_rng
 from ..data.scenes import (COUNT_WORDS, IMAGE_MIDDLE, SceneObject, is_place_question, place_questions,
                            question_candidates, split_pairs)
 from .answer_gaps import caption_gaps, gap_answers, words
+from .cell_attributes import IGNORE_CELL, cell_attribute_targets
 from .chat import IGNORE, encode_chat, encode_generation
 from .prompt_parts import colours_only, shapes_only
 from .text_tokenizer import TextTokenizer
@@ -280,6 +281,8 @@ class ChatDataset(torch.utils.data.Dataset):
     (:func:`evotok.data.scenes.place_questions`), a one-object step towards the two-object relations.
     ``attribute_dropout``: the share of scene text-to-image captions that name only the shapes or
     only the colours (:mod:`evotok.mllm.prompt_parts`, one or the other at even odds).
+    ``cell_attributes``: scene drawings also carry ``cell_targets``, the colour and shape drawn over
+    each cell (:mod:`evotok.mllm.cell_attributes`; the records need ``objects``).
     """
 
     def __init__(self, pools: Mapping[str, ImagePool], task_weights: Mapping[str, float], text_tokenizer: TextTokenizer,
@@ -287,7 +290,7 @@ class ChatDataset(torch.utils.data.Dataset):
                  max_turns: int = 3, max_prompt_tokens: int | None = 64, length: int = 10**9,
                  mask_answer_gaps: bool = False, mask_caption_gaps: bool = False,
                  resample_scene_questions: bool = False, place_questions: bool = False,
-                 attribute_dropout: float = 0.0):
+                 attribute_dropout: float = 0.0, cell_attributes: bool = False):
         unknown = sorted(set(task_weights) - set(TASKS))
         if unknown:
             raise ValueError(f"unknown tasks {unknown}; expected some of {sorted(TASKS)}")
@@ -313,10 +316,12 @@ class ChatDataset(torch.utils.data.Dataset):
         if not 0.0 <= attribute_dropout <= 1.0:
             raise ValueError(f"attribute_dropout must lie in [0, 1], got {attribute_dropout}")
         self.attribute_dropout = float(attribute_dropout)
-        if resample_scene_questions and "scenes" in self.pools:
+        self.cell_attributes = cell_attributes
+        if (resample_scene_questions or cell_attributes) and "scenes" in self.pools:
             scenes = self.pools["scenes"]
             if scenes.records and "objects" not in scenes.records[0]:
-                raise ValueError("resample_scene_questions needs the scene pool's objects: "
+                needs = "resample_scene_questions" if resample_scene_questions else "cell_attributes"
+                raise ValueError(f"{needs} needs the scene pool's objects: "
                                  "call evotok.mllm.data.attach_scene_objects(pool, world) first")
             self.scene_pairs = split_pairs(scenes.meta.get("split") or "train")
 
@@ -336,7 +341,8 @@ class ChatDataset(torch.utils.data.Dataset):
         rng = item_rng(self.seed, int(index), 0x4D4C)
         task = self.task_of(rng)
         source, kind = TASKS[task]
-        item: dict[str, Any] = {"task": task, "image_codes": None, "gen_codes": None, "exclusions": []}
+        item: dict[str, Any] = {"task": task, "image_codes": None, "gen_codes": None, "cell_targets": None,
+                                "exclusions": []}
         if kind == "text":
             q, a = self.text_pairs[int(rng.integers(len(self.text_pairs)))]
             encoded = encode_chat(self.tok, [(q, a)], 0, self.max_prompt_tokens, truncate=True)
@@ -350,6 +356,9 @@ class ChatDataset(torch.utils.data.Dataset):
                     prompt = (shapes_only if rng.uniform() < 0.5 else colours_only)(prompt)
                 encoded = encode_generation(self.tok, prompt, self.num_cells, self.max_prompt_tokens, truncate=True)
                 item["gen_codes"] = codes[..., : self.pixel_depth]
+                if self.cell_attributes and source == "scenes":
+                    objects = [SceneObject.from_any(o) for o in record["objects"]]
+                    item["cell_targets"] = cell_attribute_targets(objects, codes.shape[0])
             else:
                 turns = self.conversation(source, record, rng)
                 encoded = encode_chat(self.tok, turns, self.num_cells, self.max_prompt_tokens, truncate=True)
@@ -464,6 +473,14 @@ def collate(items: Sequence[Mapping[str, Any]], pad_id: int) -> dict[str, Any]:
     for key in ("image_codes", "gen_codes"):
         arrays = [it[key] for it in items if it[key] is not None]
         batch[key] = torch.from_numpy(np.stack(arrays).astype(np.int64)) if arrays else None
+    # one row per drawing, in gen_codes' order; drawings without targets are ignored
+    drawings = [it for it in items if it["gen_codes"] is not None]
+    batch["cell_targets"] = None
+    if any(it.get("cell_targets") is not None for it in drawings):
+        cells = drawings[0]["gen_codes"].shape[0] * drawings[0]["gen_codes"].shape[1]
+        blank = np.full((2, cells), IGNORE_CELL, dtype=np.int64)
+        batch["cell_targets"] = torch.from_numpy(np.stack([blank if it.get("cell_targets") is None
+                                                           else it["cell_targets"] for it in drawings]))
     return batch
 
 

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..hub import CheckpointError, PretrainedMixin, resolve_checkpoint, weights_digest
+from .cell_attributes import CellAttributeHead
 from .chat import IGNORE
 from .config import MLLMConfig
 from .depth_transformer import DepthTransformer
@@ -43,6 +44,7 @@ class MLLMOutput:
     depth_loss_per_stage: torch.Tensor
     lm_tokens: int
     depth_positions: int
+    cell_attribute_loss: torch.Tensor | None = None  # with a cell-attribute head and targets
 
 
 def build_lm(lm_config: dict[str, Any]) -> nn.Module:
@@ -97,6 +99,7 @@ class EvoTokMLLM(nn.Module, PretrainedMixin):
                                       config.depth_width, config.depth_layers, config.depth_heads,
                                       head=config.depth_head, code_dim=config.code_dim,
                                       head_width=config.depth_head_width)
+        self.cell_attributes = CellAttributeHead(hidden) if config.cell_attribute_head else None
         self.text_tokenizer = text_tokenizer
         self.__dict__["image_tokenizer"] = None  # attached, never a submodule: not saved, not trained
         self._embedding_hooks: list = []
@@ -309,6 +312,13 @@ class EvoTokMLLM(nn.Module, PretrainedMixin):
         if self.__dict__.get("image_tokenizer") is not None:
             self.depth.code_head.set_codebooks(self.tokenizer.quantizer.embed)
 
+    def add_cell_attribute_head(self) -> None:
+        """Give a trained model the cell-attribute read-outs (``evotok.mllm.cell_attributes``)."""
+        if self.config.cell_attribute_head:
+            raise ValueError("this model already has the cell-attribute head")
+        self.config.cell_attribute_head = True
+        self.cell_attributes = CellAttributeHead(self.config.hidden_size).to(self.grid_pos.device)
+
     def add_grid_rope(self) -> None:
         """Switch a trained model to row-and-column rotary positions on grid cells
         (``evotok.mllm.grid_rope``); no new weights, text positions unchanged."""
@@ -399,12 +409,15 @@ class EvoTokMLLM(nn.Module, PretrainedMixin):
                 image_mask: torch.Tensor | None = None, image_features: torch.Tensor | None = None,
                 image_codes: torch.Tensor | None = None, gen_mask: torch.Tensor | None = None,
                 gen_codes: torch.Tensor | None = None, depth_loss_weight: float = 1.0,
-                answer_exclusions: torch.Tensor | None = None) -> MLLMOutput:
+                answer_exclusions: torch.Tensor | None = None, cell_targets: torch.Tensor | None = None,
+                cell_attribute_weight: float = 0.0) -> MLLMOutput:
         """Joint loss of a mixed batch (see :func:`evotok.mllm.data.collate`): LM cross-entropy on
         answer tokens plus the depth transformer's cross-entropy over the codes of every cell.
 
         ``answer_exclusions`` (``K × 3``: row, position, token id) leaves each token out of the
-        softmax that predicts that position (``evotok.mllm.answer_gaps``)."""
+        softmax that predicts that position (``evotok.mllm.answer_gaps``). ``cell_targets``
+        (``n_drawings × 2 × cells``) and a positive ``cell_attribute_weight`` add the cell-attribute
+        loss of the drawing hidden states (``evotok.mllm.cell_attributes``; needs the head)."""
         if image_features is None and image_codes is not None and image_codes.numel():
             image_features = self.image_features(image_codes)
         embeds = self.embed_inputs(input_ids, image_mask, image_features, gen_mask, gen_codes)
@@ -422,29 +435,43 @@ class EvoTokMLLM(nn.Module, PretrainedMixin):
             lm_loss = hidden.sum() * 0.0
 
         depth = self.config.pixel_depth
+        cell_loss = None
         if gen_mask is not None and bool(gen_mask.any()):
-            logits, codes = self.code_logits(hidden, gen_mask, gen_codes)
+            states = self.drawing_states(hidden, gen_mask)
+            logits, codes = self.code_logits(states, gen_codes)
             per_stage = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), codes.reshape(-1),
                                         reduction="none").view(-1, depth).mean(0)
             depth_loss = per_stage.mean()
             positions = codes.shape[0]
+            if cell_attribute_weight > 0 and cell_targets is not None:
+                if self.cell_attributes is None:
+                    raise ValueError("cell_attribute_weight > 0 needs the cell-attribute head "
+                                     "(EvoTokMLLM.add_cell_attribute_head or model.cell_attribute_head)")
+                cell_loss = self.cell_attributes.loss(states, cell_targets.transpose(1, 2).reshape(-1, 2))
         else:
             per_stage = hidden.new_zeros(depth)
             depth_loss = hidden.sum() * 0.0
             positions = 0
-        return MLLMOutput(lm_loss + depth_loss_weight * depth_loss, lm_loss, depth_loss, per_stage.detach(),
-                          lm_tokens, positions)
+        loss = lm_loss + depth_loss_weight * depth_loss
+        if cell_loss is not None:
+            loss = loss + cell_attribute_weight * cell_loss
+        return MLLMOutput(loss, lm_loss, depth_loss, per_stage.detach(), lm_tokens, positions,
+                          None if cell_loss is None else cell_loss.detach())
 
-    def code_logits(self, hidden: torch.Tensor, gen_mask: torch.Tensor,
-                    gen_codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Teacher-forced depth-transformer logits of every generated cell: (``N L K``, the target
-        codes ``N L``), cells in batch then raster order."""
-        depth, n = self.config.pixel_depth, self.config.num_cells
+    def drawing_states(self, hidden: torch.Tensor, gen_mask: torch.Tensor) -> torch.Tensor:
+        """The hidden state that draws each generated cell (the one *before* it): ``N × hidden``,
+        cells in batch then raster order."""
         source = torch.zeros_like(gen_mask)
-        source[:, :-1] = gen_mask[:, 1:]  # the hidden state *before* a cell predicts that cell
+        source[:, :-1] = gen_mask[:, 1:]
+        return hidden[source]
+
+    def code_logits(self, states: torch.Tensor, gen_codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forced depth-transformer logits of every generated cell from its drawing state
+        (:meth:`drawing_states`): (``N L K``, the target codes ``N L``)."""
+        depth, n = self.config.pixel_depth, self.config.num_cells
         codes = gen_codes[..., :depth].reshape(-1, depth).long()
-        cells = torch.arange(n, device=hidden.device).repeat(codes.shape[0] // n)
-        return self.depth(hidden[source], cells, codes), codes
+        cells = torch.arange(n, device=states.device).repeat(codes.shape[0] // n)
+        return self.depth(states, cells, codes), codes
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()

@@ -78,3 +78,26 @@ def test_by_pair_sets_each_held_out_pair_against_its_additive_expectation():
     # same shape (stars) 7.0, same colour (red) 3.0, seen mean 5.0: expectation 5.0, excess +3.0
     assert row == {"pair": "red star", "n": 2, "held-out": 8.0, "seen, same shape": 7.0, "seen, same colour": 3.0,
                    "additive expectation": 5.0, "excess": 3.0}
+
+
+def test_a_model_with_the_cell_attribute_head_gets_its_reading_of_object_cells(tmp_path, capsys):
+    from evotok.mllm import EvoTokMLLM
+
+    model = EvoTokMLLM.from_pretrained(tiny_mllm(tmp_path))
+    model.add_cell_attribute_head()
+    with torch.no_grad():  # every cell read as a red star
+        model.cell_attributes.colour.bias[0] = 5.0
+        model.cell_attributes.shape.bias[0] = 5.0
+    model.save_pretrained(tmp_path / "with_head")
+    result = main(["--model", str(tmp_path / "with_head"), "--scenes", "3", "--batch-size", "3", "--threads", "1"])
+    assert "cell-attribute head's reading" in capsys.readouterr().out
+    from evotok.data.scenes import COLOURS, SHAPES, SceneWorld
+    for name, (split, seed) in {"seen": ("train", 4242), "held-out": ("heldout", 4343)}.items():
+        world = SceneWorld(model.tokenizer.config.image_size, seed=seed, split=split, scene_weights={"single_object": 1.0})
+        objects = [world.scene(i).objects[0] for i in range(3)]
+        cells = [int(object_cells(o, model.config.grid_size).sum()) for o in objects]
+        expect = {"colour": sum(c for c, o in zip(cells, objects) if o.colour == list(COLOURS)[0]) / sum(cells),
+                  "shape": sum(c for c, o in zip(cells, objects) if o.shape == list(SHAPES)[0]) / sum(cells)}
+        assert result[name]["cell_readout"] == expect
+    plain = main(["--model", str(tiny_mllm(tmp_path)), "--scenes", "2", "--batch-size", "2", "--threads", "1"])
+    assert plain["seen"]["cell_readout"] is None

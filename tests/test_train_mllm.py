@@ -152,6 +152,18 @@ def test_a_later_stage_can_switch_to_the_codebook_head(root):
     assert after["depth.code_head.query"].shape[-1] == 16
 
 
+def test_a_later_stage_can_add_the_cell_attribute_loss(root):
+    run(root, "cells_base", "train.steps=1")
+    summary = run(root, "cells", f"model.init_from={root / 'cells_base' / 'final'}", "train.cell_attribute_weight=0.5",
+                  "train.steps=2")
+    assert all(h["cell_attribute_loss"] > 0 for h in summary["history"])
+    assert EvoTokMLLM.from_pretrained(root / "cells" / "final").config.cell_attribute_head
+    added = set(weights(root / "cells" / "final")) - set(weights(root / "cells_base" / "final"))
+    assert added == {f"cell_attributes.{a}.{p}" for a in ("colour", "shape") for p in ("weight", "bias")}
+    scratch = run(root, "cells_scratch", "train.cell_attribute_weight=0.5", "train.steps=2")
+    assert "cell_attribute_loss" in scratch["history"][-1]
+
+
 def test_loader_workers_give_the_same_run(root):
     run(root, "serial_batches", "train.steps=4")
     run(root, "worker_batches", "train.steps=4", "train.num_workers=2")

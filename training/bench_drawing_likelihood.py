@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from evotok.data.scenes import COLOURS, SHAPES, SceneWorld  # noqa: E402
 from evotok.images import pil_to_tensor  # noqa: E402
 from evotok.mllm import EvoTokMLLM, encode_generation  # noqa: E402
-from evotok.mllm.cell_attributes import cell_labels  # noqa: E402
+from evotok.mllm.cell_attributes import SHAPE_BACKGROUND, cell_attribute_targets  # noqa: E402
 from evotok.mllm.generate import left_pad, positions_of  # noqa: E402
 from evotok.mllm.prompt_parts import colours_only, fix_articles, shapes_only  # noqa: E402
 
@@ -54,6 +54,12 @@ SPLITS = {"seen": ("train", 4242), "held-out": ("heldout", 4343)}  # split, worl
 def code_nll(model: EvoTokMLLM, prompts: Sequence[str], codes: torch.Tensor) -> torch.Tensor:
     """Teacher-forced negative log-likelihood of ``codes`` (``b h w L``) as drawings of ``prompts``:
     ``b cells L`` nats."""
+    return drawing_pass(model, prompts, codes)[0]
+
+
+@torch.no_grad()
+def drawing_pass(model: EvoTokMLLM, prompts: Sequence[str], codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`code_nll` and the hidden state that draws each cell (``b cells hidden``)."""
     cfg, tok, n = model.config, model.text, model.config.num_cells
     encoded = [encode_generation(tok, p, n, cfg.max_prompt_tokens, truncate=True) for p in prompts]
     ids, mask = left_pad([e.input_ids for e in encoded], tok.ids["pad"], model.device)
@@ -61,9 +67,10 @@ def code_nll(model: EvoTokMLLM, prompts: Sequence[str], codes: torch.Tensor) -> 
     codes = codes[..., : cfg.pixel_depth].to(model.device)
     embeds = model.embed_inputs(ids, gen_mask=gen, gen_codes=codes)
     hidden, _ = model.backbone(embeds, mask, positions_of(mask), cell_index=model.cell_index(None, gen))
-    logits, targets = model.code_logits(model.drawing_states(hidden, gen), codes)
+    states = model.drawing_states(hidden, gen)
+    logits, targets = model.code_logits(states, codes)
     picked = torch.log_softmax(logits.float(), -1).gather(-1, targets[..., None])[..., 0]
-    return -picked.view(len(prompts), n, cfg.pixel_depth).cpu()
+    return -picked.view(len(prompts), n, cfg.pixel_depth).cpu(), states.view(len(prompts), n, -1)
 
 
 def prompt_variants(caption: str, colour: str, shape: str, rng: np.random.Generator) -> dict[str, str]:
@@ -79,12 +86,9 @@ def prompt_variants(caption: str, colour: str, shape: str, rng: np.random.Genera
 
 def object_cells(obj, grid: int) -> np.ndarray:
     """Cells whose centre lies in the object's box; on a coarse grid a small object may cover no
-    centre, and then the cell holding its own centre stands for it."""
-    inside = cell_labels([obj], grid)["shape"] >= 0
-    if not inside.any():
-        x, y = obj.centre
-        inside[min(int(y * grid), grid - 1) * grid + min(int(x * grid), grid - 1)] = True
-    return inside
+    centre, and then the cell holding its own centre stands for it (the cells the cell-attribute
+    loss labels with the object, ``evotok.mllm.cell_attributes``)."""
+    return cell_attribute_targets([obj], grid)[1] != SHAPE_BACKGROUND
 
 
 def measure(model: EvoTokMLLM, split: str, seed: int, count: int, batch_size: int) -> dict:
@@ -94,6 +98,7 @@ def measure(model: EvoTokMLLM, split: str, seed: int, count: int, batch_size: in
     object_nll = {p: [] for p in PROMPTS}
     background_nll = {p: [] for p in PROMPTS}
     stages, pairs = [], []
+    readout = {"colour": [], "shape": []}  # the cell-attribute head's reading of object cells, if any
     for first in range(0, count, batch_size):
         indices = range(first, min(count, first + batch_size))
         samples = [world[i] for i in indices]
@@ -103,7 +108,14 @@ def measure(model: EvoTokMLLM, split: str, seed: int, count: int, batch_size: in
         variants = [prompt_variants(s.caption, o.colour, o.shape, rng) for s, o in zip(samples, objects)]
         on_object = [object_cells(o, grid) for o in objects]
         for name in PROMPTS:
-            nll = code_nll(model, [v[name] for v in variants], codes)
+            nll, states = drawing_pass(model, [v[name] for v in variants], codes)
+            if name == "caption" and model.cell_attributes is not None:
+                colour_logits, shape_logits = model.cell_attributes(states)
+                for k, (obj, inside) in enumerate(zip(objects, on_object)):
+                    cells = torch.from_numpy(inside).to(states.device)
+                    colour, shape = list(COLOURS).index(obj.colour), list(SHAPES).index(obj.shape)
+                    readout["colour"] += (colour_logits[k, cells].argmax(-1) == colour).tolist()
+                    readout["shape"] += (shape_logits[k, cells].argmax(-1) == shape).tolist()
             for k, inside in enumerate(on_object):
                 object_nll[name].append(float(nll[k, inside].sum(-1).mean()))
                 background_nll[name].append(float(nll[k, ~inside].sum(-1).mean()))
@@ -119,7 +131,8 @@ def measure(model: EvoTokMLLM, split: str, seed: int, count: int, batch_size: in
             "object_sem": float(np.std(caption) / np.sqrt(count)),
             # each prompt against the caption on the same scenes: paired, so far tighter
             "object_sem_vs_caption": {p: float(np.std(np.array(v) - caption) / np.sqrt(count))
-                                      for p, v in object_nll.items() if p != "caption"}}
+                                      for p, v in object_nll.items() if p != "caption"},
+            "cell_readout": {k: float(np.mean(v)) for k, v in readout.items()} if readout["colour"] else None}
 
 
 def by_pair(results: dict) -> list[dict]:
@@ -194,6 +207,11 @@ def main(argv: list[str] | None = None) -> dict:
     print("\nBy held-out pair, caption, object cells (additive expectation: the seen same-shape mean plus the "
           "seen same-colour mean minus the seen mean)\n")
     print(pair_markdown(results["by_pair"]))
+    if seen["cell_readout"]:
+        print("\nThe cell-attribute head's reading of the object cells under the caption (share named right, "
+              "all classes in the softmax): " + "; ".join(
+                  f"{name} colour {results[name]['cell_readout']['colour']:.3f}, shape "
+                  f"{results[name]['cell_readout']['shape']:.3f}" for name in SPLITS))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return results

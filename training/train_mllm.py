@@ -44,8 +44,11 @@ TENSOR_KEYS = ("input_ids", "attention_mask", "labels", "image_mask", "gen_mask"
                "answer_exclusions", "cell_targets")
 
 
-def build_pools(tokenizer: EvoTok, data_cfg: dict, split: str, counts: dict[str, int], accelerator: Accelerator) -> dict:
-    """Encode (main process, once; cached on disk) and load the image pools of ``split``."""
+def build_pools(tokenizer: EvoTok, data_cfg: dict, split: str, counts: dict[str, int], accelerator: Accelerator,
+                scene_objects: bool = False) -> dict:
+    """Encode (main process, once; cached on disk) and load the image pools of ``split``; with
+    ``scene_objects`` (or ``data.resample_scene_questions``) the training scenes' records carry
+    their objects."""
     resolution = tokenizer.config.image_size
     seed = int(data_cfg.get("seed", 0)) + (1 if split == "heldout" else 0)
     digest = tokenizer_digest(tokenizer)
@@ -64,7 +67,7 @@ def build_pools(tokenizer: EvoTok, data_cfg: dict, split: str, counts: dict[str,
                            workers=int(data_cfg.get("render_workers", 0)))
     accelerator.wait_for_everyone()
     pools = {name: load_pool(folder) for name, folder in folders.items()}
-    if data_cfg.get("resample_scene_questions") and split == "train" and "scenes" in pools:
+    if (scene_objects or data_cfg.get("resample_scene_questions")) and split == "train" and "scenes" in pools:
         # pools encoded before records kept objects: ~25 s for 60,000 scenes; newer pools: nothing to do
         attach_scene_objects(pools["scenes"], SceneWorld(resolution, seed, split))
     return pools
@@ -244,7 +247,8 @@ def main(argv: list[str] | None = None) -> dict:
     set_seed(seed + accelerator.process_index)
 
     tokenizer = EvoTok.from_pretrained(config["model"]["image_tokenizer"]).to(accelerator.device)
-    pools = build_pools(tokenizer, data_cfg, "train", data_cfg["pools"], accelerator)
+    pools = build_pools(tokenizer, data_cfg, "train", data_cfg["pools"], accelerator,
+                        scene_objects=cell_attribute_weight(config) > 0)
     heldout = build_pools(tokenizer, data_cfg, "heldout", data_cfg.get("heldout_pools", {}), accelerator)
 
     resuming = args.resume and (run_dir / STATE_FILE).exists()
@@ -281,7 +285,7 @@ def main(argv: list[str] | None = None) -> dict:
     model = accelerator.unwrap_model(wrapped)
     device = accelerator.device
     pad_id = model.text.ids["pad"]
-    cell_weight = cell_attribute_weight(config)
+    cell_weight = cell_attribute_weight(config)  # the scene drawings' cell-attribute loss (0: off)
     dataset = make_dataset(pools, data_cfg, model, seed, cell_attributes=cell_weight > 0)
     model.text.learn_words(dataset.texts_beyond_records())  # saved with the model; the app warns on unknown words
     batch_size = int(train_cfg["batch_size"])

@@ -1,4 +1,5 @@
-"""Save and load models as a folder of ``config.json`` + ``model.safetensors``.
+"""Save and load models as a folder of ``config.json`` + ``model.safetensors`` (or, for a large
+model, safetensors shards and their ``model.safetensors.index.json``, as transformers writes them).
 
 One mixin for every model EvoTok ships (tokenizer, teacher, multimodal model) so that they all
 load the same way from a local folder or a Hugging Face Hub id, never unpickle anything, write
@@ -20,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"  # the shards' weight map (a sharded checkpoint)
 
 
 class CheckpointError(ValueError):
@@ -109,14 +111,21 @@ class PretrainedMixin:
     config_class: ClassVar[type]
     model_type: ClassVar[str]
 
-    def save_pretrained(self, folder: str | os.PathLike) -> Path:
+    def save_pretrained(self, folder: str | os.PathLike, max_shard_size: int | str | None = None,
+                        dtype: torch.dtype | None = None) -> Path:
+        """Write ``folder`` atomically. ``max_shard_size`` (bytes, or text such as ``"5GB"``): split
+        the weights into safetensors shards of at most that size, with an index, when they are
+        larger. ``dtype``: store floating-point weights in it (``torch.bfloat16`` halves the
+        files); loading casts them back to the model's own dtype."""
         folder = Path(folder)
 
         def write(tmp: Path) -> None:
             config = {"model_type": self.model_type, **config_to_dict(self.config)}
             (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
-            state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-            save_file(_dedupe_shared(state), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+            state = _dedupe_shared({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()})
+            if dtype is not None:
+                state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+            write_weights(state, tmp, max_shard_size)
             self._save_extra(tmp)
 
         atomic_write_dir(folder, write)
@@ -147,14 +156,8 @@ class PretrainedMixin:
         folder = resolve_checkpoint(name_or_path, **hub_kwargs)
         config = cls._read_config(folder)
         model = cls(config)
-        weights = folder / WEIGHTS_NAME
-        if not weights.is_file():
-            raise CheckpointError(f"{folder} has no {WEIGHTS_NAME}")
-        try:
-            state = load_file(str(weights), device=str(map_location))
-        except (SafetensorError, OSError, ValueError) as err:
-            raise CheckpointError(f"{weights} is corrupt or truncated ({err})") from err
-        load_state_strict(model, state, source=str(weights))
+        state, source = read_weights(folder, map_location)
+        load_state_strict(model, state, source=source)
         model._load_extra(folder)
         model.eval()
         return model
@@ -164,6 +167,58 @@ class PretrainedMixin:
 
     def _load_extra(self, folder: Path) -> None:
         """Hook for subclasses: read files written by ``_save_extra``."""
+
+
+def write_weights(state: dict[str, torch.Tensor], folder: Path, max_shard_size: int | str | None = None) -> None:
+    """``model.safetensors``, or shards named and indexed as transformers names them when the
+    weights exceed ``max_shard_size`` (split by ``huggingface_hub``)."""
+    if max_shard_size is not None:
+        from huggingface_hub import split_torch_state_dict_into_shards
+
+        split = split_torch_state_dict_into_shards(state, max_shard_size=max_shard_size)
+        if split.is_sharded:
+            for filename, names in split.filename_to_tensors.items():
+                save_file({n: state[n] for n in names}, str(folder / filename), metadata={"format": "pt"})
+            index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+                     "weight_map": dict(sorted(split.tensor_to_filename.items()))}
+            (folder / INDEX_NAME).write_text(json.dumps(index, indent=2))
+            return
+    save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+
+
+def read_weights(folder: Path, map_location: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], str]:
+    """Every tensor of a checkpoint folder, one file or shards, and where it came from (for errors)."""
+    single, index_file = folder / WEIGHTS_NAME, folder / INDEX_NAME
+    if single.is_file():
+        return _load_safetensors(single, map_location), str(single)
+    if not index_file.is_file():
+        raise CheckpointError(f"{folder} has no {WEIGHTS_NAME} (nor the {INDEX_NAME} of a sharded checkpoint)")
+    try:
+        weight_map = json.loads(index_file.read_text())["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError(f"weight_map is a {type(weight_map).__name__}")
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{index_file} is not a valid shard index ({type(err).__name__}: {err})") from err
+    state: dict[str, torch.Tensor] = {}
+    for filename in sorted(set(weight_map.values())):
+        shard = folder / filename
+        if Path(filename).name != filename or not shard.is_file():
+            raise CheckpointError(f"{index_file} names the shard {filename!r}, which is not in {folder}")
+        tensors = _load_safetensors(shard, map_location)
+        expected = {name for name, f in weight_map.items() if f == filename}
+        if set(tensors) != expected:
+            raise CheckpointError(f"{shard} does not hold the tensors {index_file.name} maps to it "
+                                  f"(missing {sorted(expected - set(tensors))[:4]}, "
+                                  f"extra {sorted(set(tensors) - expected)[:4]})")
+        state.update(tensors)
+    return state, str(index_file)
+
+
+def _load_safetensors(path: Path, map_location: str | torch.device) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path), device=str(map_location))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path} is corrupt or truncated ({err})") from err
 
 
 def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:

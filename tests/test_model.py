@@ -110,6 +110,39 @@ def test_corrupt_and_mismatched_checkpoints(tok, tmp_path):
         EvoTok.from_pretrained(tmp_path / "does-not-exist")
 
 
+def test_sharded_and_bfloat16_checkpoints_load_back(tok, tmp_path):
+    total = sum(t.numel() * t.element_size() for t in tok.state_dict().values())
+    tok.save_pretrained(tmp_path / "shards", max_shard_size=total // 3)
+    index = json.loads((tmp_path / "shards" / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) >= 3 and not (tmp_path / "shards" / "model.safetensors").exists()
+    assert set(index["weight_map"]) == set(tok.state_dict())
+    loaded = EvoTok.from_pretrained(tmp_path / "shards")
+    assert all(torch.equal(a, b) for a, b in zip(tok.state_dict().values(), loaded.state_dict().values()))
+
+    tok.save_pretrained(tmp_path / "one", max_shard_size="10GB")  # fits one file: no index
+    assert sorted(p.name for p in (tmp_path / "one").glob("model*")) == ["model.safetensors"]
+
+    tok.save_pretrained(tmp_path / "half", dtype=torch.bfloat16)
+    size = (tmp_path / "half" / "model.safetensors").stat().st_size
+    assert size < 0.6 * (tmp_path / "one" / "model.safetensors").stat().st_size
+    half = EvoTok.from_pretrained(tmp_path / "half")
+    for name, a in tok.state_dict().items():
+        b = half.state_dict()[name]
+        assert b.dtype == a.dtype  # cast back to the model's own dtype
+        assert torch.equal(b, a.to(torch.bfloat16).to(a.dtype) if a.is_floating_point() else a), name
+
+    (tmp_path / "shards" / shards[1]).unlink()
+    with pytest.raises(CheckpointError, match="names the shard"):
+        EvoTok.from_pretrained(tmp_path / "shards")
+    (tmp_path / "shards" / "model.safetensors.index.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="not a valid shard index"):
+        EvoTok.from_pretrained(tmp_path / "shards")
+    (tmp_path / "shards" / "model.safetensors.index.json").unlink()
+    with pytest.raises(CheckpointError, match="has no model.safetensors"):
+        EvoTok.from_pretrained(tmp_path / "shards")
+
+
 def test_small_preset_builds_and_runs():
     model = EvoTok(small_config()).eval()
     images = torch.rand(1, 3, 64, 64) * 2 - 1

@@ -192,10 +192,13 @@ def test_drawing_breakdown_counts_what_the_oracle_found():
     two = found["two_objects"]
     assert (two["n"], two["asked"], two["found"]) == (2, 2.0, 1.5)
     assert (two["shape"], two["colour"], two["pair"]) == (0.75, 0.75, 0.25)
+    assert (two["fewer"], two["more"]) == (0.5, 0.0)
     counting = found["counting"]
     assert (counting["asked"], counting["found"], counting["shape"]) == (3.0, 2.0, 1.0)
     assert np.isnan(counting["colour"]) and np.isnan(counting["pair"])  # the prompt names no colour
-    assert "| counting | 1 | 3.00 | 2.00 | 1.00 | – | – |" in breakdown_markdown(found)
+    assert "| counting | 1 | 3.00 | 2.00 | 1.00 | 0.00 | 1.00 | – | – |" in breakdown_markdown(found)
+    extra = drawing_breakdown(specs[:1], [[det("red", "star"), det("blue", "cross"), det("blue", "cross")]])
+    assert (extra["two_objects"]["fewer"], extra["two_objects"]["more"]) == (0.0, 1.0)
 
 
 def test_one_object_prompts_are_counted_by_pair(oracle):

@@ -113,14 +113,19 @@ def score(specs: list[PromptSpec], verdicts: list[bool]) -> dict[str, dict[str, 
 
 def drawing_breakdown(specs: list[PromptSpec], detections: list[list[dict[str, Any]]]) -> dict[str, dict[str, float]]:
     """Per category, what the oracle found in the generated images, to tell drawing apart from
-    composition: objects asked for and detected (means per image; counting asks for ``count``), and
-    the share of asked-for objects whose shape, whose colour (where the prompt names one), and whose
+    composition: objects asked for and detected (means per image; counting asks for ``count``), the
+    share of images with fewer objects detected than asked for and with more, and the share of
+    asked-for objects whose shape, whose colour (where the prompt names one), and whose
     colour and shape together are among the detections."""
     per: dict[str, dict[str, list[float]]] = {}
     for spec, dets in zip(specs, detections):
-        row = per.setdefault(spec.category, {"asked": [], "found": [], "shape": [], "colour": [], "pair": []})
-        row["asked"].append(spec.count if spec.count is not None else len(spec.objects))
+        row = per.setdefault(spec.category, {"asked": [], "found": [], "fewer": [], "more": [], "shape": [],
+                                             "colour": [], "pair": []})
+        asked = spec.count if spec.count is not None else len(spec.objects)
+        row["asked"].append(asked)
         row["found"].append(len(dets))
+        row["fewer"].append(len(dets) < asked)
+        row["more"].append(len(dets) > asked)
         shapes, colours = {d["shape"] for d in dets}, {d["colour"] for d in dets}
         pairs = {(d["colour"], d["shape"]) for d in dets}
         for colour, shape in spec.objects:
@@ -160,12 +165,13 @@ def by_pair_markdown(table: dict[str, dict[str, float]]) -> str:
 
 
 def breakdown_markdown(breakdown: dict[str, dict[str, float]]) -> str:
-    rows = ["| category | n | objects asked (mean) | objects found | asked shape found | asked colour found | "
-            "asked colour and shape found |", "|" + "---|" * 7]
+    rows = ["| category | n | objects asked (mean) | objects found | fewer found than asked | more found | "
+            "asked shape found | asked colour found | asked colour and shape found |", "|" + "---|" * 9]
     for cat in GENEVAL_CATEGORIES:
         if cat in breakdown:
             b = breakdown[cat]
-            cells = [f"{b[k]:.2f}" if b[k] == b[k] else "–" for k in ("asked", "found", "shape", "colour", "pair")]
+            cells = [f"{b[k]:.2f}" if b[k] == b[k] else "–"
+                     for k in ("asked", "found", "fewer", "more", "shape", "colour", "pair")]
             rows.append(f"| {cat} | {b['n']} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 

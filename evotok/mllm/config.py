@@ -51,7 +51,8 @@ class MLLMConfig:
         depth_head_width: width of the codebook head's query and code vectors.
         cell_attribute_head: two linear read-outs of each drawing hidden state, the colour and the
             shape of the cell it draws (``evotok.mllm.cell_attributes``); an auxiliary training
-            target (``train.cell_attribute_weight``), never read when sampling.
+            target (``train.cell_attribute_weight``), never read when sampling. Trained on the
+            bundled model for one CPU stage, it did not help (its card says how this was tested).
     Prompts:
         max_prompt_tokens: longest prompt or question accepted, in text tokens.
         max_answer_tokens: longest answer ``answer`` produces unless asked otherwise.

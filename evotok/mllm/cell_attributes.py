@@ -54,7 +54,7 @@ def cell_attribute_targets(objects: Sequence[SceneObject], grid: int) -> np.ndar
     small to cover any cell centre labels the cell holding its own centre, unless another object
     covers that cell."""
     labels = cell_labels(objects, grid)
-    for k, obj in enumerate(objects):
+    for obj in objects:
         x, y = obj.centre
         cell = min(int(y * grid), grid - 1) * grid + min(int(x * grid), grid - 1)
         if labels["shape"][cell] < 0 and not _covers_a_centre(obj, grid):

@@ -101,3 +101,14 @@ def test_a_model_with_the_cell_attribute_head_gets_its_reading_of_object_cells(t
         assert result[name]["cell_readout"] == expect
     plain = main(["--model", str(tiny_mllm(tmp_path)), "--scenes", "2", "--batch-size", "2", "--threads", "1"])
     assert plain["seen"]["cell_readout"] is None
+
+
+def test_probes_of_the_drawing_states_are_fitted_on_seen_cells_and_scored_on_held_out_ones(tmp_path, capsys):
+    result = main(["--model", str(tiny_mllm(tmp_path)), "--scenes", "4", "--batch-size", "4", "--threads", "1",
+                   "--probe", "--json", str(tmp_path / "probe.json")])
+    assert "Linear probes of the drawing states" in capsys.readouterr().out
+    for attribute in ("colour", "shape"):
+        row = result["state_probes"][attribute]
+        assert row["n held-out"] >= 4 and all(0.0 <= row[k] <= 1.0 for k in row if k != "n held-out")
+    assert "states" not in result["seen"]  # the cells' states are not written to the JSON
+    assert json.loads((tmp_path / "probe.json").read_text())["state_probes"]["shape"]["n held-out"] >= 4

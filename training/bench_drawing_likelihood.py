@@ -18,7 +18,13 @@ pair: each pair's cost against what its shape and its colour cost on seen pairs 
 expectation: same-shape mean + same-colour mean - seen mean), so that a deficit shared by all
 pairs can be told from one that a few pairs carry.
 
+With ``--probe``, linear probes of colour and shape are fitted on the hidden states that draw the
+seen-pair object cells and scored on the held-out ones (plain and gap-masked, as in
+``bench_attribute_probe.py``): whether the state the depth head draws from carries a pair it never
+drew. A model trained with the cell-attribute loss also gets its own read-outs' accuracy.
+
     python training/bench_drawing_likelihood.py --model assets/mllm --scenes 200
+    python training/bench_drawing_likelihood.py --model assets/mllm --scenes 400 --probe
 """
 from __future__ import annotations
 
@@ -91,7 +97,10 @@ def object_cells(obj, grid: int) -> np.ndarray:
     return cell_attribute_targets([obj], grid)[1] != SHAPE_BACKGROUND
 
 
-def measure(model: EvoTokMLLM, split: str, seed: int, count: int, batch_size: int) -> dict:
+def measure(model: EvoTokMLLM, split: str, seed: int, count: int, batch_size: int,
+            keep_states: bool = False) -> dict:
+    """The scenes' code NLL under each prompt; ``keep_states``: also the drawing states of the
+    object cells under the caption, with their colour and shape (``"states"``: for probes)."""
     world = SceneWorld(model.tokenizer.config.image_size, seed=seed, split=split,
                        scene_weights={"single_object": 1.0})
     grid, rng = model.config.grid_size, np.random.default_rng(seed)
@@ -99,6 +108,7 @@ def measure(model: EvoTokMLLM, split: str, seed: int, count: int, batch_size: in
     background_nll = {p: [] for p in PROMPTS}
     stages, pairs = [], []
     readout = {"colour": [], "shape": []}  # the cell-attribute head's reading of object cells, if any
+    kept, kept_labels = [], {"colour": [], "shape": []}
     for first in range(0, count, batch_size):
         indices = range(first, min(count, first + batch_size))
         samples = [world[i] for i in indices]
@@ -116,6 +126,11 @@ def measure(model: EvoTokMLLM, split: str, seed: int, count: int, batch_size: in
                     colour, shape = list(COLOURS).index(obj.colour), list(SHAPES).index(obj.shape)
                     readout["colour"] += (colour_logits[k, cells].argmax(-1) == colour).tolist()
                     readout["shape"] += (shape_logits[k, cells].argmax(-1) == shape).tolist()
+            if name == "caption" and keep_states:
+                for k, (obj, inside) in enumerate(zip(objects, on_object)):
+                    kept.append(states[k, torch.from_numpy(inside).to(states.device)].float().cpu().numpy())
+                    kept_labels["colour"] += [list(COLOURS).index(obj.colour)] * int(inside.sum())
+                    kept_labels["shape"] += [list(SHAPES).index(obj.shape)] * int(inside.sum())
             for k, inside in enumerate(on_object):
                 object_nll[name].append(float(nll[k, inside].sum(-1).mean()))
                 background_nll[name].append(float(nll[k, ~inside].sum(-1).mean()))
@@ -123,7 +138,8 @@ def measure(model: EvoTokMLLM, split: str, seed: int, count: int, batch_size: in
                     stages.append(nll[k, inside].mean(0).numpy())
                     pairs.append((objects[k].colour, objects[k].shape))
     caption = np.array(object_nll["caption"])
-    return {"scenes": count,
+    extra = {"states": (np.concatenate(kept), {k: np.array(v) for k, v in kept_labels.items()})} if keep_states else {}
+    return {**extra, "scenes": count,
             "caption_by_scene": [{"colour": c, "shape": k, "object": v} for (c, k), v in zip(pairs, caption)],
             "object": {p: float(np.mean(v)) for p, v in object_nll.items()},
             "background": {p: float(np.mean(v)) for p, v in background_nll.items()},
@@ -185,6 +201,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=40)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--probe", action="store_true",
+                        help="also fit linear probes of colour and shape on the drawing states of seen-pair object "
+                             "cells and score them on held-out pairs (plain and gap-masked, as bench_attribute_probe.py)")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
     if args.scenes < 1:
@@ -193,7 +212,7 @@ def main(argv: list[str] | None = None) -> dict:
     model = EvoTokMLLM.from_pretrained(args.model).to(args.device).eval()
     results = {"model": args.model}
     for name, (split, seed) in SPLITS.items():
-        results[name] = measure(model, split, seed, args.scenes, args.batch_size)
+        results[name] = measure(model, split, seed, args.scenes, args.batch_size, keep_states=args.probe)
     seen, held = results["seen"], results["held-out"]
     print(f"Code negative log-likelihood, nats per cell over {model.config.pixel_depth} stages, teacher-forced "
           f"({args.scenes} single-object scenes per pair set) — {args.model}\n")
@@ -212,9 +231,25 @@ def main(argv: list[str] | None = None) -> dict:
               "all classes in the softmax): " + "; ".join(
                   f"{name} colour {results[name]['cell_readout']['colour']:.3f}, shape "
                   f"{results[name]['cell_readout']['shape']:.3f}" for name in SPLITS))
+    if args.probe:
+        from training.bench_attribute_probe import probe
+
+        train, held = results["seen"].pop("states"), results["held-out"].pop("states")
+        results["state_probes"] = {a: probe(train, held, a) for a in ("colour", "shape")}
+        print(f"\nLinear probes of the drawing states of object cells under the caption, fitted on the seen-pair "
+              f"cells ({len(train[0])}), scored on the held-out ones ({len(held[0])})\n")
+        print(probe_markdown(results["state_probes"]))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return results
+
+
+def probe_markdown(probes: dict) -> str:
+    keys = ("plain: seen pairs", "plain: held-out pairs", "gaps masked: seen pairs", "gaps masked: held-out pairs",
+            "majority class")
+    lines = ["| attribute | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    lines += [f"| {a} | " + " | ".join(f"{p[k]:.3f}" for k in keys) + " |" for a, p in probes.items()]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

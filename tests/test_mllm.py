@@ -332,6 +332,11 @@ def test_a_pretrained_lm_from_a_folder_gets_new_token_rows(image_tok, tmp_path):
     m.save_pretrained(tmp_path / "saved")
     loaded = EvoTokMLLM.from_pretrained(tmp_path / "saved", image_tokenizer=image_tok)
     assert torch.equal(loaded.generate_image("a red circle", seed=0), m.eval().generate_image("a red circle", seed=0))
+    m.save_pretrained(tmp_path / "sharded", max_shard_size=200_000)  # as a full-scale LM is saved: in shards
+    assert len(list((tmp_path / "sharded").glob("model-*-of-*.safetensors"))) > 1
+    sharded = EvoTokMLLM.from_pretrained(tmp_path / "sharded", image_tokenizer=image_tok)
+    assert len(sharded.text) == len(text)
+    assert torch.equal(sharded.generate_image("a red circle", seed=0), m.generate_image("a red circle", seed=0))
 
 
 def test_image_pools_are_encoded_once_in_chunks_and_skip_unreadable_images(image_tok, tmp_path):

@@ -62,6 +62,9 @@ def test_loss_ignores_gap_classes_and_cells_without_targets():
     with torch.no_grad():
         head.shape.bias[red_gap] = 0.0
     assert first_only.item() == pytest.approx(head.loss(states[:1], targets[:1]).item(), rel=1e-6)
+    with torch.no_grad():  # ...while one on the background class, never left out, does
+        head.shape.bias[SHAPE_BACKGROUND] = 50.0
+    assert head.loss(states[:1], targets[:1]).item() > first_only.item() + 10
     nothing = head.loss(states, torch.full((3, 2), IGNORE_CELL))
     assert nothing.item() == 0.0
 

@@ -179,8 +179,7 @@ def write_weights(state: dict[str, torch.Tensor], folder: Path, max_shard_size: 
         if split.is_sharded:
             for filename, names in split.filename_to_tensors.items():
                 save_file({n: state[n] for n in names}, str(folder / filename), metadata={"format": "pt"})
-            index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
-                     "weight_map": dict(sorted(split.tensor_to_filename.items()))}
+            index = {"metadata": split.metadata, "weight_map": dict(sorted(split.tensor_to_filename.items()))}
             (folder / INDEX_NAME).write_text(json.dumps(index, indent=2))
             return
     save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})

@@ -85,14 +85,15 @@ def test_a_model_with_the_cell_attribute_head_gets_its_reading_of_object_cells(t
 
     model = EvoTokMLLM.from_pretrained(tiny_mllm(tmp_path))
     model.add_cell_attribute_head()
-    with torch.no_grad():  # every cell read as a red star
+    with torch.no_grad():  # every cell read as the first colour and the first shape
         model.cell_attributes.colour.bias[0] = 5.0
         model.cell_attributes.shape.bias[0] = 5.0
     model.save_pretrained(tmp_path / "with_head")
     result = main(["--model", str(tmp_path / "with_head"), "--scenes", "3", "--batch-size", "3", "--threads", "1"])
     assert "cell-attribute head's reading" in capsys.readouterr().out
     from evotok.data.scenes import COLOURS, SHAPES, SceneWorld
-    for name, (split, seed) in {"seen": ("train", 4242), "held-out": ("heldout", 4343)}.items():
+    from training.bench_drawing_likelihood import SPLITS
+    for name, (split, seed) in SPLITS.items():
         world = SceneWorld(model.tokenizer.config.image_size, seed=seed, split=split, scene_weights={"single_object": 1.0})
         objects = [world.scene(i).objects[0] for i in range(3)]
         cells = [int(object_cells(o, model.config.grid_size).sum()) for o in objects]

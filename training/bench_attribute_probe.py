@@ -54,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from evotok.data.scenes import COLOURS, SHAPES, TRAIN_PAIRS, SceneObject, SceneWorld  # noqa: E402
 from evotok.images import pil_to_tensor  # noqa: E402
-from evotok.mllm.cell_attributes import cell_labels  # noqa: E402
+from evotok.mllm.cell_attributes import cell_labels, gap_class_mask  # noqa: E402
 from evotok.model import EvoTok  # noqa: E402
 from evotok.teacher import load_teacher  # noqa: E402
 
@@ -99,11 +99,9 @@ def representations(tokenizer: EvoTok, teacher, split: str, count: int, batch_si
 def allowed_classes(other: np.ndarray, attribute: str) -> torch.Tensor:
     """``n × classes`` booleans: the classes of ``attribute`` seen in training with each example's
     other attribute (``other``: its colour index for a shape probe, its shape index for a colour probe)."""
-    colours, shapes = list(COLOURS), list(SHAPES)
-    seen = torch.zeros(len(colours), len(shapes), dtype=torch.bool)
-    for colour, shape in TRAIN_PAIRS:
-        seen[colours.index(colour), shapes.index(shape)] = True
-    return seen[torch.from_numpy(other)] if attribute == "shape" else seen.t()[torch.from_numpy(other)]
+    colour_gaps, shape_gaps = gap_class_mask(TRAIN_PAIRS)  # the last column is "background": not a class here
+    gaps = shape_gaps if attribute == "shape" else colour_gaps
+    return ~gaps[torch.from_numpy(other), :-1]
 
 
 def fit_probe(x: np.ndarray, y: np.ndarray, classes: int, allowed: torch.Tensor | None, hidden: int = 0,

@@ -119,18 +119,17 @@ def measure(model: EvoTokMLLM, split: str, seed: int, count: int, batch_size: in
         on_object = [object_cells(o, grid) for o in objects]
         for name in PROMPTS:
             nll, states = drawing_pass(model, [v[name] for v in variants], codes)
-            if name == "caption" and model.cell_attributes is not None:
-                colour_logits, shape_logits = model.cell_attributes(states)
-                for k, (obj, inside) in enumerate(zip(objects, on_object)):
-                    cells = torch.from_numpy(inside).to(states.device)
-                    colour, shape = list(COLOURS).index(obj.colour), list(SHAPES).index(obj.shape)
-                    readout["colour"] += (colour_logits[k, cells].argmax(-1) == colour).tolist()
-                    readout["shape"] += (shape_logits[k, cells].argmax(-1) == shape).tolist()
-            if name == "caption" and keep_states:
-                for k, (obj, inside) in enumerate(zip(objects, on_object)):
-                    kept.append(states[k, torch.from_numpy(inside).to(states.device)].float().cpu().numpy())
-                    kept_labels["colour"] += [list(COLOURS).index(obj.colour)] * int(inside.sum())
-                    kept_labels["shape"] += [list(SHAPES).index(obj.shape)] * int(inside.sum())
+            for k, (obj, inside) in enumerate(zip(objects, on_object) if name == "caption" else ()):
+                cell_states = states[k, torch.from_numpy(inside).to(states.device)]
+                colour, shape = list(COLOURS).index(obj.colour), list(SHAPES).index(obj.shape)
+                if model.cell_attributes is not None:
+                    colour_logits, shape_logits = model.cell_attributes(cell_states)
+                    readout["colour"] += (colour_logits.argmax(-1) == colour).tolist()
+                    readout["shape"] += (shape_logits.argmax(-1) == shape).tolist()
+                if keep_states:
+                    kept.append(cell_states.float().cpu().numpy())
+                    kept_labels["colour"] += [colour] * len(cell_states)
+                    kept_labels["shape"] += [shape] * len(cell_states)
             for k, inside in enumerate(on_object):
                 object_nll[name].append(float(nll[k, inside].sum(-1).mean()))
                 background_nll[name].append(float(nll[k, ~inside].sum(-1).mean()))

@@ -37,15 +37,7 @@ SHAPE_BACKGROUND = len(SHAPES)
 def cell_labels(objects: Sequence[SceneObject], grid: int) -> dict[str, np.ndarray]:
     """Colour and shape index of the object covering each cell centre (-1: background); a later
     object is drawn on top of an earlier one."""
-    labels = {"colour": np.full(grid * grid, -1), "shape": np.full(grid * grid, -1)}
-    centres = (np.arange(grid) + 0.5) / grid
-    for obj in objects:
-        x0, y0, x1, y1 = obj.bbox
-        inside = ((centres[None, :] >= x0) & (centres[None, :] <= x1) &
-                  (centres[:, None] >= y0) & (centres[:, None] <= y1)).reshape(-1)
-        labels["colour"][inside] = list(COLOURS).index(obj.colour)
-        labels["shape"][inside] = list(SHAPES).index(obj.shape)
-    return labels
+    return _labels(objects, [_centre_cells(obj, grid) for obj in objects], grid)
 
 
 def cell_attribute_targets(objects: Sequence[SceneObject], grid: int) -> np.ndarray:
@@ -53,11 +45,12 @@ def cell_attribute_targets(objects: Sequence[SceneObject], grid: int) -> np.ndar
     over each cell, ``COLOUR_BACKGROUND`` / ``SHAPE_BACKGROUND`` on the background. An object too
     small to cover any cell centre labels the cell holding its own centre, unless another object
     covers that cell."""
-    labels = cell_labels(objects, grid)
-    for obj in objects:
+    covered = [_centre_cells(obj, grid) for obj in objects]
+    labels = _labels(objects, covered, grid)
+    for obj, inside in zip(objects, covered):
         x, y = obj.centre
         cell = min(int(y * grid), grid - 1) * grid + min(int(x * grid), grid - 1)
-        if labels["shape"][cell] < 0 and not _covers_a_centre(obj, grid):
+        if labels["shape"][cell] < 0 and not inside.any():
             labels["colour"][cell] = list(COLOURS).index(obj.colour)
             labels["shape"][cell] = list(SHAPES).index(obj.shape)
     colour = np.where(labels["colour"] < 0, COLOUR_BACKGROUND, labels["colour"])
@@ -65,8 +58,20 @@ def cell_attribute_targets(objects: Sequence[SceneObject], grid: int) -> np.ndar
     return np.stack([colour, shape]).astype(np.int64)
 
 
-def _covers_a_centre(obj: SceneObject, grid: int) -> bool:
-    return bool((cell_labels([obj], grid)["shape"] >= 0).any())
+def _centre_cells(obj: SceneObject, grid: int) -> np.ndarray:
+    """The cells (raster order) whose centre lies in the object's drawn box."""
+    centres = (np.arange(grid) + 0.5) / grid
+    x0, y0, x1, y1 = obj.bbox
+    return ((centres[None, :] >= x0) & (centres[None, :] <= x1) &
+            (centres[:, None] >= y0) & (centres[:, None] <= y1)).reshape(-1)
+
+
+def _labels(objects: Sequence[SceneObject], covered: Sequence[np.ndarray], grid: int) -> dict[str, np.ndarray]:
+    labels = {"colour": np.full(grid * grid, -1), "shape": np.full(grid * grid, -1)}
+    for obj, inside in zip(objects, covered):
+        labels["colour"][inside] = list(COLOURS).index(obj.colour)
+        labels["shape"][inside] = list(SHAPES).index(obj.shape)
+    return labels
 
 
 def gap_class_mask(pairs: Collection[tuple[str, str]] = frozenset(TRAIN_PAIRS)) -> tuple[torch.Tensor, torch.Tensor]:

@@ -246,9 +246,9 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(int(train_cfg["cpu_threads"]))
     set_seed(seed + accelerator.process_index)
 
+    cell_weight = cell_attribute_weight(config)  # the scene drawings' cell-attribute loss (0: off)
     tokenizer = EvoTok.from_pretrained(config["model"]["image_tokenizer"]).to(accelerator.device)
-    pools = build_pools(tokenizer, data_cfg, "train", data_cfg["pools"], accelerator,
-                        scene_objects=cell_attribute_weight(config) > 0)
+    pools = build_pools(tokenizer, data_cfg, "train", data_cfg["pools"], accelerator, scene_objects=cell_weight > 0)
     heldout = build_pools(tokenizer, data_cfg, "heldout", data_cfg.get("heldout_pools", {}), accelerator)
 
     resuming = args.resume and (run_dir / STATE_FILE).exists()
@@ -285,7 +285,6 @@ def main(argv: list[str] | None = None) -> dict:
     model = accelerator.unwrap_model(wrapped)
     device = accelerator.device
     pad_id = model.text.ids["pad"]
-    cell_weight = cell_attribute_weight(config)  # the scene drawings' cell-attribute loss (0: off)
     dataset = make_dataset(pools, data_cfg, model, seed, cell_attributes=cell_weight > 0)
     model.text.learn_words(dataset.texts_beyond_records())  # saved with the model; the app warns on unknown words
     batch_size = int(train_cfg["batch_size"])

@@ -224,3 +224,16 @@ def test_a_later_stage_refuses_a_grid_rope_stride_below_one(root):
     with pytest.raises(ValueError, match="grid_rope_stride must be a positive integer"):
         run(root, "stride_zero", f"model.init_from={root / 'stride_base' / 'final'}", "model.grid_rope_stride=0",
             "train.steps=1")
+
+
+def test_a_later_stage_can_start_writing_layout_plans(root):
+    run(root, "plan_base", "train.steps=1")
+    summary = run(root, "plan", f"model.init_from={root / 'plan_base' / 'final'}", "data.layout_plan=true",
+                  "train.steps=2")
+    assert all(h["lm_loss"] > 0 for h in summary["history"])
+    model = EvoTokMLLM.from_pretrained(root / "plan" / "final")
+    assert model.config.layout_plan
+    assert set(weights(root / "plan" / "final")) == set(weights(root / "plan_base" / "final"))  # no new weights
+    trace = []
+    model.generate_image("a red circle", seed=0, plan_trace=trace)
+    assert len(trace) == 1

@@ -67,7 +67,7 @@ def build_pools(tokenizer: EvoTok, data_cfg: dict, split: str, counts: dict[str,
                            workers=int(data_cfg.get("render_workers", 0)))
     accelerator.wait_for_everyone()
     pools = {name: load_pool(folder) for name, folder in folders.items()}
-    if (scene_objects or data_cfg.get("resample_scene_questions")) and split == "train" and "scenes" in pools:
+    if (scene_objects or (data_cfg.get("resample_scene_questions") and split == "train")) and "scenes" in pools:
         # pools encoded before records kept objects: ~25 s for 60,000 scenes; newer pools: nothing to do
         attach_scene_objects(pools["scenes"], SceneWorld(resolution, seed, split))
     return pools
@@ -96,6 +96,8 @@ def build_model(config: dict, tokenizer: EvoTok, pools: dict, run_dir: Path, res
             model.use_codebook_head(model_cfg.get("depth_head_width"))
         if cell_attribute_weight(config) > 0 and not model.config.cell_attribute_head:
             model.add_cell_attribute_head()
+        if config["data"].get("layout_plan"):  # from now on the model writes plans (no new weights)
+            model.config.layout_plan = True
         if "grid_rope_stride" in model_cfg:  # a later stage may respace the row and column streams
             # through the config's own checks (a stride below 1 is refused there)
             model.config = dataclasses.replace(model.config, grid_rope_stride=int(model_cfg["grid_rope_stride"]))
@@ -118,6 +120,8 @@ def build_model(config: dict, tokenizer: EvoTok, pools: dict, run_dir: Path, res
                                           "max_answer_tokens") if k in model_cfg}
     if cell_attribute_weight(config) > 0:
         adapters["cell_attribute_head"] = True
+    if config["data"].get("layout_plan"):
+        adapters["layout_plan"] = True
     if model_cfg.get("lm_name_or_path"):
         return EvoTokMLLM.build(tokenizer, text_tok, image_tokenizer_path=model_cfg["image_tokenizer"],
                                 lm_name_or_path=model_cfg["lm_name_or_path"], **adapters)
@@ -151,7 +155,8 @@ def make_dataset(pools: dict, data_cfg: dict, model: EvoTokMLLM, seed: int, task
                  training: bool = True, cell_attributes: bool = False) -> ChatDataset:
     """``data.mask_answer_gaps``, ``data.mask_caption_gaps``, ``data.resample_scene_questions``,
     ``data.place_questions``, ``data.attribute_dropout`` and ``cell_attributes`` (the scene
-    drawings' cell targets) apply to training batches only: held-out losses stay plain."""
+    drawings' cell targets) apply to training batches only: held-out losses stay plain. A model
+    with ``config.layout_plan`` writes plans in every batch, held-out ones too: they are its format."""
     return ChatDataset(pools, tasks or data_cfg["tasks"], model.text, model.config.num_cells, model.config.pixel_depth,
                        seed=seed, cfg_dropout=float(data_cfg.get("cfg_dropout", 0.1)),
                        describe_prob=float(data_cfg.get("describe_prob", 0.2)),
@@ -161,7 +166,7 @@ def make_dataset(pools: dict, data_cfg: dict, model: EvoTokMLLM, seed: int, task
                        resample_scene_questions=training and bool(data_cfg.get("resample_scene_questions", False)),
                        place_questions=training and bool(data_cfg.get("place_questions", False)),
                        attribute_dropout=float(data_cfg.get("attribute_dropout", 0.0)) if training else 0.0,
-                       cell_attributes=training and cell_attributes)
+                       cell_attributes=training and cell_attributes, layout_plan=model.config.layout_plan)
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -248,8 +253,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     cell_weight = cell_attribute_weight(config)  # the scene drawings' cell-attribute loss (0: off)
     tokenizer = EvoTok.from_pretrained(config["model"]["image_tokenizer"]).to(accelerator.device)
-    pools = build_pools(tokenizer, data_cfg, "train", data_cfg["pools"], accelerator, scene_objects=cell_weight > 0)
-    heldout = build_pools(tokenizer, data_cfg, "heldout", data_cfg.get("heldout_pools", {}), accelerator)
+    plans = bool(data_cfg.get("layout_plan", False))  # drawings write layout plans from the scenes' objects
+    pools = build_pools(tokenizer, data_cfg, "train", data_cfg["pools"], accelerator,
+                        scene_objects=cell_weight > 0 or plans)
+    heldout = build_pools(tokenizer, data_cfg, "heldout", data_cfg.get("heldout_pools", {}), accelerator,
+                          scene_objects=plans)
 
     resuming = args.resume and (run_dir / STATE_FILE).exists()
     model = build_model(config, tokenizer, pools, run_dir, resuming, accelerator)

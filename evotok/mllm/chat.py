@@ -8,6 +8,11 @@ Text to image (the prompt is the user turn; an empty prompt is the unconditional
 
     <|user|>a red star<|end|><|assistant|><boi>[cell]×n<eoi><|end|>
 
+A model with layout plans (``evotok.mllm.layout_plan``) writes one before ``<boi>``, and the plan
+and ``<boi>`` carry the language-model loss::
+
+    <|user|>a red star<|end|><|assistant|>small red star 3 1<boi>[cell]×n<eoi><|end|>
+
 Only answer tokens and the ``<|end|>`` that closes an answer carry the language-model loss;
 the grid cells carry the depth transformer's code loss instead.
 """
@@ -96,16 +101,32 @@ def encode_chat(tok: TextTokenizer, turns: Sequence[tuple[str, str | None]], num
 
 
 def encode_generation(tok: TextTokenizer, prompt: str, num_cells: int, max_prompt_tokens: int | None = None,
-                      include_grid: bool = True, truncate: bool = False) -> EncodedChat:
-    """A text-to-image sequence; without ``include_grid`` it stops after ``<boi>`` (the generation prefix)."""
+                      include_grid: bool = True, truncate: bool = False, plan: str | None = None) -> EncodedChat:
+    """A text-to-image sequence; without ``include_grid`` it stops after ``<boi>`` (the generation prefix).
+
+    ``plan`` (a layout plan's text, "" for an empty one) goes before ``<boi>``, supervised with it;
+    ``answer_starts`` then holds the plan's first position."""
+    ids = tok.ids
+    out = plan_prefix(tok, prompt, max_prompt_tokens, truncate)
+    if plan is None:
+        out.add([ids["boi"]])
+    else:
+        out.answer_starts.append(len(out))
+        out.add(tok.encode(plan) + [ids["boi"]], supervised=True)
+    if include_grid:
+        out.add([ids["pad"]] * num_cells, gen=True)
+        out.add([ids["eoi"], ids["end"]])
+    return out
+
+
+def plan_prefix(tok: TextTokenizer, prompt: str, max_prompt_tokens: int | None = None,
+                truncate: bool = False) -> EncodedChat:
+    """A text-to-image sequence up to ``<|assistant|>``: where the model writes its layout plan."""
     ids = tok.ids
     out = EncodedChat()
     out.add([ids["user"]])
     out.add(prompt_ids(tok, prompt.strip(), max_prompt_tokens, "prompt", truncate) if prompt.strip() else [])
-    out.add([ids["end"], ids["assistant"], ids["boi"]])
-    if include_grid:
-        out.add([ids["pad"]] * num_cells, gen=True)
-        out.add([ids["eoi"], ids["end"]])
+    out.add([ids["end"], ids["assistant"]])
     return out
 
 

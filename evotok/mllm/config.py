@@ -53,6 +53,8 @@ class MLLMConfig:
             shape of the cell it draws (``evotok.mllm.cell_attributes``); an auxiliary training
             target (``train.cell_attribute_weight``), never read when sampling. Trained on the
             bundled model for one CPU stage, it did not help (its card says how this was tested).
+        layout_plan: text to image first writes a layout plan, each object's size, colour, shape
+            and centre cell, then draws (``evotok.mllm.layout_plan``); ``max_plan_tokens`` caps it.
     Prompts:
         max_prompt_tokens: longest prompt or question accepted, in text tokens.
         max_answer_tokens: longest answer ``answer`` produces unless asked otherwise.
@@ -82,6 +84,8 @@ class MLLMConfig:
     depth_head: str = "free"
     depth_head_width: int = 128
     cell_attribute_head: bool = False
+    layout_plan: bool = False
+    max_plan_tokens: int = 32
 
     max_prompt_tokens: int = 64
     max_answer_tokens: int = 32
@@ -89,7 +93,7 @@ class MLLMConfig:
     def __post_init__(self) -> None:
         for name in ("grid_size", "pixel_depth", "semantic_depth", "codebook_size", "code_dim", "semantic_dim",
                      "depth_layers", "depth_width", "depth_heads", "max_prompt_tokens", "max_answer_tokens",
-                     "grid_rope_stride", "depth_head_width"):
+                     "grid_rope_stride", "depth_head_width", "max_plan_tokens"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if int(self.projector_context_layers) < 0:

@@ -26,6 +26,7 @@ from ..data.scenes import (COUNT_WORDS, IMAGE_MIDDLE, SceneObject, is_place_ques
 from .answer_gaps import caption_gaps, gap_answers, words
 from .cell_attributes import IGNORE_CELL, cell_attribute_targets
 from .chat import IGNORE, encode_chat, encode_generation
+from .layout_plan import plan_of, plan_text
 from .prompt_parts import colours_only, shapes_only
 from .text_tokenizer import TextTokenizer
 
@@ -283,6 +284,10 @@ class ChatDataset(torch.utils.data.Dataset):
     only the colours (:mod:`evotok.mllm.prompt_parts`, one or the other at even odds).
     ``cell_attributes``: scene drawings also carry ``cell_targets``, the colour and shape drawn over
     each cell (:mod:`evotok.mllm.cell_attributes`; the records need ``objects``).
+    ``layout_plan``: drawings with a prompt write a layout plan before the grid
+    (:mod:`evotok.mllm.layout_plan`; scenes from the records' ``objects``, other sources an empty
+    one). With ``mask_answer_gaps`` or ``mask_caption_gaps`` the plan's shape words are masked like
+    a caption's, so that copying a new pair from the prompt is not taught against.
     """
 
     def __init__(self, pools: Mapping[str, ImagePool], task_weights: Mapping[str, float], text_tokenizer: TextTokenizer,
@@ -290,7 +295,7 @@ class ChatDataset(torch.utils.data.Dataset):
                  max_turns: int = 3, max_prompt_tokens: int | None = 64, length: int = 10**9,
                  mask_answer_gaps: bool = False, mask_caption_gaps: bool = False,
                  resample_scene_questions: bool = False, place_questions: bool = False,
-                 attribute_dropout: float = 0.0, cell_attributes: bool = False):
+                 attribute_dropout: float = 0.0, cell_attributes: bool = False, layout_plan: bool = False):
         unknown = sorted(set(task_weights) - set(TASKS))
         if unknown:
             raise ValueError(f"unknown tasks {unknown}; expected some of {sorted(TASKS)}")
@@ -316,11 +321,12 @@ class ChatDataset(torch.utils.data.Dataset):
         if not 0.0 <= attribute_dropout <= 1.0:
             raise ValueError(f"attribute_dropout must lie in [0, 1], got {attribute_dropout}")
         self.attribute_dropout = float(attribute_dropout)
-        self.cell_attributes = cell_attributes
-        if (resample_scene_questions or cell_attributes) and "scenes" in self.pools:
+        self.cell_attributes, self.layout_plan = cell_attributes, layout_plan
+        if (resample_scene_questions or cell_attributes or layout_plan) and "scenes" in self.pools:
             scenes = self.pools["scenes"]
             if scenes.records and "objects" not in scenes.records[0]:
-                needs = "resample_scene_questions" if resample_scene_questions else "cell_attributes"
+                needs = ("resample_scene_questions" if resample_scene_questions
+                         else "cell_attributes" if cell_attributes else "layout_plan")
                 raise ValueError(f"{needs} needs the scene pool's objects: "
                                  "call evotok.mllm.data.attach_scene_objects(pool, world) first")
             self.scene_pairs = split_pairs(scenes.meta.get("split") or "train")
@@ -354,8 +360,12 @@ class ChatDataset(torch.utils.data.Dataset):
                 prompt = "" if rng.uniform() < self.cfg_dropout else record["caption"]
                 if prompt and source == "scenes" and self.attribute_dropout and rng.uniform() < self.attribute_dropout:
                     prompt = (shapes_only if rng.uniform() < 0.5 else colours_only)(prompt)
-                encoded = encode_generation(self.tok, prompt, self.num_cells, self.max_prompt_tokens, truncate=True)
+                plan = self.plan(source, record, codes.shape[0]) if prompt and self.layout_plan else None
+                encoded = encode_generation(self.tok, prompt, self.num_cells, self.max_prompt_tokens, truncate=True,
+                                            plan=plan)
                 item["gen_codes"] = codes[..., : self.pixel_depth]
+                if plan and (self.mask_answer_gaps or self.mask_caption_gaps):
+                    item["exclusions"] = self.caption_gap_exclusions(self.tok.encode(plan), encoded.answer_starts[0])
                 if self.cell_attributes and source == "scenes":
                     objects = [SceneObject.from_any(o) for o in record["objects"]]
                     item["cell_targets"] = cell_attribute_targets(objects, codes.shape[0])
@@ -382,13 +392,29 @@ class ChatDataset(torch.utils.data.Dataset):
                 token = self.tok.encode(word)[:1]
                 if token and token != ids[:1]:
                     out.append((start, token[0]))
-            pieces = [self.tok.decode([i]) for i in ids] if self.mask_caption_gaps else []
-            for k, word in caption_gaps([p.strip() for p in pieces]):
-                space = pieces[k][: len(pieces[k]) - len(pieces[k].lstrip())]  # " star", not "star"
-                token = self.tok.encode(space + word)
-                if len(token) == 1 and token[0] != ids[k]:
-                    out.append((start + k, token[0]))
+            if self.mask_caption_gaps:
+                out += self.caption_gap_exclusions(ids, start)
         return out
+
+    def caption_gap_exclusions(self, ids: Sequence[int], start: int) -> list[tuple[int, int]]:
+        """(position, token id) pairs for text ``ids`` placed at ``start``: at each shape token right
+        after a colour token, the never-seen shapes of that colour (``answer_gaps.caption_gaps``)."""
+        out = []
+        pieces = [self.tok.decode([i]) for i in ids]
+        for k, word in caption_gaps([p.strip() for p in pieces]):
+            space = pieces[k][: len(pieces[k]) - len(pieces[k].lstrip())]  # " star", not "star"
+            token = self.tok.encode(space + word)
+            if len(token) == 1 and token[0] != ids[k]:
+                out.append((start + k, token[0]))
+        return out
+
+    def plan(self, source: str, record: Mapping[str, Any], grid: int) -> str:
+        """The layout plan a drawing of ``record`` writes: a scene's objects in the order its caption
+        names them; an empty plan for the other sources."""
+        if source != "scenes":
+            return ""
+        objects = [SceneObject.from_any(o) for o in record["objects"]]
+        return plan_text(plan_of(objects, record["caption"], grid))
 
     def conversation(self, source: str, record: Mapping[str, Any], rng: np.random.Generator) -> list[tuple[str, str]]:
         """1..max_turns (question, answer) turns about one image."""

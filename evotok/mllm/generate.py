@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import torch
 
-from .chat import encode_chat, encode_generation
+from .chat import encode_chat, encode_generation, plan_prefix
 from .prompt_parts import attribute_parts
 
 if TYPE_CHECKING:
@@ -135,7 +135,8 @@ def generate_image_codes(model: "EvoTokMLLM", prompts: Sequence[str], guidance_s
                          temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                          seed: int | None = None, callback: Callable[[int, torch.Tensor], None] | None = None,
                          use_cache: bool = True, logits_trace: list | None = None,
-                         cpu_threads: int | None = None, attribute_guidance: float | None = None) -> torch.Tensor:
+                         cpu_threads: int | None = None, attribute_guidance: float | None = None,
+                         plan_trace: list | None = None) -> torch.Tensor:
     """Codes ``b h w L`` for ``prompts``; see :meth:`EvoTokMLLM.generate_image`.
 
     With guidance the batch holds ``b`` conditional rows then ``b`` unconditional (empty prompt)
@@ -145,9 +146,15 @@ def generate_image_codes(model: "EvoTokMLLM", prompts: Sequence[str], guidance_s
     coloured shape), and mixes ``u + g (c - u) + a ((s - u) + (k - u))``: a product of experts in
     which each attribute word pulls on its own. ``logits_trace`` (a list) collects the mixed
     logits of every sampling step (for tests).
+
+    A model with ``config.layout_plan`` first writes each prompt's plan (greedily,
+    :func:`write_plans`), and the conditional branch draws after it; the unconditional branch has
+    neither prompt nor plan, as in training. ``plan_trace`` (a list) receives the plans' texts.
     """
     check_sampling(temperature, top_k, top_p, guidance_scale)
     if attribute_guidance is not None:
+        if model.config.layout_plan:
+            raise ValueError("attribute_guidance is not available for a model that writes layout plans")
         if guidance_scale is None:
             raise ValueError("attribute_guidance mixes guidance branches: give a guidance_scale too")
         if attribute_guidance < 0:
@@ -164,11 +171,41 @@ def generate_image_codes(model: "EvoTokMLLM", prompts: Sequence[str], guidance_s
         branches.append([""] * b)
     seqs = [encode_generation(tok, p, n, cfg.max_prompt_tokens, include_grid=False).input_ids
             for branch in branches for p in branch]
-    ids, mask = left_pad(seqs, tok.ids["pad"], model.device)
     mix = LogitMix(b, guidance_scale, attribute_guidance)
     with thread_scope(model, cpu_threads):
+        if cfg.layout_plan:
+            plans = write_plans(model, prompts, use_cache)
+            seqs[:b] = [plan_prefix(tok, p, cfg.max_prompt_tokens).input_ids + plan + [tok.ids["boi"]]
+                        if p.strip() else seqs[k] for k, (p, plan) in enumerate(zip(prompts, plans))]
+            if plan_trace is not None:
+                plan_trace.extend(tok.decode(plan).strip() for plan in plans)
+        ids, mask = left_pad(seqs, tok.ids["pad"], model.device)
         return _sample_grid(model, ids, mask, mix, temperature, top_k, top_p, seed, callback, use_cache,
                             logits_trace)
+
+
+@torch.no_grad()
+def write_plans(model: "EvoTokMLLM", prompts: Sequence[str], use_cache: bool = True) -> list[list[int]]:
+    """The layout plan (``evotok.mllm.layout_plan``) each prompt's drawing starts with, written
+    greedily up to ``<boi>`` or ``config.max_plan_tokens``: token ids, ``[]`` for an empty prompt."""
+    cfg, tok, device = model.config, model.text, model.device
+    seqs = [plan_prefix(tok, p, cfg.max_prompt_tokens).input_ids for p in prompts]
+    ids, mask = left_pad(seqs, tok.ids["pad"], device)
+    stepper = _Stepper(model, model.embed_inputs(ids), mask, use_cache)
+    banned = [v for k, v in tok.ids.items() if k != "boi"]
+    done = torch.tensor([not p.strip() for p in prompts], device=device)
+    plans: list[list[int]] = [[] for _ in prompts]
+    for _ in range(cfg.max_plan_tokens):
+        if bool(done.all()):
+            break
+        logits = model.text_logits(stepper.last)
+        logits[:, banned] = float("-inf")
+        token = logits.argmax(-1)
+        done |= token == tok.ids["boi"]
+        for i in torch.nonzero(~done).flatten().tolist():
+            plans[i].append(int(token[i]))
+        stepper.step(model.lm.get_input_embeddings()(token))
+    return plans
 
 
 class LogitMix:

@@ -287,8 +287,9 @@ def test_oracle_judges_renders_of_true_and_false_prompts(oracle):
 # ---------------------------------------------------------------------------- the benchmark script
 
 
-def tiny_mllm(folder: Path) -> Path:
-    """A random 32-px multimodal model saved with its tokenizer (what the benchmark loads)."""
+def tiny_mllm(folder: Path, **options) -> Path:
+    """A random 32-px multimodal model saved with its tokenizer (what the benchmark loads);
+    ``options`` go to its config."""
     from evotok.mllm import EvoTokMLLM, TextTokenizer, qwen2_lm_config
     from test_mllm import tiny_tokenizer
 
@@ -298,7 +299,7 @@ def tiny_mllm(folder: Path) -> Path:
     text = TextTokenizer.train(captions, vocab_size=300, min_frequency=1)
     lm = qwen2_lm_config(len(text), hidden_size=32, layers=1, heads=2, kv_heads=1, intermediate_size=64)
     model = EvoTokMLLM.build(tok, text, image_tokenizer_path=str(folder / "tok"), lm_config=lm, depth_width=32,
-                             depth_heads=2, depth_layers=1, max_prompt_tokens=64)
+                             depth_heads=2, depth_layers=1, max_prompt_tokens=64, **options)
     model.save_pretrained(folder / "mllm")
     return folder / "mllm"
 
@@ -340,3 +341,38 @@ def test_benchmark_scores_generations_and_the_render_ceiling(oracle, tmp_path):
     for cat in GENEVAL_CATEGORIES:  # a perfect judge keeps an accepted candidate whenever one exists
         assert 0.0 <= pool[cat]["mean"] <= pool[cat]["any"] <= 1.0
         assert pool[cat]["any"] >= picked["generated"][cat]["score"]
+    assert "plans" not in result and "plan" not in result["prompts"][0]
+
+
+def test_benchmark_reports_a_planning_models_plans(oracle, tmp_path):
+    from training.bench_geneval import main
+
+    oracle.save_pretrained(tmp_path / "oracle")
+    model = tiny_mllm(tmp_path, layout_plan=True, max_plan_tokens=4)
+    result = main(["--model", str(model), "--oracle", str(tmp_path / "oracle"), "--per-category", "1",
+                   "--no-fid", "--batch-size", "6", "--threads", "1", "--best-of", "2"])
+    assert set(result["plans"]) == set(GENEVAL_CATEGORIES)
+    assert all(isinstance(r["plan"], str) for r in result["prompts"])
+    # an untrained planner writes no well-formed plan, so none is judged
+    assert all(r["plan_passed"] is None for r in result["prompts"])
+    assert all(t["parsed"] == 0.0 and t["n_accepted"] == 0 for t in result["plans"].values())
+
+
+def test_plans_are_judged_as_they_stand_and_images_against_their_accepted_plans():
+    from training.bench_geneval import judge_plans, plans_markdown
+
+    specs = [PromptSpec("position", "a red star left of a blue cross", (("red", "star"), ("blue", "cross")),
+                        relation="left of"),
+             PromptSpec("position", "a red star left of a blue cross", (("red", "star"), ("blue", "cross")),
+                        relation="left of"),
+             PromptSpec("counting", "two green circles", (("green", "circle"),), count=2),
+             PromptSpec("counting", "two green circles", (("green", "circle"),), count=2)]
+    plans = ["small red star 3 1, large blue cross 3 6",    # right
+             "small red star 3 6, large blue cross 3 1",    # the relation reversed
+             "small green circle 1 1, small green circle 5 5",
+             "small green circle 1"]                        # malformed
+    table, verdicts = judge_plans(specs, plans, [True, True, False, True], grid=8, margin=0.08)
+    assert verdicts == [True, False, True, None]
+    assert table["position"] == {"parsed": 1.0, "accepted": 0.5, "image_given_plan": 1.0, "n": 2, "n_accepted": 1}
+    assert table["counting"] == {"parsed": 0.5, "accepted": 0.5, "image_given_plan": 0.0, "n": 2, "n_accepted": 1}
+    assert "| position | 2 | 1.00 | 0.50 | 1.00 (1) |" in plans_markdown(table)

@@ -20,7 +20,9 @@ mean of categories, as in GenEval. A second table says what the oracle found in 
 apart from composition. With ``--best-of n``, a third table judges all n candidates of each
 prompt: the share accepted (one image's score, from n times the draws) and the share of prompts
 with at least one accepted, the most any way of picking among these candidates could score.
-Below it: FID (bundled Inception) of the generations, and of the reconstructions, against the
+For a model that writes layout plans (``evotok.mllm.layout_plan``), a table judges the plans as
+they stand (each planned object at its cell's centre), which tells a wrong plan apart from a
+drawing that did not follow a good one. Below it: FID (bundled Inception) of the generations, and of the reconstructions, against the
 reference renders, and seconds per image (prompt to decoded pixels, batched). FID on a few hundred
 images is biased upwards; compare it only between runs of the same size.
 """
@@ -46,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from evotok.data.scenes import HELDOUT_PAIRS, TRAIN_PAIRS  # noqa: E402
 from evotok.hub import CheckpointError  # noqa: E402
 from evotok.images import pil_to_tensor, tensor_to_pil  # noqa: E402
+from evotok.mllm.layout_plan import parse_plan, plan_detections  # noqa: E402
 from evotok.oracle import (GENEVAL_CATEGORIES, PromptSpec, SceneOracle, geneval_prompts, judge,  # noqa: E402
                            reference_renders, render_accuracy)
 
@@ -58,26 +61,67 @@ def load_oracle(path: str) -> SceneOracle:
                          f"Train one with: nice -n 10 python training/train_oracle.py --out {path}") from None
 
 
-def generate(model: Any, specs: list[PromptSpec], args: argparse.Namespace) -> tuple[torch.Tensor, float, torch.Tensor]:
+def generate(model: Any, specs: list[PromptSpec], args: argparse.Namespace
+             ) -> tuple[torch.Tensor, float, torch.Tensor, list[str] | None]:
     """Decoded images ``n 3 H W`` in [-1, 1] for the specs' prompts, seconds per image (with
-    ``--best-of n``, per kept image: n drawn, read back and scored), and every candidate's codes
-    (``n best_of h w L``)."""
+    ``--best-of n``, per kept image: n drawn, read back and scored), every candidate's codes
+    (``n best_of h w L``) and, for a model that writes layout plans, each prompt's plan."""
     from evotok.mllm.rerank import draw_candidates, pick_best
 
     images, candidates = [], []
+    plans: list[str] | None = [] if model.config.layout_plan else None
+    extra = {} if plans is None else {"plan_trace": []}
     seconds = 0.0
     for first in range(0, len(specs), args.batch_size):
         prompts = [s.prompt for s in specs[first:first + args.batch_size]]
         start = time.perf_counter()
+        if plans is not None:
+            extra["plan_trace"] = []
         drawn = draw_candidates(model, prompts, args.best_of, guidance_scale=args.guidance,
                                 temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                attribute_guidance=args.attribute_guidance, seed=args.seed * 100_003 + first)
+                                attribute_guidance=args.attribute_guidance, seed=args.seed * 100_003 + first, **extra)
+        if plans is not None:  # plans are written greedily: every candidate of a prompt shares one
+            plans += extra["plan_trace"][::args.best_of]
         images.append(model.decode_codes(pick_best(model, prompts, drawn)[0]).float().cpu())
         seconds += time.perf_counter() - start
         candidates.append(drawn.cpu())
         done = first + len(prompts)
         print(f"  generated {done}/{len(specs)} ({seconds / done:.2f} s/image)", flush=True)
-    return torch.cat(images), seconds / len(specs), torch.cat(candidates)
+    return torch.cat(images), seconds / len(specs), torch.cat(candidates), plans
+
+
+def judge_plans(specs: list[PromptSpec], plans: list[str], verdicts: list[bool], grid: int,
+                margin: float) -> tuple[dict[str, dict[str, float]], list[bool | None]]:
+    """Per category, for a model that writes layout plans: the share of plans that parse, that the
+    oracle's judge accepts as they stand (the plan's objects at their cells' centres), and of the
+    images whose plan it accepts, the share it accepts too (the drawing followed a good plan).
+    Also each prompt's plan verdict (``None``: the plan did not parse)."""
+    plan_verdicts: list[bool | None] = []
+    per: dict[str, dict[str, list[bool]]] = {}
+    for spec, text, image_ok in zip(specs, plans, verdicts):
+        plan = parse_plan(text, grid)
+        ok = None if plan is None else judge(spec, plan_detections(plan, grid), margin)
+        plan_verdicts.append(ok)
+        row = per.setdefault(spec.category, {"parsed": [], "accepted": [], "image_given_plan": []})
+        row["parsed"].append(plan is not None)
+        row["accepted"].append(bool(ok))
+        if ok:
+            row["image_given_plan"].append(image_ok)
+    table = {cat: {**{k: float(np.mean(v)) if v else float("nan") for k, v in row.items()},
+                   "n": len(row["parsed"]), "n_accepted": len(row["image_given_plan"])}
+             for cat, row in per.items()}
+    return table, plan_verdicts
+
+
+def plans_markdown(table: dict[str, dict[str, float]]) -> str:
+    rows = ["| category | n | plan parses | judge accepts the plan | image accepted, of those with an accepted plan |",
+            "|" + "---|" * 5]
+    for cat in GENEVAL_CATEGORIES:
+        if cat in table:
+            t = table[cat]
+            given = f"{t['image_given_plan']:.2f} ({t['n_accepted']})" if t["n_accepted"] else "–"
+            rows.append(f"| {cat} | {t['n']} | {t['parsed']:.2f} | {t['accepted']:.2f} | {given} |")
+    return "\n".join(rows)
 
 
 def judge_candidates(model: Any, oracle: SceneOracle, specs: list[PromptSpec],
@@ -269,7 +313,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"generating {len(specs)} images ({args.per_category} per category, guidance {args.guidance}, "
               f"attribute guidance {args.attribute_guidance}, "
               f"batch {args.batch_size}, {args.threads} threads, {args.device})", flush=True)
-        images, seconds, candidates = generate(model, specs, args)
+        images, seconds, candidates, plans = generate(model, specs, args)
         detections: list[list[dict[str, Any]]] = []
         for first in range(0, len(images), 64):
             detections += oracle.detect(images[first:first + 64])
@@ -283,6 +327,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                  "top_p": args.top_p, "best_of": args.best_of},
                        prompts=[{**s.to_dict(), "passed": v, "detections": d}
                                 for s, d, v in zip(specs, detections, verdicts)])
+        if plans is not None:
+            results["plans"], plan_verdicts = judge_plans(specs, plans, verdicts, model.config.grid_size,
+                                                          oracle.config.position_margin)
+            for record, text, ok in zip(results["prompts"], plans, plan_verdicts):
+                record.update(plan=text, plan_passed=ok)
         if args.best_of > 1:
             results["candidates"] = judge_candidates(model, oracle, specs, candidates)
         if not args.no_fid:
@@ -306,6 +355,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.pairs == "heldout":  # 7 pairs (the training pairs' table, in the JSON, has 41)
             print("\nOne-object prompts (" + ", ".join(ONE_OBJECT_CATEGORIES) + ") by colour-shape pair\n\n"
                   + by_pair_markdown(results["one_object_by_pair"]))
+        if "plans" in results:
+            print(f"\nThe model's layout plans, judged as they stand (objects at their cells' centres)\n\n"
+                  f"{plans_markdown(results['plans'])}")
         if "candidates" in results:
             print(f"\nAll {args.best_of} candidates of each prompt, judged by the oracle\n\n"
                   f"{candidates_markdown(generated, results['candidates'])}")

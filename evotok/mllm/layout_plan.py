@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 from ..data.scenes import COLOURS, PLURALS, SHAPES, SIZES, SceneObject
 
@@ -93,3 +93,11 @@ def parse_plan(text: str, grid: int) -> list[PlannedObject] | None:
             return None
         out.append(PlannedObject(size, colour, shape, int(row), int(col)))
     return out
+
+
+def plan_detections(plan: Sequence[PlannedObject], grid: int) -> list[dict[str, Any]]:
+    """A plan as the scene oracle's detections (``SceneOracle.detect``: shape, colour, centre,
+    area), so that the GenEval-style judge (``evotok.oracle.judge``) can say whether the plan
+    itself satisfies a prompt, apart from whether the drawing follows it."""
+    return [{"shape": p.shape, "colour": p.colour, "centre": ((p.col + 0.5) / grid, (p.row + 0.5) / grid),
+             "area": SIZES[p.size] ** 2, "valid": True} for p in plan]

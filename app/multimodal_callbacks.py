@@ -132,6 +132,10 @@ class MultimodalCallbacks:
             f"1, 2, … {self.service.pixel_depth} stages (the last one is the image): coarse layout first, "
             "detail last.",
         ]
+        if result.plan is not None:
+            lines.append(f"**Layout plan** the model wrote before drawing (size, colour, shape, then the row and "
+                         f"column of each object's centre cell, from 0 at the top left): "
+                         f"{'`' + result.plan + '`' if result.plan else '*(empty)*'}")
         if result.candidate_scores:
             scores = ", ".join(f"{v:.2f}" for v in result.candidate_scores)
             picked = max(range(len(result.candidate_scores)), key=result.candidate_scores.__getitem__) + 1

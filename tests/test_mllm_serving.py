@@ -132,3 +132,18 @@ def test_load_shares_the_tokenizer_only_when_its_weights_match(image_tok, text_t
     own = MultimodalService.load(tmp_path / "mllm", shared_tokenizer=tiny_tokenizer(seed=3))
     assert own.model.tokenizer is not image_tok
     assert "Tiny card" in own.describe() and f"at most {own.max_prompt_tokens} tokens" in own.describe()
+
+
+def test_a_planning_model_reports_its_plan_and_the_app_shows_it(image_tok, text_tok):  # noqa: F811
+    from app.multimodal_callbacks import MultimodalCallbacks
+
+    planner = MultimodalService(build(image_tok, text_tok, layout_plan=True, max_plan_tokens=3), source="tiny")
+    drawn = planner.generate("a red circle", seed=5)
+    assert isinstance(drawn.plan, str) and drawn.plan == planner.generate("a red circle", seed=5).plan
+    note = MultimodalCallbacks(planner).note(drawn)
+    assert "Layout plan" in note and (drawn.plan in note if drawn.plan else "*(empty)*" in note)
+    assert planner.generate("", seed=5).plan == ""  # the unconditional sample writes no plan
+
+
+def test_a_model_without_plans_reports_none(service):
+    assert service.generate("a red circle", seed=5).plan is None

@@ -75,6 +75,7 @@ class Generation:
     stages: list[Image.Image]
     seconds: float
     candidate_scores: list[float] = field(default_factory=list)  # best of n: each candidate's caption score
+    plan: str | None = None  # the layout plan the model wrote first (models with config.layout_plan)
 
 
 @dataclass
@@ -240,14 +241,17 @@ class MultimodalService:
             def callback(rows: int, codes: torch.Tensor) -> None:
                 on_row(rows, self.preview(codes[0], rows))
         started = time.perf_counter()
+        plans: list[str] = []
+        extra = {"plan_trace": plans} if self.model.config.layout_plan else {}
         codes, scores = generate_best_of(self.model, [check.text], int(candidates), seed=seed,
                                          guidance_scale=float(guidance_scale), temperature=float(temperature),
-                                         top_k=top_k, callback=callback)
+                                         top_k=top_k, callback=callback, **extra)
         stages = self.model.decode_stages(codes)[:, 0].cpu()  # L 3 H W, the last one is the image
         seconds = time.perf_counter() - started
         return Generation(prompt=check, seed=seed, settings=settings, codes=codes[0].cpu(),
                           image=tensor_to_pil(stages[-1]), stages=[tensor_to_pil(s) for s in stages],
-                          seconds=seconds, candidate_scores=scores[0].tolist() if candidates > 1 else [])
+                          seconds=seconds, candidate_scores=scores[0].tolist() if candidates > 1 else [],
+                          plan=plans[0] if plans else None)
 
     @staticmethod
     def pick_seed(seed: int | float | None) -> int:

@@ -113,3 +113,23 @@ def test_probes_of_the_drawing_states_are_fitted_on_seen_cells_and_scored_on_hel
         assert row["n held-out"] >= 4 and all(0.0 <= row[k] <= 1.0 for k in row if k != "n held-out")
     assert "states" not in result["seen"]  # the cells' states are not written to the JSON
     assert json.loads((tmp_path / "probe.json").read_text())["state_probes"]["shape"]["n held-out"] >= 4
+
+
+def test_a_planning_model_draws_after_the_plan_each_prompt_names(tmp_path):
+    from evotok.mllm import EvoTokMLLM
+    from training.bench_drawing_likelihood import PLANNED_PROMPTS, named_plan
+
+    star = SceneObject("star", "red", "small", (0.3, 0.6))
+    assert named_plan("a red star on a plain background", star, 8) == "small red star 4 2"
+    assert named_plan("a red cross on a plain background", star, 8) == "small red cross 4 2"
+    assert named_plan("a blue star", star, 8) == "small blue star 4 2" and named_plan("", star, 8) is None
+
+    folder = tiny_mllm(tmp_path, layout_plan=True)
+    model = EvoTokMLLM.from_pretrained(folder).eval()
+    g, depth = model.config.grid_size, model.config.pixel_depth
+    codes = torch.randint(0, model.tokenizer.config.codebook_size, (1, g, g, depth))
+    planned = code_nll(model, ["a red star"], codes, ["small red star 1 1"])
+    other = code_nll(model, ["a red star"], codes, ["large blue cross 3 3"])
+    assert not torch.allclose(planned, other)  # the drawing reads the plan
+    result = main(["--model", str(folder), "--scenes", "2", "--batch-size", "2", "--threads", "1"])
+    assert set(result["seen"]["object"]) == set(PLANNED_PROMPTS)

@@ -23,6 +23,11 @@ seen-pair object cells and scored on the held-out ones (plain and gap-masked, as
 ``bench_attribute_probe.py``): whether the state the depth head draws from carries a pair it never
 drew. A model trained with the cell-attribute loss also gets its own read-outs' accuracy.
 
+A model that writes layout plans (``evotok.mllm.layout_plan``) draws after its plan, so each
+prompt is followed by the plan it names: the scene's object at its true size and cell, in the
+prompt's colour and shape (none after the empty prompt). The shapes-only and colours-only prompts
+name no whole object to plan and are left out for such a model.
+
     python training/bench_drawing_likelihood.py --model assets/mllm --scenes 200
     python training/bench_drawing_likelihood.py --model assets/mllm --scenes 400 --probe
 """
@@ -50,24 +55,30 @@ from evotok.images import pil_to_tensor  # noqa: E402
 from evotok.mllm import EvoTokMLLM, encode_generation  # noqa: E402
 from evotok.mllm.cell_attributes import SHAPE_BACKGROUND, cell_attribute_targets  # noqa: E402
 from evotok.mllm.generate import left_pad, positions_of  # noqa: E402
+from evotok.mllm.layout_plan import PlannedObject, centre_cell, plan_text  # noqa: E402
 from evotok.mllm.prompt_parts import colours_only, fix_articles, shapes_only  # noqa: E402
 
 PROMPTS = ("caption", "another shape", "another colour", "empty", "shapes only", "colours only")
+PLANNED_PROMPTS = PROMPTS[:4]  # the prompts that name a whole object (or none) to plan
 SPLITS = {"seen": ("train", 4242), "held-out": ("heldout", 4343)}  # split, world seed
 
 
 @torch.no_grad()
-def code_nll(model: EvoTokMLLM, prompts: Sequence[str], codes: torch.Tensor) -> torch.Tensor:
-    """Teacher-forced negative log-likelihood of ``codes`` (``b h w L``) as drawings of ``prompts``:
-    ``b cells L`` nats."""
-    return drawing_pass(model, prompts, codes)[0]
+def code_nll(model: EvoTokMLLM, prompts: Sequence[str], codes: torch.Tensor,
+             plans: Sequence[str | None] | None = None) -> torch.Tensor:
+    """Teacher-forced negative log-likelihood of ``codes`` (``b h w L``) as drawings of ``prompts``
+    (each after its layout plan, when given): ``b cells L`` nats."""
+    return drawing_pass(model, prompts, codes, plans)[0]
 
 
 @torch.no_grad()
-def drawing_pass(model: EvoTokMLLM, prompts: Sequence[str], codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def drawing_pass(model: EvoTokMLLM, prompts: Sequence[str], codes: torch.Tensor,
+                 plans: Sequence[str | None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`code_nll` and the hidden state that draws each cell (``b cells hidden``)."""
     cfg, tok, n = model.config, model.text, model.config.num_cells
-    encoded = [encode_generation(tok, p, n, cfg.max_prompt_tokens, truncate=True) for p in prompts]
+    plans = plans if plans is not None else [None] * len(prompts)
+    encoded = [encode_generation(tok, p, n, cfg.max_prompt_tokens, truncate=True, plan=plan)
+               for p, plan in zip(prompts, plans)]
     ids, mask = left_pad([e.input_ids for e in encoded], tok.ids["pad"], model.device)
     gen = left_pad([e.gen_mask for e in encoded], False, model.device, dtype=torch.bool)[0]
     codes = codes[..., : cfg.pixel_depth].to(model.device)
@@ -90,6 +101,17 @@ def prompt_variants(caption: str, colour: str, shape: str, rng: np.random.Genera
             "colours only": colours_only(caption)}
 
 
+def named_plan(prompt: str, obj, grid: int) -> str | None:
+    """The layout plan ``prompt`` names for the scene's one object: its true size and cell, with the
+    colour and the shape the prompt says (``None`` for the empty prompt)."""
+    if not prompt:
+        return None
+    words = re.findall(r"[a-z]+", prompt.lower())
+    colour = next((w for w in words if w in COLOURS), obj.colour)
+    shape = next((w for w in words if w in SHAPES), obj.shape)
+    return plan_text([PlannedObject(obj.size, colour, shape, *centre_cell(obj, grid))])
+
+
 def object_cells(obj, grid: int) -> np.ndarray:
     """Cells whose centre lies in the object's box; on a coarse grid a small object may cover no
     centre, and then the cell holding its own centre stands for it (the cells the cell-attribute
@@ -104,8 +126,9 @@ def measure(model: EvoTokMLLM, split: str, seed: int, count: int, batch_size: in
     world = SceneWorld(model.tokenizer.config.image_size, seed=seed, split=split,
                        scene_weights={"single_object": 1.0})
     grid, rng = model.config.grid_size, np.random.default_rng(seed)
-    object_nll = {p: [] for p in PROMPTS}
-    background_nll = {p: [] for p in PROMPTS}
+    prompts = PLANNED_PROMPTS if model.config.layout_plan else PROMPTS
+    object_nll = {p: [] for p in prompts}
+    background_nll = {p: [] for p in prompts}
     stages, pairs = [], []
     readout = {"colour": [], "shape": []}  # the cell-attribute head's reading of object cells, if any
     kept, kept_labels = [], {"colour": [], "shape": []}
@@ -117,8 +140,10 @@ def measure(model: EvoTokMLLM, split: str, seed: int, count: int, batch_size: in
         codes = model.encode_images(images.to(model.device))
         variants = [prompt_variants(s.caption, o.colour, o.shape, rng) for s, o in zip(samples, objects)]
         on_object = [object_cells(o, grid) for o in objects]
-        for name in PROMPTS:
-            nll, states = drawing_pass(model, [v[name] for v in variants], codes)
+        for name in prompts:
+            plans = [named_plan(v[name], o, grid) for v, o in zip(variants, objects)] \
+                if model.config.layout_plan else None
+            nll, states = drawing_pass(model, [v[name] for v in variants], codes, plans)
             for k, (obj, inside) in enumerate(zip(objects, on_object) if name == "caption" else ()):
                 cell_states = states[k, torch.from_numpy(inside).to(states.device)]
                 colour, shape = list(COLOURS).index(obj.colour), list(SHAPES).index(obj.shape)
@@ -181,7 +206,7 @@ def markdown(results: dict) -> str:
     seen, held = results["seen"], results["held-out"]
     lines = ["| prompt | object cells: seen pairs | held-out pairs | held-out − seen | background: seen | held-out |",
              "|---|---|---|---|---|---|"]
-    for p in PROMPTS:
+    for p in seen["object"]:
         lines.append(f"| {p} | {seen['object'][p]:.2f} | {held['object'][p]:.2f} | "
                      f"{held['object'][p] - seen['object'][p]:+.2f} | {seen['background'][p]:.2f} | "
                      f"{held['background'][p]:.2f} |")
@@ -220,7 +245,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"{held['object_sem']:.2f} (held-out), so about {np.hypot(seen['object_sem'], held['object_sem']):.2f} "
           "for held-out − seen; each prompt's difference from the caption on the same scenes: "
           + ", ".join(f"{p} {seen['object_sem_vs_caption'][p]:.2f} / {held['object_sem_vs_caption'][p]:.2f}"
-                      for p in PROMPTS[1:]) + " (seen / held-out)")
+                      for p in seen["object_sem_vs_caption"]) + " (seen / held-out)")
     results["by_pair"] = by_pair(results)
     print("\nBy held-out pair, caption, object cells (additive expectation: the seen same-shape mean plus the "
           "seen same-colour mean minus the seen mean)\n")

@@ -34,7 +34,7 @@ def test_plan_lists_objects_in_the_order_the_caption_names_them():
     assert plan_text([]) == ""
 
 
-def test_copies_of_a_counted_object_follow_raster_order_and_plurals_count_as_named():
+def test_copies_of_a_counted_object_go_top_to_bottom_and_plurals_count_as_named():
     copies = [SceneObject("circle", "green", "small", (x, y)) for x, y in [(0.7, 0.6), (0.2, 0.6), (0.5, 0.1)]]
     extra = SceneObject("cross", "white", "large", (0.5, 0.9))
     plan = plan_of([extra, *copies], "three green circles and a white cross", grid=4)

@@ -45,10 +45,10 @@ def centre_cell(obj: SceneObject, grid: int) -> tuple[int, int]:
     return min(max(int(y * grid), 0), grid - 1), min(max(int(x * grid), 0), grid - 1)
 
 
-def mention_order(objects: Sequence[SceneObject], caption: str, grid: int) -> list[int]:
+def mention_order(objects: Sequence[SceneObject], caption: str) -> list[int]:
     """Indices of ``objects`` in the order ``caption`` first names their colour and shape (a
     plural counts: "two red stars" names "red star"); objects it never names go last; ties (the
-    copies of a counted object) in raster order of their centres."""
+    copies of a counted object) by their centres, top to bottom, then left to right."""
     text = caption.lower()
 
     def key(k: int) -> tuple[int, float, float]:
@@ -63,7 +63,7 @@ def mention_order(objects: Sequence[SceneObject], caption: str, grid: int) -> li
 def plan_of(objects: Sequence[SceneObject], caption: str, grid: int) -> list[PlannedObject]:
     """The plan of a scene drawn for ``caption``: its objects in the order the caption names them."""
     out = []
-    for k in mention_order(objects, caption, grid):
+    for k in mention_order(objects, caption):
         obj = objects[k]
         row, col = centre_cell(obj, grid)
         out.append(PlannedObject(obj.size, obj.colour, obj.shape, row, col))

@@ -162,3 +162,73 @@ def test_the_plan_setting_survives_saving(planner, tmp_path, image_tok):  # noqa
     planner.save_pretrained(tmp_path / "m")
     loaded = EvoTokMLLM.from_pretrained(tmp_path / "m", image_tokenizer=image_tok)
     assert loaded.config.layout_plan and loaded.config.max_plan_tokens == 6
+
+
+# ---------------------------------------------------------------------------- anchors
+def test_only_the_token_that_closes_an_entry_is_anchored_to_its_cell(bundled_text):
+    from evotok.mllm.layout_plan import closed_entry_cell, plan_anchors
+
+    ids = bundled_text.encode("small red star 3 1, large blue cross 6 5")
+    anchors = plan_anchors([bundled_text.decode([i]) for i in ids], grid=8)
+    assert [a for a in anchors if a >= 0] == [3 * 8 + 1, 6 * 8 + 5]
+    assert bundled_text.decode([ids[anchors.index(25)]]).strip() == "1"
+    assert closed_entry_cell("small red star 3", 8) == -1 and closed_entry_cell("small red star 3 9", 8) == -1
+    assert closed_entry_cell("small red star 3 1, large blue", 8) == -1
+
+
+def test_anchored_drawings_carry_their_cells_and_the_model_adds_the_cells_position(image_tok, bundled_text):  # noqa: F811
+    tok = bundled_text
+    pool = scene_pool(4)
+    data = ChatDataset({"scenes": pool}, {"scene_t2i": 1.0}, tok, 64, 4, cfg_dropout=0.0, layout_plan=True,
+                       plan_anchors=True)
+    item = data[0]
+    anchors = item["anchor_cells"]
+    assert len(anchors) == len(item["input_ids"])
+    prompt_end = item["input_ids"].index(tok.ids["assistant"])
+    record = next(r for r in pool.records if tok.decode(item["input_ids"][1:prompt_end - 1]) == r["caption"])
+    plan = plan_of([SceneObject.from_any(o) for o in record["objects"]], record["caption"], 8)
+    assert [a for a in anchors if a >= 0] == [p.row * 8 + p.col for p in plan]
+    with pytest.raises(ValueError, match="layout_plan"):
+        ChatDataset({"scenes": pool}, {"scene_t2i": 1.0}, tok, 64, 4, plan_anchors=True)
+
+    batch = collate([item, ChatDataset({"scenes": pool}, {"scene_qa": 1.0}, tok, 64, 4)[0]], tok.ids["pad"])
+    assert batch["anchor_cells"].shape == batch["input_ids"].shape and (batch["anchor_cells"][1] == -1).all()
+
+    from evotok.mllm.data import anchor_row
+
+    model = build(image_tok, tok, layout_plan=True, plan_anchors=True)  # a 4×4 grid
+    plan = "small red star 1 2, large blue cross 3 0"
+    encoded = encode_generation(tok, "a red star and a blue cross", 16, plan=plan)
+    ids, cells = torch.tensor([encoded.input_ids]), torch.tensor([anchor_row(tok, encoded, plan, 4)])
+    assert sorted(cells[cells >= 0].tolist()) == [6, 12]
+    with torch.no_grad():
+        plain, anchored = model.embed_inputs(ids), model.embed_inputs(ids, anchor_cells=cells)
+    at = cells[0] >= 0
+    assert torch.allclose(anchored[0, at] - plain[0, at], model.cell_positions()[cells[0, at]])
+    assert torch.equal(anchored[0, ~at], plain[0, ~at])
+
+
+def test_an_anchored_planner_draws_as_the_training_sequence_reads(image_tok, bundled_text, monkeypatch):  # noqa: F811
+    from evotok.mllm.data import anchor_row
+
+    tok = bundled_text
+    model = build(image_tok, tok, layout_plan=True, plan_anchors=True)
+    g = model.config.grid_size
+    with torch.no_grad():  # position vectors big enough to matter
+        model.grid_pos.normal_(0, 1.0)
+    plan = f"small red star 1 {g - 1}"
+    monkeypatch.setattr(generate_module, "write_plans", lambda model, prompts, use_cache=True: [tok.encode(plan)])
+    trace = []
+    generate_image_codes(model, ["a red star"], guidance_scale=None, seed=1, logits_trace=trace)
+    encoded = encode_generation(tok, "a red star", model.config.num_cells, plan=plan, include_grid=False)
+    ids = torch.tensor([encoded.input_ids])
+    cells = torch.tensor([anchor_row(tok, encoded, plan, g)])
+    assert int((cells >= 0).sum()) == 1
+    with torch.no_grad():
+        for anchors, same in ((cells, True), (None, False)):
+            hidden, _ = model.backbone(model.embed_inputs(ids, anchor_cells=anchors))
+            first = model.depth.next_logits(hidden[:, -1], torch.zeros(1, dtype=torch.long),
+                                            torch.zeros(1, 0, dtype=torch.long))
+            assert torch.allclose(first.float(), trace[0], atol=1e-5) == same
+    assert torch.equal(generate_image_codes(model, ["a red star"], guidance_scale=None, seed=1, use_cache=False),
+                       generate_image_codes(model, ["a red star"], guidance_scale=None, seed=1))

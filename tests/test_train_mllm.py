@@ -237,3 +237,6 @@ def test_a_later_stage_can_start_writing_layout_plans(root):
     trace = []
     model.generate_image("a red circle", seed=0, plan_trace=trace)
     assert len(trace) == 1
+    run(root, "plan_anchored", f"model.init_from={root / 'plan_base' / 'final'}", "data.layout_plan=true",
+        "model.plan_anchors=true", "train.steps=2")
+    assert EvoTokMLLM.from_pretrained(root / "plan_anchored" / "final").config.plan_anchors

@@ -54,6 +54,7 @@ from evotok.data.scenes import COLOURS, SHAPES, SceneWorld  # noqa: E402
 from evotok.images import pil_to_tensor  # noqa: E402
 from evotok.mllm import EvoTokMLLM, encode_generation  # noqa: E402
 from evotok.mllm.cell_attributes import SHAPE_BACKGROUND, cell_attribute_targets  # noqa: E402
+from evotok.mllm.data import anchor_row  # noqa: E402
 from evotok.mllm.generate import left_pad, positions_of  # noqa: E402
 from evotok.mllm.layout_plan import PlannedObject, centre_cell, plan_text  # noqa: E402
 from evotok.mllm.prompt_parts import colours_only, fix_articles, shapes_only  # noqa: E402
@@ -81,8 +82,12 @@ def drawing_pass(model: EvoTokMLLM, prompts: Sequence[str], codes: torch.Tensor,
                for p, plan in zip(prompts, plans)]
     ids, mask = left_pad([e.input_ids for e in encoded], tok.ids["pad"], model.device)
     gen = left_pad([e.gen_mask for e in encoded], False, model.device, dtype=torch.bool)[0]
+    anchors = None
+    if cfg.plan_anchors:
+        anchors = left_pad([anchor_row(tok, e, plan, cfg.grid_size) if plan else [-1] * len(e.input_ids)
+                            for e, plan in zip(encoded, plans)], -1, model.device)[0]
     codes = codes[..., : cfg.pixel_depth].to(model.device)
-    embeds = model.embed_inputs(ids, gen_mask=gen, gen_codes=codes)
+    embeds = model.embed_inputs(ids, gen_mask=gen, gen_codes=codes, anchor_cells=anchors)
     hidden, _ = model.backbone(embeds, mask, positions_of(mask), cell_index=model.cell_index(None, gen))
     states = model.drawing_states(hidden, gen)
     logits, targets = model.code_logits(states, codes)

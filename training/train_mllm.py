@@ -41,7 +41,7 @@ from training.common import (STATE_FILE, Logger, append_jsonl, copy_config, fini
                              set_rng_state, set_seed, to_float_dict)
 
 TENSOR_KEYS = ("input_ids", "attention_mask", "labels", "image_mask", "gen_mask", "image_codes", "gen_codes",
-               "answer_exclusions", "cell_targets")
+               "answer_exclusions", "cell_targets", "anchor_cells")
 
 
 def build_pools(tokenizer: EvoTok, data_cfg: dict, split: str, counts: dict[str, int], accelerator: Accelerator,
@@ -98,6 +98,8 @@ def build_model(config: dict, tokenizer: EvoTok, pools: dict, run_dir: Path, res
             model.add_cell_attribute_head()
         if config["data"].get("layout_plan"):  # from now on the model writes plans (no new weights)
             model.config.layout_plan = True
+        if model_cfg.get("plan_anchors"):  # ...and anchors their entries to cells (no new weights)
+            model.config.plan_anchors = True
         if "grid_rope_stride" in model_cfg:  # a later stage may respace the row and column streams
             # through the config's own checks (a stride below 1 is refused there)
             model.config = dataclasses.replace(model.config, grid_rope_stride=int(model_cfg["grid_rope_stride"]))
@@ -122,6 +124,8 @@ def build_model(config: dict, tokenizer: EvoTok, pools: dict, run_dir: Path, res
         adapters["cell_attribute_head"] = True
     if config["data"].get("layout_plan"):
         adapters["layout_plan"] = True
+    if model_cfg.get("plan_anchors"):
+        adapters["plan_anchors"] = True
     if model_cfg.get("lm_name_or_path"):
         return EvoTokMLLM.build(tokenizer, text_tok, image_tokenizer_path=model_cfg["image_tokenizer"],
                                 lm_name_or_path=model_cfg["lm_name_or_path"], **adapters)
@@ -166,7 +170,8 @@ def make_dataset(pools: dict, data_cfg: dict, model: EvoTokMLLM, seed: int, task
                        resample_scene_questions=training and bool(data_cfg.get("resample_scene_questions", False)),
                        place_questions=training and bool(data_cfg.get("place_questions", False)),
                        attribute_dropout=float(data_cfg.get("attribute_dropout", 0.0)) if training else 0.0,
-                       cell_attributes=training and cell_attributes, layout_plan=model.config.layout_plan)
+                       cell_attributes=training and cell_attributes, layout_plan=model.config.layout_plan,
+                       plan_anchors=model.config.plan_anchors)
 
 
 def to_device(batch: dict, device: torch.device) -> dict:

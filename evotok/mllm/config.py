@@ -55,6 +55,8 @@ class MLLMConfig:
             bundled model for one CPU stage, it did not help (its card says how this was tested).
         layout_plan: text to image first writes a layout plan, each object's size, colour, shape
             and centre cell, then draws (``evotok.mllm.layout_plan``); ``max_plan_tokens`` caps it.
+        plan_anchors: the token that closes each plan entry also gets the position vector of the
+            entry's cell (``evotok.mllm.layout_plan``); needs ``layout_plan``.
     Prompts:
         max_prompt_tokens: longest prompt or question accepted, in text tokens.
         max_answer_tokens: longest answer ``answer`` produces unless asked otherwise.
@@ -86,6 +88,7 @@ class MLLMConfig:
     cell_attribute_head: bool = False
     layout_plan: bool = False
     max_plan_tokens: int = 32
+    plan_anchors: bool = False
 
     max_prompt_tokens: int = 64
     max_answer_tokens: int = 32
@@ -98,6 +101,8 @@ class MLLMConfig:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if int(self.projector_context_layers) < 0:
             raise ValueError(f"projector_context_layers must be >= 0, got {self.projector_context_layers!r}")
+        if self.plan_anchors and not self.layout_plan:
+            raise ValueError("plan_anchors marks the cells of layout plan entries: set layout_plan too")
         if self.depth_head not in DEPTH_HEADS:
             raise ValueError(f"depth_head must be one of {DEPTH_HEADS}, got {self.depth_head!r}")
         if self.depth_width % self.depth_heads:

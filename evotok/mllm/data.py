@@ -26,7 +26,7 @@ from ..data.scenes import (COUNT_WORDS, IMAGE_MIDDLE, SceneObject, is_place_ques
 from .answer_gaps import caption_gaps, gap_answers, words
 from .cell_attributes import IGNORE_CELL, cell_attribute_targets
 from .chat import IGNORE, encode_chat, encode_generation
-from .layout_plan import plan_of, plan_text
+from .layout_plan import plan_anchors, plan_of, plan_text
 from .prompt_parts import colours_only, shapes_only
 from .text_tokenizer import TextTokenizer
 
@@ -287,7 +287,9 @@ class ChatDataset(torch.utils.data.Dataset):
     ``layout_plan``: drawings with a prompt write a layout plan before the grid
     (:mod:`evotok.mllm.layout_plan`; scenes from the records' ``objects``, other sources an empty
     one). With ``mask_answer_gaps`` or ``mask_caption_gaps`` the plan's shape words are masked like
-    a caption's, so that copying a new pair from the prompt is not taught against.
+    a caption's, so that copying a new pair from the prompt is not taught against. ``plan_anchors``:
+    those drawings also carry ``anchor_cells`` (per token, the cell of the plan entry it closes, -1
+    elsewhere; ``MLLMConfig.plan_anchors``).
     """
 
     def __init__(self, pools: Mapping[str, ImagePool], task_weights: Mapping[str, float], text_tokenizer: TextTokenizer,
@@ -295,7 +297,8 @@ class ChatDataset(torch.utils.data.Dataset):
                  max_turns: int = 3, max_prompt_tokens: int | None = 64, length: int = 10**9,
                  mask_answer_gaps: bool = False, mask_caption_gaps: bool = False,
                  resample_scene_questions: bool = False, place_questions: bool = False,
-                 attribute_dropout: float = 0.0, cell_attributes: bool = False, layout_plan: bool = False):
+                 attribute_dropout: float = 0.0, cell_attributes: bool = False, layout_plan: bool = False,
+                 plan_anchors: bool = False):
         unknown = sorted(set(task_weights) - set(TASKS))
         if unknown:
             raise ValueError(f"unknown tasks {unknown}; expected some of {sorted(TASKS)}")
@@ -322,6 +325,9 @@ class ChatDataset(torch.utils.data.Dataset):
             raise ValueError(f"attribute_dropout must lie in [0, 1], got {attribute_dropout}")
         self.attribute_dropout = float(attribute_dropout)
         self.cell_attributes, self.layout_plan = cell_attributes, layout_plan
+        if plan_anchors and not layout_plan:
+            raise ValueError("plan_anchors marks the cells of layout plan entries: set layout_plan too")
+        self.plan_anchors = plan_anchors
         if (resample_scene_questions or cell_attributes or layout_plan) and "scenes" in self.pools:
             scenes = self.pools["scenes"]
             if scenes.records and "objects" not in scenes.records[0]:
@@ -348,7 +354,7 @@ class ChatDataset(torch.utils.data.Dataset):
         task = self.task_of(rng)
         source, kind = TASKS[task]
         item: dict[str, Any] = {"task": task, "image_codes": None, "gen_codes": None, "cell_targets": None,
-                                "exclusions": []}
+                                "exclusions": [], "anchor_cells": None}
         if kind == "text":
             q, a = self.text_pairs[int(rng.integers(len(self.text_pairs)))]
             encoded = encode_chat(self.tok, [(q, a)], 0, self.max_prompt_tokens, truncate=True)
@@ -366,6 +372,8 @@ class ChatDataset(torch.utils.data.Dataset):
                 item["gen_codes"] = codes[..., : self.pixel_depth]
                 if plan and (self.mask_answer_gaps or self.mask_caption_gaps):
                     item["exclusions"] = self.caption_gap_exclusions(self.tok.encode(plan), encoded.answer_starts[0])
+                if plan and self.plan_anchors:
+                    item["anchor_cells"] = anchor_row(self.tok, encoded, plan, codes.shape[0])
                 if self.cell_attributes and source == "scenes":
                     objects = [SceneObject.from_any(o) for o in record["objects"]]
                     item["cell_targets"] = cell_attribute_targets(objects, codes.shape[0])
@@ -454,6 +462,15 @@ class ChatDataset(torch.utils.data.Dataset):
                 if rank < len(queue)]
 
 
+def anchor_row(tok: TextTokenizer, encoded, plan: str, grid: int) -> list[int]:
+    """Per token of an encoded drawing, the cell of the plan entry it closes, -1 elsewhere."""
+    start = encoded.answer_starts[0]
+    ids = tok.encode(plan)
+    row = [-1] * len(encoded.input_ids)
+    row[start:start + len(ids)] = plan_anchors([tok.decode([i]) for i in ids], grid)
+    return row
+
+
 def without_told_answers(turns: Sequence[tuple[str, str]],
                          independent: Callable[[str], bool] | None = None) -> list[tuple[str, str]]:
     """``turns`` less each one whose one-word answer (a shape, colour, size or side; not yes/no or a
@@ -496,6 +513,10 @@ def collate(items: Sequence[Mapping[str, Any]], pad_id: int) -> dict[str, Any]:
         "answer_exclusions": torch.tensor([(row, pos, tok) for row, it in enumerate(items)
                                            for pos, tok in it.get("exclusions", [])], dtype=torch.long).reshape(-1, 3),
     }
+    batch["anchor_cells"] = None
+    if any(it.get("anchor_cells") is not None for it in items):
+        batch["anchor_cells"] = torch.tensor([list(it.get("anchor_cells") or [-1] * len(it["input_ids"]))
+                                              + [-1] * (length - len(it["input_ids"])) for it in items])
     for key in ("image_codes", "gen_codes"):
         arrays = [it[key] for it in items if it[key] is not None]
         batch[key] = torch.from_numpy(np.stack(arrays).astype(np.int64)) if arrays else None

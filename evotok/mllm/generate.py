@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 import torch
 
 from .chat import encode_chat, encode_generation, plan_prefix
+from .layout_plan import closed_entry_cell, plan_anchors
 from .prompt_parts import attribute_parts
 
 if TYPE_CHECKING:
@@ -172,22 +173,31 @@ def generate_image_codes(model: "EvoTokMLLM", prompts: Sequence[str], guidance_s
     seqs = [encode_generation(tok, p, n, cfg.max_prompt_tokens, include_grid=False).input_ids
             for branch in branches for p in branch]
     mix = LogitMix(b, guidance_scale, attribute_guidance)
+    anchors = None
     with thread_scope(model, cpu_threads):
         if cfg.layout_plan:
             plans = write_plans(model, prompts, use_cache)
-            seqs[:b] = [plan_prefix(tok, p, cfg.max_prompt_tokens).input_ids + plan + [tok.ids["boi"]]
-                        if p.strip() else seqs[k] for k, (p, plan) in enumerate(zip(prompts, plans))]
+            prefixes = [plan_prefix(tok, p, cfg.max_prompt_tokens).input_ids for p in prompts]
+            seqs[:b] = [prefix + plan + [tok.ids["boi"]] if p.strip() else seqs[k]
+                        for k, (p, prefix, plan) in enumerate(zip(prompts, prefixes, plans))]
+            if cfg.plan_anchors:
+                rows = [[-1] * len(prefix) + plan_anchors([tok.decode([i]) for i in plan], cfg.grid_size) + [-1]
+                        if p.strip() else [-1] * len(seqs[k])
+                        for k, (p, prefix, plan) in enumerate(zip(prompts, prefixes, plans))]
+                anchors = left_pad(rows + [[-1] * len(seq) for seq in seqs[b:]], -1, model.device)[0]
             if plan_trace is not None:
                 plan_trace.extend(tok.decode(plan).strip() for plan in plans)
         ids, mask = left_pad(seqs, tok.ids["pad"], model.device)
         return _sample_grid(model, ids, mask, mix, temperature, top_k, top_p, seed, callback, use_cache,
-                            logits_trace)
+                            logits_trace, anchors)
 
 
 @torch.no_grad()
 def write_plans(model: "EvoTokMLLM", prompts: Sequence[str], use_cache: bool = True) -> list[list[int]]:
     """The layout plan (``evotok.mllm.layout_plan``) each prompt's drawing starts with, written
-    greedily up to ``<boi>`` or ``config.max_plan_tokens``: token ids, ``[]`` for an empty prompt."""
+    greedily up to ``<boi>`` or ``config.max_plan_tokens``: token ids, ``[]`` for an empty prompt.
+    With ``config.plan_anchors`` each token that closes an entry is fed back with its cell's
+    position vector, as in training."""
     cfg, tok, device = model.config, model.text, model.device
     seqs = [plan_prefix(tok, p, cfg.max_prompt_tokens).input_ids for p in prompts]
     ids, mask = left_pad(seqs, tok.ids["pad"], device)
@@ -195,6 +205,7 @@ def write_plans(model: "EvoTokMLLM", prompts: Sequence[str], use_cache: bool = T
     banned = [v for k, v in tok.ids.items() if k != "boi"]
     done = torch.tensor([not p.strip() for p in prompts], device=device)
     plans: list[list[int]] = [[] for _ in prompts]
+    texts = [""] * len(prompts)
     for _ in range(cfg.max_plan_tokens):
         if bool(done.all()):
             break
@@ -202,9 +213,13 @@ def write_plans(model: "EvoTokMLLM", prompts: Sequence[str], use_cache: bool = T
         logits[:, banned] = float("-inf")
         token = logits.argmax(-1)
         done |= token == tok.ids["boi"]
+        anchors = torch.full_like(token, -1)
         for i in torch.nonzero(~done).flatten().tolist():
             plans[i].append(int(token[i]))
-        stepper.step(model.lm.get_input_embeddings()(token))
+            texts[i] += tok.decode([int(token[i])])
+            if cfg.plan_anchors:
+                anchors[i] = closed_entry_cell(texts[i], cfg.grid_size)
+        stepper.step(model.embed_inputs(token[:, None], anchor_cells=anchors[:, None])[:, 0])
     return plans
 
 
@@ -229,11 +244,11 @@ class LogitMix:
 def _sample_grid(model: "EvoTokMLLM", ids: torch.Tensor, mask: torch.Tensor, mix: LogitMix,
                  temperature: float, top_k: int | None, top_p: float | None, seed: int | None,
                  callback: Callable[[int, torch.Tensor], None] | None, use_cache: bool,
-                 logits_trace: list | None) -> torch.Tensor:
+                 logits_trace: list | None, anchor_cells: torch.Tensor | None = None) -> torch.Tensor:
     cfg, device = model.config, model.device
     n, depth, grid = cfg.num_cells, cfg.pixel_depth, cfg.grid_size
     b, branches = mix.b, mix.branches
-    stepper = _Stepper(model, model.embed_inputs(ids), mask, use_cache)
+    stepper = _Stepper(model, model.embed_inputs(ids, anchor_cells=anchor_cells), mask, use_cache)
     generator = make_generator(seed, device)
     codes = torch.zeros(b, n, depth, dtype=torch.long, device=device)
     positions = model.cell_positions()

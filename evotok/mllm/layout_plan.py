@@ -13,6 +13,11 @@ seen pairs). Written as text, the count, the binding and the layout become next-
 LM makes well, and every cell can look up what the plan puts at its own row and column. The plan
 is the model's own output, sampled from the same weights; training teaches it from the scene
 world's exact layouts. Drawings without a plan (clip-art, Fashion-MNIST) write an empty one.
+
+With ``MLLMConfig.plan_anchors`` the token that closes each entry (its column digit) also gets the
+position vector of the entry's cell added to its input embedding, the same vector the drawn cell
+there gets (``EvoTokMLLM.cell_positions``): a cell finds the plan's entry for its own place by
+matching a vector it already carries, instead of learning which digit tokens name its row and column.
 """
 from __future__ import annotations
 
@@ -76,6 +81,7 @@ def plan_text(plan: Sequence[PlannedObject]) -> str:
 
 
 _ENTRY = re.compile(r"^\s*(\w+)\s+(\w+)\s+(\w+)\s+(\d+)\s+(\d+)\s*$")
+_CLOSED_ENTRY = re.compile(r"(?:^|,)\s*\w+ \w+ \w+ (\d+) (\d+)$")
 
 
 def parse_plan(text: str, grid: int) -> list[PlannedObject] | None:
@@ -101,3 +107,22 @@ def plan_detections(plan: Sequence[PlannedObject], grid: int) -> list[dict[str, 
     itself satisfies a prompt, apart from whether the drawing follows it."""
     return [{"shape": p.shape, "colour": p.colour, "centre": ((p.col + 0.5) / grid, (p.row + 0.5) / grid),
              "area": SIZES[p.size] ** 2, "valid": True} for p in plan]
+
+
+def closed_entry_cell(text: str, grid: int) -> int:
+    """The cell index (``row · grid + column``) of the plan entry that ``text``, a plan written so
+    far, has just closed with its column digit; -1 when its end closes no entry."""
+    match = _CLOSED_ENTRY.search(text)
+    if match is None or int(match[1]) >= grid or int(match[2]) >= grid:
+        return -1
+    return int(match[1]) * grid + int(match[2])
+
+
+def plan_anchors(pieces: Sequence[str], grid: int) -> list[int]:
+    """Per plan token (``pieces``: each token's text), the cell of the entry it closes, -1 for the
+    others (``MLLMConfig.plan_anchors``)."""
+    out, text = [], ""
+    for piece in pieces:
+        text += piece
+        out.append(closed_entry_cell(text, grid))
+    return out

@@ -361,10 +361,16 @@ class EvoTokMLLM(nn.Module, PretrainedMixin):
 
     def embed_inputs(self, input_ids: torch.Tensor, image_mask: torch.Tensor | None = None,
                      image_features: torch.Tensor | None = None, gen_mask: torch.Tensor | None = None,
-                     gen_codes: torch.Tensor | None = None) -> torch.Tensor:
+                     gen_codes: torch.Tensor | None = None, anchor_cells: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings with projected image features spliced in at ``<image>`` positions and
-        projected code latents at generated grid cells (both in raster order, one per cell)."""
+        projected code latents at generated grid cells (both in raster order, one per cell).
+        ``anchor_cells`` (``B L``, -1 elsewhere) adds a cell's position vector to the plan tokens
+        that close an entry (``config.plan_anchors``, ``evotok.mllm.layout_plan``)."""
         embeds = self.lm.get_input_embeddings()(input_ids)
+        if anchor_cells is not None and bool((anchor_cells >= 0).any()):
+            anchored = anchor_cells >= 0
+            embeds = embeds.clone()
+            embeds[anchored] = embeds[anchored] + self.cell_positions()[anchor_cells[anchored]].to(embeds.dtype)
         n = self.config.num_cells
         if image_mask is not None and bool(image_mask.any()):
             if image_features is None:
@@ -410,17 +416,18 @@ class EvoTokMLLM(nn.Module, PretrainedMixin):
                 image_codes: torch.Tensor | None = None, gen_mask: torch.Tensor | None = None,
                 gen_codes: torch.Tensor | None = None, depth_loss_weight: float = 1.0,
                 answer_exclusions: torch.Tensor | None = None, cell_targets: torch.Tensor | None = None,
-                cell_attribute_weight: float = 0.0) -> MLLMOutput:
+                cell_attribute_weight: float = 0.0, anchor_cells: torch.Tensor | None = None) -> MLLMOutput:
         """Joint loss of a mixed batch (see :func:`evotok.mllm.data.collate`): LM cross-entropy on
         answer tokens plus the depth transformer's cross-entropy over the codes of every cell.
 
         ``answer_exclusions`` (``K × 3``: row, position, token id) leaves each token out of the
         softmax that predicts that position (``evotok.mllm.answer_gaps``). ``cell_targets``
         (``n_drawings × 2 × cells``) and a positive ``cell_attribute_weight`` add the cell-attribute
-        loss of the drawing hidden states (``evotok.mllm.cell_attributes``; needs the head)."""
+        loss of the drawing hidden states (``evotok.mllm.cell_attributes``; needs the head).
+        ``anchor_cells``: see :meth:`embed_inputs`."""
         if image_features is None and image_codes is not None and image_codes.numel():
             image_features = self.image_features(image_codes)
-        embeds = self.embed_inputs(input_ids, image_mask, image_features, gen_mask, gen_codes)
+        embeds = self.embed_inputs(input_ids, image_mask, image_features, gen_mask, gen_codes, anchor_cells)
         hidden, _ = self.backbone(embeds, attention_mask, cell_index=self.cell_index(image_mask, gen_mask))
 
         targets = labels[:, 1:]

@@ -28,6 +28,7 @@ from .cell_attributes import CellAttributeHead
 from .chat import IGNORE
 from .config import MLLMConfig
 from .depth_transformer import DepthTransformer
+from .generate import batch_answers, generate_image_codes, stream_answer
 from .grid_rope import cell_index_of, grid_position_ids, install_grid_rope
 from .text_tokenizer import TextTokenizer
 
@@ -514,8 +515,6 @@ class EvoTokMLLM(nn.Module, PretrainedMixin):
         ``cpu_threads``: intra-op threads while decoding on CPU (default: 1 for a small LM; see
         :func:`evotok.mllm.generate.thread_scope`).
         """
-        from .generate import generate_image_codes
-
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         return generate_image_codes(self, prompts, guidance_scale=guidance_scale, temperature=temperature,
                                     top_k=top_k, top_p=top_p, seed=seed, callback=callback, use_cache=use_cache,
@@ -531,8 +530,6 @@ class EvoTokMLLM(nn.Module, PretrainedMixin):
         ``history``: earlier (question, answer) turns about the same image. With ``stream`` the
         answer comes as an iterator of text pieces, otherwise as one string. Greedy by default.
         """
-        from .generate import stream_answer
-
         pieces = stream_answer(self, image, question, history,
                                max_new_tokens or self.config.max_answer_tokens, temperature, top_k, top_p, seed,
                                use_cache, cpu_threads)
@@ -544,8 +541,6 @@ class EvoTokMLLM(nn.Module, PretrainedMixin):
                      image_codes: torch.Tensor | None = None, cpu_threads: int | None = None) -> list[str]:
         """Greedy single-turn answers for a batch (benchmarks and evaluation); ``image_codes``
         (``b h w D``) may replace ``images`` to skip encoding."""
-        from .generate import batch_answers
-
         return batch_answers(self, images, questions, max_new_tokens or self.config.max_answer_tokens, image_codes,
                              cpu_threads)
 

@@ -123,6 +123,7 @@ def test_a_planning_model_draws_after_the_plan_each_prompt_names(tmp_path):
     assert named_plan("a red star on a plain background", star, 8) == "small red star 4 2"
     assert named_plan("a red cross on a plain background", star, 8) == "small red cross 4 2"
     assert named_plan("a blue star", star, 8) == "small blue star 4 2" and named_plan("", star, 8) is None
+    assert named_plan("a red star", star, 8, moved=True) == "small red star 0 6"
 
     folder = tiny_mllm(tmp_path, layout_plan=True)
     model = EvoTokMLLM.from_pretrained(folder).eval()

@@ -26,7 +26,9 @@ drew. A model trained with the cell-attribute loss also gets its own read-outs' 
 A model that writes layout plans (``evotok.mllm.layout_plan``) draws after its plan, so each
 prompt is followed by the plan it names: the scene's object at its true size and cell, in the
 prompt's colour and shape (none after the empty prompt). The shapes-only and colours-only prompts
-name no whole object to plan and are left out for such a model.
+name no whole object to plan and are left out for such a model; one more row gives the caption
+with its object planned half the grid away, which costs more only if the drawing follows the
+plan's place.
 
     python training/bench_drawing_likelihood.py --model assets/mllm --scenes 200
     python training/bench_drawing_likelihood.py --model assets/mllm --scenes 400 --probe
@@ -60,7 +62,9 @@ from evotok.mllm.layout_plan import PlannedObject, centre_cell, plan_text  # noq
 from evotok.mllm.prompt_parts import colours_only, fix_articles, shapes_only  # noqa: E402
 
 PROMPTS = ("caption", "another shape", "another colour", "empty", "shapes only", "colours only")
-PLANNED_PROMPTS = PROMPTS[:4]  # the prompts that name a whole object (or none) to plan
+# a planning model: the prompts that name a whole object (or none) to plan, and the caption with its
+# object planned at a far cell (does the drawing follow the plan's place?)
+PLANNED_PROMPTS = (*PROMPTS[:4], "plan at another cell")
 SPLITS = {"seen": ("train", 4242), "held-out": ("heldout", 4343)}  # split, world seed
 
 
@@ -106,15 +110,19 @@ def prompt_variants(caption: str, colour: str, shape: str, rng: np.random.Genera
             "colours only": colours_only(caption)}
 
 
-def named_plan(prompt: str, obj, grid: int) -> str | None:
+def named_plan(prompt: str, obj, grid: int, moved: bool = False) -> str | None:
     """The layout plan ``prompt`` names for the scene's one object: its true size and cell, with the
-    colour and the shape the prompt says (``None`` for the empty prompt)."""
+    colour and the shape the prompt says (``None`` for the empty prompt). ``moved``: the cell half
+    the grid away in both directions instead of the true one."""
     if not prompt:
         return None
     words = re.findall(r"[a-z]+", prompt.lower())
     colour = next((w for w in words if w in COLOURS), obj.colour)
     shape = next((w for w in words if w in SHAPES), obj.shape)
-    return plan_text([PlannedObject(obj.size, colour, shape, *centre_cell(obj, grid))])
+    row, col = centre_cell(obj, grid)
+    if moved:
+        row, col = (row + grid // 2) % grid, (col + grid // 2) % grid
+    return plan_text([PlannedObject(obj.size, colour, shape, row, col)])
 
 
 def object_cells(obj, grid: int) -> np.ndarray:
@@ -146,9 +154,10 @@ def measure(model: EvoTokMLLM, split: str, seed: int, count: int, batch_size: in
         variants = [prompt_variants(s.caption, o.colour, o.shape, rng) for s, o in zip(samples, objects)]
         on_object = [object_cells(o, grid) for o in objects]
         for name in prompts:
-            plans = [named_plan(v[name], o, grid) for v, o in zip(variants, objects)] \
+            said = "caption" if name == "plan at another cell" else name
+            plans = [named_plan(v[said], o, grid, moved=said != name) for v, o in zip(variants, objects)] \
                 if model.config.layout_plan else None
-            nll, states = drawing_pass(model, [v[name] for v in variants], codes, plans)
+            nll, states = drawing_pass(model, [v[said] for v in variants], codes, plans)
             for k, (obj, inside) in enumerate(zip(objects, on_object) if name == "caption" else ()):
                 cell_states = states[k, torch.from_numpy(inside).to(states.device)]
                 colour, shape = list(COLOURS).index(obj.colour), list(SHAPES).index(obj.shape)

@@ -19,6 +19,10 @@ from test_scene_conversations import BUNDLED_TEXT, scene_pool
 from evotok.mllm import TextTokenizer
 
 
+def pieces(tok, text: str) -> list[str]:
+    return [tok.decode([i]) for i in tok.encode(text)]
+
+
 @pytest.fixture(scope="module")
 def bundled_text():
     return TextTokenizer.load(BUNDLED_TEXT)
@@ -176,7 +180,7 @@ def test_only_the_token_that_closes_an_entry_is_anchored_to_its_cell(bundled_tex
     assert closed_entry_cell("small red star 3 1, large blue", 8) == -1
 
 
-def test_anchored_drawings_carry_their_cells_and_the_model_adds_the_cells_position(image_tok, bundled_text):  # noqa: F811
+def test_anchored_drawings_carry_their_cells_and_the_model_adds_them(image_tok, bundled_text):  # noqa: F811
     tok = bundled_text
     pool = scene_pool(4)
     data = ChatDataset({"scenes": pool}, {"scene_t2i": 1.0}, tok, 64, 4, cfg_dropout=0.0, layout_plan=True,
@@ -194,12 +198,13 @@ def test_anchored_drawings_carry_their_cells_and_the_model_adds_the_cells_positi
     batch = collate([item, ChatDataset({"scenes": pool}, {"scene_qa": 1.0}, tok, 64, 4)[0]], tok.ids["pad"])
     assert batch["anchor_cells"].shape == batch["input_ids"].shape and (batch["anchor_cells"][1] == -1).all()
 
-    from evotok.mllm.data import anchor_row
+    from evotok.mllm.layout_plan import anchor_row
 
     model = build(image_tok, tok, layout_plan=True, plan_anchors=True)  # a 4×4 grid
     plan = "small red star 1 2, large blue cross 3 0"
     encoded = encode_generation(tok, "a red star and a blue cross", 16, plan=plan)
-    ids, cells = torch.tensor([encoded.input_ids]), torch.tensor([anchor_row(tok, encoded, plan, 4)])
+    ids = torch.tensor([encoded.input_ids])
+    cells = torch.tensor([anchor_row(pieces(tok, plan), encoded.answer_starts[0], len(encoded), 4)])
     assert sorted(cells[cells >= 0].tolist()) == [6, 12]
     with torch.no_grad():
         plain, anchored = model.embed_inputs(ids), model.embed_inputs(ids, anchor_cells=cells)
@@ -209,7 +214,7 @@ def test_anchored_drawings_carry_their_cells_and_the_model_adds_the_cells_positi
 
 
 def test_an_anchored_planner_draws_as_the_training_sequence_reads(image_tok, bundled_text, monkeypatch):  # noqa: F811
-    from evotok.mllm.data import anchor_row
+    from evotok.mllm.layout_plan import anchor_row
 
     tok = bundled_text
     model = build(image_tok, tok, layout_plan=True, plan_anchors=True)
@@ -222,7 +227,7 @@ def test_an_anchored_planner_draws_as_the_training_sequence_reads(image_tok, bun
     generate_image_codes(model, ["a red star"], guidance_scale=None, seed=1, logits_trace=trace)
     encoded = encode_generation(tok, "a red star", model.config.num_cells, plan=plan, include_grid=False)
     ids = torch.tensor([encoded.input_ids])
-    cells = torch.tensor([anchor_row(tok, encoded, plan, g)])
+    cells = torch.tensor([anchor_row(pieces(tok, plan), encoded.answer_starts[0], len(encoded), g)])
     assert int((cells >= 0).sum()) == 1
     with torch.no_grad():
         for anchors, same in ((cells, True), (None, False)):

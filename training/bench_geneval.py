@@ -22,9 +22,10 @@ prompt: the share accepted (one image's score, from n times the draws) and the s
 with at least one accepted, the most any way of picking among these candidates could score.
 For a model that writes layout plans (``evotok.mllm.layout_plan``), a table judges the plans as
 they stand (each planned object at its cell's centre), which tells a wrong plan apart from a
-drawing that did not follow a good one. Below it: FID (bundled Inception) of the generations, and of the reconstructions, against the
-reference renders, and seconds per image (prompt to decoded pixels, batched). FID on a few hundred
-images is biased upwards; compare it only between runs of the same size.
+drawing that did not follow a good one. Below it: FID (bundled Inception) of the generations, and
+of the reconstructions, against the reference renders, and seconds per image (prompt to decoded
+pixels, batched). FID on a few hundred images is biased upwards; compare it only between runs of
+the same size.
 """
 from __future__ import annotations
 

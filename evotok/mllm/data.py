@@ -26,7 +26,7 @@ from ..data.scenes import (COUNT_WORDS, IMAGE_MIDDLE, SceneObject, is_place_ques
 from .answer_gaps import caption_gaps, gap_answers, words
 from .cell_attributes import IGNORE_CELL, cell_attribute_targets
 from .chat import IGNORE, encode_chat, encode_generation
-from .layout_plan import plan_anchors, plan_of, plan_text
+from .layout_plan import anchor_row, plan_of, plan_text
 from .prompt_parts import colours_only, shapes_only
 from .text_tokenizer import TextTokenizer
 
@@ -373,7 +373,8 @@ class ChatDataset(torch.utils.data.Dataset):
                 if plan and (self.mask_answer_gaps or self.mask_caption_gaps):
                     item["exclusions"] = self.caption_gap_exclusions(self.tok.encode(plan), encoded.answer_starts[0])
                 if plan and self.plan_anchors:
-                    item["anchor_cells"] = anchor_row(self.tok, encoded, plan, codes.shape[0])
+                    pieces = [self.tok.decode([i]) for i in self.tok.encode(plan)]
+                    item["anchor_cells"] = anchor_row(pieces, encoded.answer_starts[0], len(encoded), codes.shape[0])
                 if self.cell_attributes and source == "scenes":
                     objects = [SceneObject.from_any(o) for o in record["objects"]]
                     item["cell_targets"] = cell_attribute_targets(objects, codes.shape[0])
@@ -460,15 +461,6 @@ class ChatDataset(torch.utils.data.Dataset):
         queues = [[candidates[c][int(k)] for k in rng.permutation(len(candidates[c]))] for c in categories]
         return [queue[rank] for rank in range(max(map(len, queues), default=0)) for queue in queues
                 if rank < len(queue)]
-
-
-def anchor_row(tok: TextTokenizer, encoded, plan: str, grid: int) -> list[int]:
-    """Per token of an encoded drawing, the cell of the plan entry it closes, -1 elsewhere."""
-    start = encoded.answer_starts[0]
-    ids = tok.encode(plan)
-    row = [-1] * len(encoded.input_ids)
-    row[start:start + len(ids)] = plan_anchors([tok.decode([i]) for i in ids], grid)
-    return row
 
 
 def without_told_answers(turns: Sequence[tuple[str, str]],

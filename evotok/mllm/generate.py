@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 import torch
 
 from .chat import encode_chat, encode_generation, plan_prefix
-from .layout_plan import closed_entry_cell, plan_anchors
+from .layout_plan import anchor_row, closed_entry_cell
 from .prompt_parts import attribute_parts
 
 if TYPE_CHECKING:
@@ -181,9 +181,8 @@ def generate_image_codes(model: "EvoTokMLLM", prompts: Sequence[str], guidance_s
             seqs[:b] = [prefix + plan + [tok.ids["boi"]] if p.strip() else seqs[k]
                         for k, (p, prefix, plan) in enumerate(zip(prompts, prefixes, plans))]
             if cfg.plan_anchors:
-                rows = [[-1] * len(prefix) + plan_anchors([tok.decode([i]) for i in plan], cfg.grid_size) + [-1]
-                        if p.strip() else [-1] * len(seqs[k])
-                        for k, (p, prefix, plan) in enumerate(zip(prompts, prefixes, plans))]
+                rows = [anchor_row([tok.decode([i]) for i in plan], len(prefix), len(seqs[k]), cfg.grid_size)
+                        for k, (prefix, plan) in enumerate(zip(prefixes, plans))]
                 anchors = left_pad(rows + [[-1] * len(seq) for seq in seqs[b:]], -1, model.device)[0]
             if plan_trace is not None:
                 plan_trace.extend(tok.decode(plan).strip() for plan in plans)

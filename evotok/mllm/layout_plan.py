@@ -126,3 +126,11 @@ def plan_anchors(pieces: Sequence[str], grid: int) -> list[int]:
         text += piece
         out.append(closed_entry_cell(text, grid))
     return out
+
+
+def anchor_row(pieces: Sequence[str], start: int, length: int, grid: int) -> list[int]:
+    """:func:`plan_anchors` of a plan (``pieces``: its tokens' texts) placed at ``start`` in a
+    sequence of ``length`` tokens, -1 everywhere else: the ``anchor_cells`` row of a drawing."""
+    row = [-1] * length
+    row[start:start + len(pieces)] = plan_anchors(pieces, grid)
+    return row

@@ -70,24 +70,22 @@ def generate(model: Any, specs: list[PromptSpec], args: argparse.Namespace
     from evotok.mllm.rerank import draw_candidates, pick_best
 
     images, candidates = [], []
-    plans: list[str] | None = [] if model.config.layout_plan else None
-    extra = {} if plans is None else {"plan_trace": []}
+    trace: list[str] = []  # a planning model's plans, one per drawn candidate
     seconds = 0.0
     for first in range(0, len(specs), args.batch_size):
         prompts = [s.prompt for s in specs[first:first + args.batch_size]]
         start = time.perf_counter()
-        if plans is not None:
-            extra["plan_trace"] = []
         drawn = draw_candidates(model, prompts, args.best_of, guidance_scale=args.guidance,
                                 temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                attribute_guidance=args.attribute_guidance, seed=args.seed * 100_003 + first, **extra)
-        if plans is not None:  # plans are written greedily: every candidate of a prompt shares one
-            plans += extra["plan_trace"][::args.best_of]
+                                attribute_guidance=args.attribute_guidance, seed=args.seed * 100_003 + first,
+                                plan_trace=trace)
         images.append(model.decode_codes(pick_best(model, prompts, drawn)[0]).float().cpu())
         seconds += time.perf_counter() - start
         candidates.append(drawn.cpu())
         done = first + len(prompts)
         print(f"  generated {done}/{len(specs)} ({seconds / done:.2f} s/image)", flush=True)
+    # plans are written greedily: every candidate of a prompt shares one
+    plans = trace[::args.best_of] if model.config.layout_plan else None
     return torch.cat(images), seconds / len(specs), torch.cat(candidates), plans
 
 

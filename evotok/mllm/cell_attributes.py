@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..data.scenes import COLOURS, SHAPES, TRAIN_PAIRS, SceneObject
+from .layout_plan import centre_cell
 
 __all__ = ["cell_labels", "cell_attribute_targets", "gap_class_mask", "CellAttributeHead", "IGNORE_CELL"]
 
@@ -48,8 +49,8 @@ def cell_attribute_targets(objects: Sequence[SceneObject], grid: int) -> np.ndar
     covered = [_centre_cells(obj, grid) for obj in objects]
     labels = _labels(objects, covered, grid)
     for obj, inside in zip(objects, covered):
-        x, y = obj.centre
-        cell = min(int(y * grid), grid - 1) * grid + min(int(x * grid), grid - 1)
+        row, col = centre_cell(obj, grid)
+        cell = row * grid + col
         if labels["shape"][cell] < 0 and not inside.any():
             labels["colour"][cell] = list(COLOURS).index(obj.colour)
             labels["shape"][cell] = list(SHAPES).index(obj.shape)

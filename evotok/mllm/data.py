@@ -370,11 +370,14 @@ class ChatDataset(torch.utils.data.Dataset):
                 encoded = encode_generation(self.tok, prompt, self.num_cells, self.max_prompt_tokens, truncate=True,
                                             plan=plan)
                 item["gen_codes"] = codes[..., : self.pixel_depth]
-                if plan and (self.mask_answer_gaps or self.mask_caption_gaps):
-                    item["exclusions"] = self.caption_gap_exclusions(self.tok.encode(plan), encoded.answer_starts[0])
-                if plan and self.plan_anchors:
-                    pieces = [self.tok.decode([i]) for i in self.tok.encode(plan)]
-                    item["anchor_cells"] = anchor_row(pieces, encoded.answer_starts[0], len(encoded), codes.shape[0])
+                if plan:
+                    start = encoded.answer_starts[0]
+                    plan_ids = encoded.input_ids[start:encoded.input_ids.index(self.tok.ids["boi"], start)]
+                    if self.mask_answer_gaps or self.mask_caption_gaps:
+                        item["exclusions"] = self.caption_gap_exclusions(plan_ids, start)
+                    if self.plan_anchors:
+                        pieces = [self.tok.decode([i]) for i in plan_ids]
+                        item["anchor_cells"] = anchor_row(pieces, start, len(encoded), codes.shape[0])
                 if self.cell_attributes and source == "scenes":
                     objects = [SceneObject.from_any(o) for o in record["objects"]]
                     item["cell_targets"] = cell_attribute_targets(objects, codes.shape[0])

@@ -241,11 +241,10 @@ class MultimodalService:
             def callback(rows: int, codes: torch.Tensor) -> None:
                 on_row(rows, self.preview(codes[0], rows))
         started = time.perf_counter()
-        plans: list[str] = []
-        extra = {"plan_trace": plans} if self.model.config.layout_plan else {}
+        plans: list[str] = []  # filled by a model that writes layout plans
         codes, scores = generate_best_of(self.model, [check.text], int(candidates), seed=seed,
                                          guidance_scale=float(guidance_scale), temperature=float(temperature),
-                                         top_k=top_k, callback=callback, **extra)
+                                         top_k=top_k, callback=callback, plan_trace=plans)
         stages = self.model.decode_stages(codes)[:, 0].cpu()  # L 3 H W, the last one is the image
         seconds = time.perf_counter() - started
         return Generation(prompt=check, seed=seed, settings=settings, codes=codes[0].cpu(),

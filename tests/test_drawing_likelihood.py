@@ -11,7 +11,8 @@ from evotok.mllm.data import collate
 from evotok.mllm.chat import encode_generation
 from test_oracle import tiny_mllm
 from evotok.data.scenes import HELDOUT_PAIRS, SceneObject
-from training.bench_drawing_likelihood import PROMPTS, by_pair, code_nll, main, object_cells, prompt_variants
+from evotok.mllm.cell_attributes import object_cells
+from training.bench_drawing_likelihood import PROMPTS, by_pair, code_nll, main, prompt_variants
 
 
 def test_code_nll_is_the_depth_loss_of_the_training_step(tmp_path):
@@ -59,10 +60,26 @@ def test_the_script_prints_and_saves_both_pair_sets(tmp_path, capsys):
                    "--json", str(out)])
     assert json.loads(out.read_text())["held-out"]["scenes"] == 3
     for pairs in ("seen", "held-out"):
-        assert set(result[pairs]["object"]) == set(PROMPTS) == set(result[pairs]["background"])
-        assert all(v > 0 for part in ("object", "background") for v in result[pairs][part].values())
+        assert set(result[pairs]["object"]) == set(PROMPTS) == set(result[pairs]["background"]) \
+            == set(result[pairs]["onset"])
+        assert all(v > 0 for part in ("object", "onset", "background") for v in result[pairs][part].values())
     printed = capsys.readouterr().out
-    assert "held-out − seen" in printed and "additive expectation" in printed
+    assert "held-out − seen" in printed and "additive expectation" in printed and "onset cells" in printed
+    # the onset column is the caption's NLL on each object's top row of cells, read again by hand
+    from evotok.data.scenes import SceneWorld
+    from evotok.images import pil_to_tensor
+    from evotok.mllm import EvoTokMLLM
+    from evotok.mllm.onset_weights import onset_cells
+    from training.bench_drawing_likelihood import SPLITS
+    model = EvoTokMLLM.from_pretrained(result["model"]).eval()
+    world = SceneWorld(model.tokenizer.config.image_size, seed=SPLITS["seen"][1], split=SPLITS["seen"][0],
+                       scene_weights={"single_object": 1.0})
+    samples = [world[i] for i in range(3)]
+    codes = model.encode_images(torch.stack([pil_to_tensor(x.image, world.resolution) for x in samples]))
+    nll = code_nll(model, [x.caption for x in samples], codes)
+    onsets = [onset_cells([world.scene(i).objects[0]], model.config.grid_size) for i in range(3)]
+    by_hand = np.mean([float(nll[k, onset].sum(-1).mean()) for k, onset in enumerate(onsets)])
+    assert abs(by_hand - result["seen"]["onset"]["caption"]) < 1e-4
     held = result["held-out"]["caption_by_scene"]
     assert len(held) == 3 and all((r["colour"], r["shape"]) in HELDOUT_PAIRS for r in held)
     assert sum(r["n"] for r in result["by_pair"]) == 3

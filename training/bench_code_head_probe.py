@@ -38,9 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from evotok.data.scenes import BACKGROUND_KINDS, COLOURS, SHAPES, SIZES, SceneWorld  # noqa: E402
 from evotok.images import pil_to_tensor  # noqa: E402
+from evotok.mllm.cell_attributes import object_cells  # noqa: E402
 from evotok.mllm.codebook_head import CodebookHead  # noqa: E402
 from evotok.model import EvoTok  # noqa: E402
-from training.bench_drawing_likelihood import object_cells  # noqa: E402
 
 HEADS = ("free", "codebook", "free-then-codebook")
 FEATURES = len(COLOURS) + len(SHAPES) + len(SIZES) + len(BACKGROUND_KINDS) + 2
@@ -48,7 +48,7 @@ SETS = {"train": ("train", 1), "seen": ("train", 2), "held-out": ("heldout", 3)}
 
 
 def cell_features(scene, grid: int) -> tuple[list[int], np.ndarray]:
-    """The object's cells (as ``bench_drawing_likelihood.object_cells``: centre inside the drawn
+    """The object's cells (``evotok.mllm.cell_attributes.object_cells``: centre inside the drawn
     shape's box) and each one's features."""
     obj = scene.objects[0]
     attributes = np.zeros(FEATURES - 2, np.float32)

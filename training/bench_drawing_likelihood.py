@@ -4,7 +4,9 @@ Teacher-forced: single-object scenes (seen pairs and held-out pairs) are encoded
 tokenizer, and the model scores their true codes, cell by cell, as the drawing of a prompt. The
 score is the code negative log-likelihood (nats per cell, summed over the pixel-depth stages) on
 the object's cells (the cells whose centre lies in the object's box, as in
-``bench_attribute_probe.py``) and on the background cells. Prompts:
+``bench_attribute_probe.py``), on its onset cells (the object's top row of cells, where a
+raster-order drawing first meets it: ``evotok.mllm.onset_weights``) and on the background cells.
+Prompts:
 
 * the scene's own caption;
 * the caption with another shape, or another colour, named (a wrong prompt should cost more);
@@ -28,7 +30,8 @@ prompt is followed by the plan it names: the scene's object at its true size and
 prompt's colour and shape (none after the empty prompt). The shapes-only and colours-only prompts
 name no whole object to plan and are left out for such a model; one more row gives the caption
 with its object planned half the grid away, which costs more only if the drawing follows the
-plan's place.
+plan's place; the onset cells are where it should cost most, since there nothing drawn yet shows
+where the object is.
 
     python training/bench_drawing_likelihood.py --model assets/mllm --scenes 200
     python training/bench_drawing_likelihood.py --model assets/mllm --scenes 400 --probe
@@ -55,9 +58,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from evotok.data.scenes import COLOURS, SHAPES, SceneWorld  # noqa: E402
 from evotok.images import pil_to_tensor  # noqa: E402
 from evotok.mllm import EvoTokMLLM, encode_generation  # noqa: E402
-from evotok.mllm.cell_attributes import SHAPE_BACKGROUND, cell_attribute_targets  # noqa: E402
 from evotok.mllm.generate import left_pad, positions_of  # noqa: E402
 from evotok.mllm.layout_plan import PlannedObject, anchor_row, centre_cell, plan_text  # noqa: E402
+from evotok.mllm.cell_attributes import object_cells  # noqa: E402
+from evotok.mllm.onset_weights import onset_cells  # noqa: E402
 from evotok.mllm.prompt_parts import colours_only, fix_articles, shapes_only  # noqa: E402
 
 PROMPTS = ("caption", "another shape", "another colour", "empty", "shapes only", "colours only")
@@ -125,13 +129,6 @@ def named_plan(prompt: str, obj, grid: int, moved: bool = False) -> str | None:
     return plan_text([PlannedObject(obj.size, colour, shape, row, col)])
 
 
-def object_cells(obj, grid: int) -> np.ndarray:
-    """Cells whose centre lies in the object's box; on a coarse grid a small object may cover no
-    centre, and then the cell holding its own centre stands for it (the cells the cell-attribute
-    loss labels with the object, ``evotok.mllm.cell_attributes``)."""
-    return cell_attribute_targets([obj], grid)[1] != SHAPE_BACKGROUND
-
-
 def measure(model: EvoTokMLLM, split: str, seed: int, count: int, batch_size: int,
             keep_states: bool = False) -> dict:
     """The scenes' code NLL under each prompt; ``keep_states``: also the drawing states of the
@@ -142,6 +139,7 @@ def measure(model: EvoTokMLLM, split: str, seed: int, count: int, batch_size: in
     prompts = PLANNED_PROMPTS if model.config.layout_plan else PROMPTS
     object_nll = {p: [] for p in prompts}
     background_nll = {p: [] for p in prompts}
+    onset_nll = {p: [] for p in prompts}
     stages, pairs = [], []
     readout = {"colour": [], "shape": []}  # the cell-attribute head's reading of object cells, if any
     kept, kept_labels = [], {"colour": [], "shape": []}
@@ -153,6 +151,7 @@ def measure(model: EvoTokMLLM, split: str, seed: int, count: int, batch_size: in
         codes = model.encode_images(images.to(model.device))
         variants = [prompt_variants(s.caption, o.colour, o.shape, rng) for s, o in zip(samples, objects)]
         on_object = [object_cells(o, grid) for o in objects]
+        onsets = [onset_cells([o], grid) for o in objects]
         for name in prompts:
             said = "caption" if name == "plan at another cell" else name
             plans = [named_plan(v[said], o, grid, moved=said != name) for v, o in zip(variants, objects)] \
@@ -169,23 +168,27 @@ def measure(model: EvoTokMLLM, split: str, seed: int, count: int, batch_size: in
                     kept.append(cell_states.float().cpu().numpy())
                     kept_labels["colour"] += [colour] * len(cell_states)
                     kept_labels["shape"] += [shape] * len(cell_states)
-            for k, inside in enumerate(on_object):
+            for k, (inside, onset) in enumerate(zip(on_object, onsets)):
                 object_nll[name].append(float(nll[k, inside].sum(-1).mean()))
+                onset_nll[name].append(float(nll[k, onset].sum(-1).mean()))
                 background_nll[name].append(float(nll[k, ~inside].sum(-1).mean()))
                 if name == "caption":
                     stages.append(nll[k, inside].mean(0).numpy())
                     pairs.append((objects[k].colour, objects[k].shape))
-    caption = np.array(object_nll["caption"])
+    caption, caption_onset = np.array(object_nll["caption"]), np.array(onset_nll["caption"])
     extra = {"states": (np.concatenate(kept), {k: np.array(v) for k, v in kept_labels.items()})} if keep_states else {}
     return {**extra, "scenes": count,
             "caption_by_scene": [{"colour": c, "shape": k, "object": v} for (c, k), v in zip(pairs, caption)],
             "object": {p: float(np.mean(v)) for p, v in object_nll.items()},
+            "onset": {p: float(np.mean(v)) for p, v in onset_nll.items()},
             "background": {p: float(np.mean(v)) for p, v in background_nll.items()},
             "object_stages": [float(x) for x in np.mean(stages, 0)],
             "object_sem": float(np.std(caption) / np.sqrt(count)),
             # each prompt against the caption on the same scenes: paired, so far tighter
             "object_sem_vs_caption": {p: float(np.std(np.array(v) - caption) / np.sqrt(count))
                                       for p, v in object_nll.items() if p != "caption"},
+            "onset_sem_vs_caption": {p: float(np.std(np.array(v) - caption_onset) / np.sqrt(count))
+                                     for p, v in onset_nll.items() if p != "caption"},
             "cell_readout": {k: float(np.mean(v)) for k, v in readout.items()} if readout["colour"] else None}
 
 
@@ -218,12 +221,13 @@ def pair_markdown(rows: list[dict]) -> str:
 
 def markdown(results: dict) -> str:
     seen, held = results["seen"], results["held-out"]
-    lines = ["| prompt | object cells: seen pairs | held-out pairs | held-out − seen | background: seen | held-out |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| prompt | object cells: seen pairs | held-out pairs | held-out − seen | onset cells: seen | "
+             "held-out | background: seen | held-out |",
+             "|---|---|---|---|---|---|---|---|"]
     for p in seen["object"]:
         lines.append(f"| {p} | {seen['object'][p]:.2f} | {held['object'][p]:.2f} | "
-                     f"{held['object'][p] - seen['object'][p]:+.2f} | {seen['background'][p]:.2f} | "
-                     f"{held['background'][p]:.2f} |")
+                     f"{held['object'][p] - seen['object'][p]:+.2f} | {seen['onset'][p]:.2f} | "
+                     f"{held['onset'][p]:.2f} | {seen['background'][p]:.2f} | {held['background'][p]:.2f} |")
     lines += ["", "| caption, object cells, per stage | " + " | ".join(f"stage {j + 1}" for j in
                                                                       range(len(seen["object_stages"]))) + " |",
               "|---|" + "---|" * len(seen["object_stages"])]
@@ -259,7 +263,9 @@ def main(argv: list[str] | None = None) -> dict:
           f"{held['object_sem']:.2f} (held-out), so about {np.hypot(seen['object_sem'], held['object_sem']):.2f} "
           "for held-out − seen; each prompt's difference from the caption on the same scenes: "
           + ", ".join(f"{p} {seen['object_sem_vs_caption'][p]:.2f} / {held['object_sem_vs_caption'][p]:.2f}"
-                      for p in seen["object_sem_vs_caption"]) + " (seen / held-out)")
+                      for p in seen["object_sem_vs_caption"]) + " (seen / held-out); on the onset cells: "
+          + ", ".join(f"{p} {seen['onset_sem_vs_caption'][p]:.2f} / {held['onset_sem_vs_caption'][p]:.2f}"
+                      for p in seen["onset_sem_vs_caption"]))
     results["by_pair"] = by_pair(results)
     print("\nBy held-out pair, caption, object cells (additive expectation: the seen same-shape mean plus the "
           "seen same-colour mean minus the seen mean)\n")

@@ -41,7 +41,7 @@ from training.common import (STATE_FILE, Logger, append_jsonl, copy_config, fini
                              set_rng_state, set_seed, to_float_dict)
 
 TENSOR_KEYS = ("input_ids", "attention_mask", "labels", "image_mask", "gen_mask", "image_codes", "gen_codes",
-               "answer_exclusions", "cell_targets", "anchor_cells")
+               "answer_exclusions", "cell_targets", "anchor_cells", "cell_weights")
 
 
 def build_pools(tokenizer: EvoTok, data_cfg: dict, split: str, counts: dict[str, int], accelerator: Accelerator,
@@ -158,8 +158,8 @@ def param_groups(model: EvoTokMLLM, lr: float, position_lr_scale: float) -> list
 def make_dataset(pools: dict, data_cfg: dict, model: EvoTokMLLM, seed: int, tasks: dict | None = None,
                  training: bool = True, cell_attributes: bool = False) -> ChatDataset:
     """``data.mask_answer_gaps``, ``data.mask_caption_gaps``, ``data.resample_scene_questions``,
-    ``data.place_questions``, ``data.attribute_dropout`` and ``cell_attributes`` (the scene
-    drawings' cell targets) apply to training batches only: held-out losses stay plain. A model
+    ``data.place_questions``, ``data.attribute_dropout``, ``data.onset_weight`` and ``cell_attributes``
+    (the scene drawings' cell targets) apply to training batches only: held-out losses stay plain. A model
     with ``config.layout_plan`` writes plans in every batch, held-out ones too: they are its format."""
     return ChatDataset(pools, tasks or data_cfg["tasks"], model.text, model.config.num_cells, model.config.pixel_depth,
                        seed=seed, cfg_dropout=float(data_cfg.get("cfg_dropout", 0.1)),
@@ -171,7 +171,8 @@ def make_dataset(pools: dict, data_cfg: dict, model: EvoTokMLLM, seed: int, task
                        place_questions=training and bool(data_cfg.get("place_questions", False)),
                        attribute_dropout=float(data_cfg.get("attribute_dropout", 0.0)) if training else 0.0,
                        cell_attributes=training and cell_attributes, layout_plan=model.config.layout_plan,
-                       plan_anchors=model.config.plan_anchors)
+                       plan_anchors=model.config.plan_anchors,
+                       onset_weight=float(data_cfg.get("onset_weight", 1.0)) if training else 1.0)
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -259,8 +260,9 @@ def main(argv: list[str] | None = None) -> dict:
     cell_weight = cell_attribute_weight(config)  # the scene drawings' cell-attribute loss (0: off)
     tokenizer = EvoTok.from_pretrained(config["model"]["image_tokenizer"]).to(accelerator.device)
     plans = bool(data_cfg.get("layout_plan", False))  # drawings write layout plans from the scenes' objects
+    onsets = float(data_cfg.get("onset_weight", 1.0)) != 1.0  # the code loss weighs where objects begin
     pools = build_pools(tokenizer, data_cfg, "train", data_cfg["pools"], accelerator,
-                        scene_objects=cell_weight > 0 or plans)
+                        scene_objects=cell_weight > 0 or plans or onsets)
     heldout = build_pools(tokenizer, data_cfg, "heldout", data_cfg.get("heldout_pools", {}), accelerator,
                           scene_objects=plans)
 

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from ..data.scenes import COLOURS, SHAPES, TRAIN_PAIRS, SceneObject
 from .layout_plan import centre_cell
 
-__all__ = ["cell_labels", "cell_attribute_targets", "gap_class_mask", "CellAttributeHead", "IGNORE_CELL"]
+__all__ = ["cell_labels", "cell_attribute_targets", "object_cells", "gap_class_mask", "CellAttributeHead",
+           "IGNORE_CELL"]
 
 IGNORE_CELL = -100  # a cell with no target (a drawing from a source without scene objects)
 COLOUR_BACKGROUND = len(COLOURS)  # the "background" class of the colour read-out
@@ -57,6 +58,13 @@ def cell_attribute_targets(objects: Sequence[SceneObject], grid: int) -> np.ndar
     colour = np.where(labels["colour"] < 0, COLOUR_BACKGROUND, labels["colour"])
     shape = np.where(labels["shape"] < 0, SHAPE_BACKGROUND, labels["shape"])
     return np.stack([colour, shape]).astype(np.int64)
+
+
+def object_cells(obj: SceneObject, grid: int) -> np.ndarray:
+    """``grid²`` booleans in raster order: the cells whose centre lies in the object's box; on a
+    coarse grid a small object may cover no centre, and then the cell holding its own centre stands
+    for it (the cells :func:`cell_attribute_targets` labels with a lone object)."""
+    return cell_attribute_targets([obj], grid)[1] != SHAPE_BACKGROUND
 
 
 def _centre_cells(obj: SceneObject, grid: int) -> np.ndarray:

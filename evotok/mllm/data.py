@@ -27,6 +27,7 @@ from .answer_gaps import caption_gaps, gap_answers, words
 from .cell_attributes import IGNORE_CELL, cell_attribute_targets
 from .chat import IGNORE, encode_chat, encode_generation
 from .layout_plan import anchor_row, plan_of, plan_text
+from .onset_weights import onset_weights
 from .prompt_parts import colours_only, shapes_only
 from .text_tokenizer import TextTokenizer
 
@@ -289,7 +290,9 @@ class ChatDataset(torch.utils.data.Dataset):
     one). With ``mask_answer_gaps`` or ``mask_caption_gaps`` the plan's shape words are masked like
     a caption's, so that copying a new pair from the prompt is not taught against. ``plan_anchors``:
     those drawings also carry ``anchor_cells`` (per token, the cell of the plan entry it closes, -1
-    elsewhere; ``MLLMConfig.plan_anchors``).
+    elsewhere; ``MLLMConfig.plan_anchors``). ``onset_weight`` (other than 1): scene drawings with a
+    prompt carry ``cell_weights``, that weight on the cells where each object begins and 1 elsewhere
+    (:mod:`evotok.mllm.onset_weights`).
     """
 
     def __init__(self, pools: Mapping[str, ImagePool], task_weights: Mapping[str, float], text_tokenizer: TextTokenizer,
@@ -298,7 +301,7 @@ class ChatDataset(torch.utils.data.Dataset):
                  mask_answer_gaps: bool = False, mask_caption_gaps: bool = False,
                  resample_scene_questions: bool = False, place_questions: bool = False,
                  attribute_dropout: float = 0.0, cell_attributes: bool = False, layout_plan: bool = False,
-                 plan_anchors: bool = False):
+                 plan_anchors: bool = False, onset_weight: float = 1.0):
         unknown = sorted(set(task_weights) - set(TASKS))
         if unknown:
             raise ValueError(f"unknown tasks {unknown}; expected some of {sorted(TASKS)}")
@@ -328,11 +331,16 @@ class ChatDataset(torch.utils.data.Dataset):
         if plan_anchors and not layout_plan:
             raise ValueError("plan_anchors marks the cells of layout plan entries: set layout_plan too")
         self.plan_anchors = plan_anchors
-        if (resample_scene_questions or cell_attributes or layout_plan) and "scenes" in self.pools:
+        if onset_weight <= 0:
+            raise ValueError(f"onset_weight must be positive, got {onset_weight}")
+        self.onset_weight = float(onset_weight)
+        weighs_onsets = self.onset_weight != 1.0
+        if (resample_scene_questions or cell_attributes or layout_plan or weighs_onsets) and "scenes" in self.pools:
             scenes = self.pools["scenes"]
             if scenes.records and "objects" not in scenes.records[0]:
                 needs = ("resample_scene_questions" if resample_scene_questions
-                         else "cell_attributes" if cell_attributes else "layout_plan")
+                         else "cell_attributes" if cell_attributes else "layout_plan" if layout_plan
+                         else "onset_weight")
                 raise ValueError(f"{needs} needs the scene pool's objects: "
                                  "call evotok.mllm.data.attach_scene_objects(pool, world) first")
             self.scene_pairs = split_pairs(scenes.meta.get("split") or "train")
@@ -354,7 +362,7 @@ class ChatDataset(torch.utils.data.Dataset):
         task = self.task_of(rng)
         source, kind = TASKS[task]
         item: dict[str, Any] = {"task": task, "image_codes": None, "gen_codes": None, "cell_targets": None,
-                                "exclusions": [], "anchor_cells": None}
+                                "cell_weights": None, "exclusions": [], "anchor_cells": None}
         if kind == "text":
             q, a = self.text_pairs[int(rng.integers(len(self.text_pairs)))]
             encoded = encode_chat(self.tok, [(q, a)], 0, self.max_prompt_tokens, truncate=True)
@@ -378,9 +386,11 @@ class ChatDataset(torch.utils.data.Dataset):
                     if self.plan_anchors:
                         pieces = [self.tok.decode([i]) for i in plan_ids]
                         item["anchor_cells"] = anchor_row(pieces, start, len(encoded), codes.shape[0])
+                objects = [SceneObject.from_any(o) for o in record.get("objects", ())]
                 if self.cell_attributes and source == "scenes":
-                    objects = [SceneObject.from_any(o) for o in record["objects"]]
                     item["cell_targets"] = cell_attribute_targets(objects, codes.shape[0])
+                if self.onset_weight != 1.0 and prompt and source == "scenes":
+                    item["cell_weights"] = onset_weights(objects, codes.shape[0], self.onset_weight)
             else:
                 turns = self.conversation(source, record, rng)
                 encoded = encode_chat(self.tok, turns, self.num_cells, self.max_prompt_tokens, truncate=True)
@@ -523,6 +533,12 @@ def collate(items: Sequence[Mapping[str, Any]], pad_id: int) -> dict[str, Any]:
         blank = np.full((2, cells), IGNORE_CELL, dtype=np.int64)
         batch["cell_targets"] = torch.from_numpy(np.stack([blank if it.get("cell_targets") is None
                                                            else it["cell_targets"] for it in drawings]))
+    batch["cell_weights"] = None  # drawings without weights weigh every cell 1
+    if any(it.get("cell_weights") is not None for it in drawings):
+        cells = drawings[0]["gen_codes"].shape[0] * drawings[0]["gen_codes"].shape[1]
+        batch["cell_weights"] = torch.from_numpy(np.stack([np.ones(cells, dtype=np.float32)
+                                                           if it.get("cell_weights") is None
+                                                           else it["cell_weights"] for it in drawings]))
     return batch
 
 

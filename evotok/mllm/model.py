@@ -417,7 +417,8 @@ class EvoTokMLLM(nn.Module, PretrainedMixin):
                 image_codes: torch.Tensor | None = None, gen_mask: torch.Tensor | None = None,
                 gen_codes: torch.Tensor | None = None, depth_loss_weight: float = 1.0,
                 answer_exclusions: torch.Tensor | None = None, cell_targets: torch.Tensor | None = None,
-                cell_attribute_weight: float = 0.0, anchor_cells: torch.Tensor | None = None) -> MLLMOutput:
+                cell_attribute_weight: float = 0.0, anchor_cells: torch.Tensor | None = None,
+                cell_weights: torch.Tensor | None = None) -> MLLMOutput:
         """Joint loss of a mixed batch (see :func:`evotok.mllm.data.collate`): LM cross-entropy on
         answer tokens plus the depth transformer's cross-entropy over the codes of every cell.
 
@@ -425,7 +426,9 @@ class EvoTokMLLM(nn.Module, PretrainedMixin):
         softmax that predicts that position (``evotok.mllm.answer_gaps``). ``cell_targets``
         (``n_drawings × 2 × cells``) and a positive ``cell_attribute_weight`` add the cell-attribute
         loss of the drawing hidden states (``evotok.mllm.cell_attributes``; needs the head).
-        ``anchor_cells``: see :meth:`embed_inputs`."""
+        ``anchor_cells``: see :meth:`embed_inputs`. ``cell_weights`` (``n_drawings × cells``) makes
+        the code loss in ``loss`` a weighted mean over cells (``evotok.mllm.onset_weights``);
+        ``depth_loss`` and its stages stay the plain mean, comparable across runs."""
         if image_features is None and image_codes is not None and image_codes.numel():
             image_features = self.image_features(image_codes)
         embeds = self.embed_inputs(input_ids, image_mask, image_features, gen_mask, gen_codes, anchor_cells)
@@ -447,9 +450,13 @@ class EvoTokMLLM(nn.Module, PretrainedMixin):
         if gen_mask is not None and bool(gen_mask.any()):
             states = self.drawing_states(hidden, gen_mask)
             logits, codes = self.code_logits(states, gen_codes)
-            per_stage = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), codes.reshape(-1),
-                                        reduction="none").view(-1, depth).mean(0)
-            depth_loss = per_stage.mean()
+            per_cell = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), codes.reshape(-1),
+                                       reduction="none").view(-1, depth)
+            per_stage = per_cell.mean(0)
+            depth_loss = code_objective = per_stage.mean()
+            if cell_weights is not None:
+                weights = cell_weights.reshape(-1).to(per_cell.dtype)
+                code_objective = (per_cell.mean(1) * weights).sum() / weights.sum()
             positions = codes.shape[0]
             if cell_attribute_weight > 0 and cell_targets is not None:
                 if self.cell_attributes is None:
@@ -458,9 +465,9 @@ class EvoTokMLLM(nn.Module, PretrainedMixin):
                 cell_loss = self.cell_attributes.loss(states, cell_targets.transpose(1, 2).reshape(-1, 2))
         else:
             per_stage = hidden.new_zeros(depth)
-            depth_loss = hidden.sum() * 0.0
+            depth_loss = code_objective = hidden.sum() * 0.0
             positions = 0
-        loss = lm_loss + depth_loss_weight * depth_loss
+        loss = lm_loss + depth_loss_weight * code_objective
         if cell_loss is not None:
             loss = loss + cell_attribute_weight * cell_loss
         return MLLMOutput(loss, lm_loss, depth_loss, per_stage.detach(), lm_tokens, positions,

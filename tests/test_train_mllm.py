@@ -240,3 +240,11 @@ def test_a_later_stage_can_start_writing_layout_plans(root):
     run(root, "plan_anchored", f"model.init_from={root / 'plan_base' / 'final'}", "data.layout_plan=true",
         "model.plan_anchors=true", "train.steps=2")
     assert EvoTokMLLM.from_pretrained(root / "plan_anchored" / "final").config.plan_anchors
+
+
+def test_onset_weights_change_the_objective_and_not_the_logged_code_loss(root):
+    summary = run(root, "onset", "data.onset_weight=8", "train.steps=2", "train.log_every=1")
+    # scene drawings in every batch: the weighted code objective differs from the logged plain mean
+    assert all(abs(h["loss"] - (h["lm_loss"] + h["depth_loss"])) > 1e-4 for h in summary["history"])
+    plain = run(root, "no_onset", "train.steps=2", "train.log_every=1")
+    assert all(abs(h["loss"] - (h["lm_loss"] + h["depth_loss"])) < 1e-4 for h in plain["history"])

@@ -356,6 +356,10 @@ def test_benchmark_reports_a_planning_models_plans(oracle, tmp_path):
     # an untrained planner writes no well-formed plan, so none is judged
     assert all(r["plan_passed"] is None for r in result["prompts"])
     assert all(t["parsed"] == 0.0 and t["n_accepted"] == 0 for t in result["plans"].values())
+    assert all(t["entries"] == 0 for t in result["plan_following"].values())  # nothing planned, nothing to find
+    region = main(["--model", str(model), "--oracle", str(tmp_path / "oracle"), "--per-category", "1",
+                   "--no-fid", "--batch-size", "6", "--threads", "1", "--region-guidance", "2"])
+    assert region["sampling"]["region_guidance"] == 2.0
 
 
 def test_plans_are_judged_as_they_stand_and_images_against_their_accepted_plans():
@@ -376,3 +380,21 @@ def test_plans_are_judged_as_they_stand_and_images_against_their_accepted_plans(
     assert table["position"] == {"parsed": 1.0, "accepted": 0.5, "image_given_plan": 1.0, "n": 2, "n_accepted": 1}
     assert table["counting"] == {"parsed": 0.5, "accepted": 0.5, "image_given_plan": 0.0, "n": 2, "n_accepted": 1}
     assert "| position | 2 | 1.00 | 0.50 | 1.00 (1) |" in plans_markdown(table)
+
+
+def test_plan_following_counts_planned_cells_with_a_drawn_object_against_another_plans_cells():
+    from types import SimpleNamespace
+
+    from training.bench_geneval import following_markdown, plan_following
+
+    def found(colour, shape, row, col):  # a detection centred in cell (row, col) of an 8×8 grid
+        return {"colour": colour, "shape": shape, "centre": ((col + 0.5) / 8, (row + 0.5) / 8)}
+
+    specs = [SimpleNamespace(category="single_object")] * 3
+    plans = ["small red star 1 1", "small red star", "small blue cross 6 6"]  # the second does not parse
+    detections = [[found("red", "star", 1, 2)],        # one cell off: at the planned cell, as planned
+                  [found("blue", "cross", 6, 6)],      # at the next prompt's planned cell
+                  [found("red", "star", 1, 1)]]        # far from its own plan, on the next (first) prompt's
+    table = plan_following(specs, plans, detections, grid=8)["single_object"]
+    assert table == {"object_at_cell": 0.5, "planned_object_at_cell": 0.5, "other_plan_cell": 1.0, "entries": 2}
+    assert "| single_object | 2 | 0.50 | 0.50 | 1.00 |" in following_markdown({"single_object": table})

@@ -78,7 +78,7 @@ def generate(model: Any, specs: list[PromptSpec], args: argparse.Namespace
         drawn = draw_candidates(model, prompts, args.best_of, guidance_scale=args.guidance,
                                 temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                 attribute_guidance=args.attribute_guidance, seed=args.seed * 100_003 + first,
-                                plan_trace=trace)
+                                plan_trace=trace, region_guidance=args.region_guidance)
         images.append(model.decode_codes(pick_best(model, prompts, drawn)[0]).float().cpu())
         seconds += time.perf_counter() - start
         candidates.append(drawn.cpu())
@@ -110,6 +110,48 @@ def judge_plans(specs: list[PromptSpec], plans: list[str], verdicts: list[bool],
                    "n": len(row["parsed"]), "n_accepted": len(row["image_given_plan"])}
              for cat, row in per.items()}
     return table, plan_verdicts
+
+
+def near_entry(entry: Any, detections: list[dict[str, Any]], grid: int, same_object: bool = False) -> bool:
+    """Whether a detection is centred within one cell's width of the plan entry's cell centre
+    (``same_object``: one with the entry's colour and shape)."""
+    centre = np.array([(entry.col + 0.5) / grid, (entry.row + 0.5) / grid])
+    return any(np.linalg.norm(np.array(d["centre"]) - centre) <= 1.0 / grid
+               and (not same_object or (d["colour"], d["shape"]) == (entry.colour, entry.shape)) for d in detections)
+
+
+def plan_following(specs: list[PromptSpec], plans: list[str], detections: list[list[dict[str, Any]]],
+                   grid: int) -> dict[str, dict[str, float]]:
+    """Per category, over the entries of the plans that parse: the share with an object drawn at the
+    entry's cell (within one cell's width of its centre), the share with the planned object there,
+    and, as the chance level of a drawing that ignores where its plan puts things, the share of the
+    entries of the next prompt's plan in the same category that the image has an object at."""
+    per: dict[str, dict[str, list[bool]]] = {}
+    by_category: dict[str, list[tuple[list, list]]] = {}
+    for spec, text, found in zip(specs, plans, detections):
+        by_category.setdefault(spec.category, []).append((parse_plan(text, grid), found))
+    for cat, rows in by_category.items():
+        row = per.setdefault(cat, {"object_at_cell": [], "planned_object_at_cell": [], "other_plan_cell": []})
+        for k, (plan, found) in enumerate(rows):
+            other = rows[(k + 1) % len(rows)][0] if len(rows) > 1 else None
+            for entry in plan or []:
+                row["object_at_cell"].append(near_entry(entry, found, grid))
+                row["planned_object_at_cell"].append(near_entry(entry, found, grid, same_object=True))
+            for entry in other or []:
+                row["other_plan_cell"].append(near_entry(entry, found, grid))
+    return {cat: {**{k: float(np.mean(v)) if v else float("nan") for k, v in row.items()},
+                  "entries": len(row["object_at_cell"])} for cat, row in per.items()}
+
+
+def following_markdown(table: dict[str, dict[str, float]]) -> str:
+    rows = ["| category | plan entries | an object at the entry's cell | the planned object there | "
+            "chance: an object at the next prompt's planned cell |", "|" + "---|" * 5]
+    for cat in GENEVAL_CATEGORIES:
+        if cat in table:
+            t = table[cat]
+            rows.append(f"| {cat} | {t['entries']} | {t['object_at_cell']:.2f} | {t['planned_object_at_cell']:.2f} | "
+                        f"{t['other_plan_cell']:.2f} |")
+    return "\n".join(rows)
 
 
 def plans_markdown(table: dict[str, dict[str, float]]) -> str:
@@ -263,6 +305,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--attribute-guidance", type=float, default=None,
                         help="also guide by each prompt's shapes alone and colours alone, at this scale "
                              "(evotok.mllm.prompt_parts; for models trained with data.attribute_dropout)")
+    parser.add_argument("--region-guidance", type=float, default=None,
+                        help="a model that writes layout plans: each planned object also guides the cells its "
+                             "plan gives it, at this scale (evotok.mllm.region_guidance)")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--top-p", type=float, default=None)
@@ -285,6 +330,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.guidance = None
     if args.attribute_guidance is not None and args.guidance is None:
         parser.error("--attribute-guidance mixes guidance branches: it needs --guidance > 0")
+    if args.region_guidance is not None and args.guidance is None:
+        parser.error("--region-guidance mixes guidance branches: it needs --guidance > 0")
     torch.set_num_threads(args.threads)
 
     oracle = load_oracle(args.oracle)
@@ -310,7 +357,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         recon = render_accuracy(oracle, specs, list(reconstructions), seed=args.seed)
         results["reconstructions"] = recon
         print(f"generating {len(specs)} images ({args.per_category} per category, guidance {args.guidance}, "
-              f"attribute guidance {args.attribute_guidance}, "
+              f"attribute guidance {args.attribute_guidance}, region guidance {args.region_guidance}, "
               f"batch {args.batch_size}, {args.threads} threads, {args.device})", flush=True)
         images, seconds, candidates, plans = generate(model, specs, args)
         detections: list[list[dict[str, Any]]] = []
@@ -322,6 +369,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                        one_object_by_pair=one_object_by_pair(specs, detections, verdicts),
                        seconds_per_image=seconds, batch_size=args.batch_size,
                        sampling={"guidance": args.guidance, "attribute_guidance": args.attribute_guidance,
+                                 "region_guidance": args.region_guidance,
                                  "temperature": args.temperature, "top_k": args.top_k,
                                  "top_p": args.top_p, "best_of": args.best_of},
                        prompts=[{**s.to_dict(), "passed": v, "detections": d}
@@ -331,6 +379,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                           oracle.config.position_margin)
             for record, text, ok in zip(results["prompts"], plans, plan_verdicts):
                 record.update(plan=text, plan_passed=ok)
+            results["plan_following"] = plan_following(specs, plans, detections, model.config.grid_size)
         if args.best_of > 1:
             results["candidates"] = judge_candidates(model, oracle, specs, candidates)
         if not args.no_fid:
@@ -357,6 +406,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if "plans" in results:
             print(f"\nThe model's layout plans, judged as they stand (objects at their cells' centres)\n\n"
                   f"{plans_markdown(results['plans'])}")
+            print(f"\nWhere the drawings put the planned objects (the oracle's detections against the plan)\n\n"
+                  f"{following_markdown(results['plan_following'])}")
         if "candidates" in results:
             print(f"\nAll {args.best_of} candidates of each prompt, judged by the oracle\n\n"
                   f"{candidates_markdown(generated, results['candidates'])}")

@@ -9,8 +9,9 @@ from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 import torch
 
 from .chat import encode_chat, encode_generation, plan_prefix
-from .layout_plan import anchor_row, closed_entry_cell
+from .layout_plan import anchor_row, closed_entry_cell, parse_plan
 from .prompt_parts import attribute_parts
+from .region_guidance import RegionMix, object_prompt, region_weights
 
 if TYPE_CHECKING:
     from .model import EvoTokMLLM
@@ -137,7 +138,7 @@ def generate_image_codes(model: "EvoTokMLLM", prompts: Sequence[str], guidance_s
                          seed: int | None = None, callback: Callable[[int, torch.Tensor], None] | None = None,
                          use_cache: bool = True, logits_trace: list | None = None,
                          cpu_threads: int | None = None, attribute_guidance: float | None = None,
-                         plan_trace: list | None = None) -> torch.Tensor:
+                         plan_trace: list | None = None, region_guidance: float | None = None) -> torch.Tensor:
     """Codes ``b h w L`` for ``prompts``; see :meth:`EvoTokMLLM.generate_image`.
 
     With guidance the batch holds ``b`` conditional rows then ``b`` unconditional (empty prompt)
@@ -151,8 +152,18 @@ def generate_image_codes(model: "EvoTokMLLM", prompts: Sequence[str], guidance_s
     A model with ``config.layout_plan`` first writes each prompt's plan (greedily,
     :func:`write_plans`), and the conditional branch draws after it; the unconditional branch has
     neither prompt nor plan, as in training. ``plan_trace`` (a list) receives the plans' texts.
+    ``region_guidance`` (such a model, with ``guidance_scale``) adds one branch per planned object,
+    which guides the cells the plan gives that object (:mod:`evotok.mllm.region_guidance`).
     """
     check_sampling(temperature, top_k, top_p, guidance_scale)
+    if region_guidance is not None:
+        if not model.config.layout_plan:
+            raise ValueError("region_guidance draws each planned object into its planned cells: "
+                             "it needs a model that writes layout plans")
+        if guidance_scale is None:
+            raise ValueError("region_guidance mixes guidance branches: give a guidance_scale too")
+        if region_guidance < 0:
+            raise ValueError(f"region_guidance must be ≥ 0, got {region_guidance}")
     if attribute_guidance is not None:
         if model.config.layout_plan:
             raise ValueError("attribute_guidance is not available for a model that writes layout plans")
@@ -180,15 +191,45 @@ def generate_image_codes(model: "EvoTokMLLM", prompts: Sequence[str], guidance_s
             prefixes = [plan_prefix(tok, p, cfg.max_prompt_tokens).input_ids for p in prompts]
             seqs[:b] = [prefix + plan + [tok.ids["boi"]] if p.strip() else seqs[k]
                         for k, (p, prefix, plan) in enumerate(zip(prompts, prefixes, plans))]
+            anchor_rows = [anchor_row([tok.decode([i]) for i in plan], len(prefix), len(seqs[k]), cfg.grid_size)
+                           for k, (prefix, plan) in enumerate(zip(prefixes, plans))]
+            anchor_rows += [[-1] * len(seq) for seq in seqs[b:]]
+            if region_guidance is not None:
+                planned = [parse_plan(tok.decode(plan), cfg.grid_size) or [] for plan in plans]
+                weights = region_weights(planned, cfg.grid_size)
+                objects, object_anchors = object_branches(model, planned, weights.shape[-1])
+                seqs[b:b] += objects
+                anchor_rows[b:b] += object_anchors
+                mix = RegionMix(b, guidance_scale, region_guidance, weights)
             if cfg.plan_anchors:
-                rows = [anchor_row([tok.decode([i]) for i in plan], len(prefix), len(seqs[k]), cfg.grid_size)
-                        for k, (prefix, plan) in enumerate(zip(prefixes, plans))]
-                anchors = left_pad(rows + [[-1] * len(seq) for seq in seqs[b:]], -1, model.device)[0]
+                anchors = left_pad(anchor_rows, -1, model.device)[0]
             if plan_trace is not None:
                 plan_trace.extend(tok.decode(plan).strip() for plan in plans)
         ids, mask = left_pad(seqs, tok.ids["pad"], model.device)
         return _sample_grid(model, ids, mask, mix, temperature, top_k, top_p, seed, callback, use_cache,
                             logits_trace, anchors)
+
+
+def object_branches(model: "EvoTokMLLM", planned: Sequence[Sequence], m: int) -> tuple[list[list[int]], list[list[int]]]:
+    """Region guidance's ``m`` object branches, ``len(planned)`` rows each: the sequence of entry
+    ``i`` of each plan, its object's prompt and that one entry up to ``<boi>`` (the unconditional
+    sequence where a plan has fewer entries), and each sequence's ``anchor_cells`` row."""
+    cfg, tok, n = model.config, model.text, model.config.num_cells
+    unconditional = encode_generation(tok, "", n, cfg.max_prompt_tokens, include_grid=False).input_ids
+    seqs, anchors = [], []
+    for i in range(m):
+        for plan in planned:
+            if i >= len(plan):
+                seqs.append(unconditional)
+                anchors.append([-1] * len(unconditional))
+                continue
+            entry = plan[i].text()
+            encoded = encode_generation(tok, object_prompt(plan[i]), n, cfg.max_prompt_tokens, include_grid=False,
+                                        plan=entry)
+            pieces = [tok.decode([t]) for t in tok.encode(entry)]
+            seqs.append(encoded.input_ids)
+            anchors.append(anchor_row(pieces, encoded.answer_starts[0], len(encoded), cfg.grid_size))
+    return seqs, anchors
 
 
 @torch.no_grad()
@@ -229,7 +270,8 @@ class LogitMix:
         self.b, self.guidance_scale, self.attribute_guidance = b, guidance_scale, attribute_guidance
         self.branches = 1 + (guidance_scale is not None) + 2 * (attribute_guidance is not None)
 
-    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+    def __call__(self, logits: torch.Tensor, cell: int | None = None) -> torch.Tensor:
+        """The same mix at every cell (``cell`` is for mixes that vary over the grid)."""
         if self.guidance_scale is None:
             return logits
         rows = logits.float().split(self.b)
@@ -256,7 +298,7 @@ def _sample_grid(model: "EvoTokMLLM", ids: torch.Tensor, mask: torch.Tensor, mix
         cells = torch.full((hidden.shape[0],), cell, dtype=torch.long, device=device)
         prefix = torch.zeros(b, 0, dtype=torch.long, device=device)
         for _ in range(depth):
-            logits = mix(model.depth.next_logits(hidden, cells, prefix.repeat(branches, 1)))
+            logits = mix(model.depth.next_logits(hidden, cells, prefix.repeat(branches, 1)), cell)
             if logits_trace is not None:
                 logits_trace.append(logits.float().cpu())
             prefix = torch.cat([prefix, sample_logits(logits, temperature, top_k, top_p, generator)[:, None]], 1)

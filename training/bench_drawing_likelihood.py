@@ -62,6 +62,7 @@ from evotok.mllm.generate import left_pad, positions_of  # noqa: E402
 from evotok.mllm.layout_plan import PlannedObject, anchor_row, centre_cell, plan_text  # noqa: E402
 from evotok.mllm.cell_attributes import object_cells  # noqa: E402
 from evotok.mllm.onset_weights import onset_cells  # noqa: E402
+from evotok.mllm.plan_guidance import moved_plan  # noqa: E402
 from evotok.mllm.prompt_parts import colours_only, fix_articles, shapes_only  # noqa: E402
 
 PROMPTS = ("caption", "another shape", "another colour", "empty", "shapes only", "colours only")
@@ -123,10 +124,8 @@ def named_plan(prompt: str, obj, grid: int, moved: bool = False) -> str | None:
     words = re.findall(r"[a-z]+", prompt.lower())
     colour = next((w for w in words if w in COLOURS), obj.colour)
     shape = next((w for w in words if w in SHAPES), obj.shape)
-    row, col = centre_cell(obj, grid)
-    if moved:
-        row, col = (row + grid // 2) % grid, (col + grid // 2) % grid
-    return plan_text([PlannedObject(obj.size, colour, shape, row, col)])
+    plan = [PlannedObject(obj.size, colour, shape, *centre_cell(obj, grid))]
+    return plan_text(moved_plan(plan, grid) if moved else plan)
 
 
 def measure(model: EvoTokMLLM, split: str, seed: int, count: int, batch_size: int,

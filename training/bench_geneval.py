@@ -78,7 +78,8 @@ def generate(model: Any, specs: list[PromptSpec], args: argparse.Namespace
         drawn = draw_candidates(model, prompts, args.best_of, guidance_scale=args.guidance,
                                 temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                 attribute_guidance=args.attribute_guidance, seed=args.seed * 100_003 + first,
-                                plan_trace=trace, region_guidance=args.region_guidance)
+                                plan_trace=trace, region_guidance=args.region_guidance,
+                                place_guidance=args.place_guidance)
         images.append(model.decode_codes(pick_best(model, prompts, drawn)[0]).float().cpu())
         seconds += time.perf_counter() - start
         candidates.append(drawn.cpu())
@@ -305,9 +306,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--attribute-guidance", type=float, default=None,
                         help="also guide by each prompt's shapes alone and colours alone, at this scale "
                              "(evotok.mllm.prompt_parts; for models trained with data.attribute_dropout)")
+    parser.add_argument("--place-guidance", type=float, default=None,
+                        help="a model that writes layout plans: also guide by the plan against the same plan "
+                             "moved half the grid away, at this scale (evotok.mllm.plan_guidance)")
     parser.add_argument("--region-guidance", type=float, default=None,
                         help="a model that writes layout plans: each planned object also guides the cells its "
-                             "plan gives it, at this scale (evotok.mllm.region_guidance)")
+                             "plan gives it, at this scale (evotok.mllm.plan_guidance)")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--top-p", type=float, default=None)
@@ -330,8 +334,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.guidance = None
     if args.attribute_guidance is not None and args.guidance is None:
         parser.error("--attribute-guidance mixes guidance branches: it needs --guidance > 0")
-    if args.region_guidance is not None and args.guidance is None:
-        parser.error("--region-guidance mixes guidance branches: it needs --guidance > 0")
+    for flag, value in (("--place-guidance", args.place_guidance), ("--region-guidance", args.region_guidance)):
+        if value is not None and args.guidance is None:
+            parser.error(f"{flag} mixes guidance branches: it needs --guidance > 0")
+    if args.place_guidance is not None and args.region_guidance is not None:
+        parser.error("give --place-guidance or --region-guidance, not both")
     torch.set_num_threads(args.threads)
 
     oracle = load_oracle(args.oracle)
@@ -357,7 +364,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         recon = render_accuracy(oracle, specs, list(reconstructions), seed=args.seed)
         results["reconstructions"] = recon
         print(f"generating {len(specs)} images ({args.per_category} per category, guidance {args.guidance}, "
-              f"attribute guidance {args.attribute_guidance}, region guidance {args.region_guidance}, "
+              f"attribute guidance {args.attribute_guidance}, place guidance {args.place_guidance}, "
+              f"region guidance {args.region_guidance}, "
               f"batch {args.batch_size}, {args.threads} threads, {args.device})", flush=True)
         images, seconds, candidates, plans = generate(model, specs, args)
         detections: list[list[dict[str, Any]]] = []
@@ -369,7 +377,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                        one_object_by_pair=one_object_by_pair(specs, detections, verdicts),
                        seconds_per_image=seconds, batch_size=args.batch_size,
                        sampling={"guidance": args.guidance, "attribute_guidance": args.attribute_guidance,
-                                 "region_guidance": args.region_guidance,
+                                 "place_guidance": args.place_guidance, "region_guidance": args.region_guidance,
                                  "temperature": args.temperature, "top_k": args.top_k,
                                  "top_p": args.top_p, "best_of": args.best_of},
                        prompts=[{**s.to_dict(), "passed": v, "detections": d}

@@ -9,9 +9,9 @@ from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 import torch
 
 from .chat import encode_chat, encode_generation, plan_prefix
-from .layout_plan import anchor_row, closed_entry_cell, parse_plan
+from .layout_plan import anchor_row, closed_entry_cell, parse_plan, plan_text
+from .plan_guidance import PlaceMix, RegionMix, moved_plan, object_prompt, region_weights
 from .prompt_parts import attribute_parts
-from .region_guidance import RegionMix, object_prompt, region_weights
 
 if TYPE_CHECKING:
     from .model import EvoTokMLLM
@@ -138,7 +138,8 @@ def generate_image_codes(model: "EvoTokMLLM", prompts: Sequence[str], guidance_s
                          seed: int | None = None, callback: Callable[[int, torch.Tensor], None] | None = None,
                          use_cache: bool = True, logits_trace: list | None = None,
                          cpu_threads: int | None = None, attribute_guidance: float | None = None,
-                         plan_trace: list | None = None, region_guidance: float | None = None) -> torch.Tensor:
+                         plan_trace: list | None = None, region_guidance: float | None = None,
+                         place_guidance: float | None = None) -> torch.Tensor:
     """Codes ``b h w L`` for ``prompts``; see :meth:`EvoTokMLLM.generate_image`.
 
     With guidance the batch holds ``b`` conditional rows then ``b`` unconditional (empty prompt)
@@ -152,18 +153,20 @@ def generate_image_codes(model: "EvoTokMLLM", prompts: Sequence[str], guidance_s
     A model with ``config.layout_plan`` first writes each prompt's plan (greedily,
     :func:`write_plans`), and the conditional branch draws after it; the unconditional branch has
     neither prompt nor plan, as in training. ``plan_trace`` (a list) receives the plans' texts.
-    ``region_guidance`` (such a model, with ``guidance_scale``) adds one branch per planned object,
-    which guides the cells the plan gives that object (:mod:`evotok.mllm.region_guidance`).
+    ``place_guidance`` and ``region_guidance`` (such a model, with ``guidance_scale``; one or the
+    other) lean on where the plan puts each object (:mod:`evotok.mllm.plan_guidance`).
     """
     check_sampling(temperature, top_k, top_p, guidance_scale)
-    if region_guidance is not None:
-        if not model.config.layout_plan:
-            raise ValueError("region_guidance draws each planned object into its planned cells: "
-                             "it needs a model that writes layout plans")
-        if guidance_scale is None:
-            raise ValueError("region_guidance mixes guidance branches: give a guidance_scale too")
-        if region_guidance < 0:
-            raise ValueError(f"region_guidance must be ≥ 0, got {region_guidance}")
+    for name, value in (("place_guidance", place_guidance), ("region_guidance", region_guidance)):
+        if value is not None:
+            if not model.config.layout_plan:
+                raise ValueError(f"{name} leans on the layout plan: it needs a model that writes layout plans")
+            if guidance_scale is None:
+                raise ValueError(f"{name} mixes guidance branches: give a guidance_scale too")
+            if value < 0:
+                raise ValueError(f"{name} must be ≥ 0, got {value}")
+    if place_guidance is not None and region_guidance is not None:
+        raise ValueError("give place_guidance or region_guidance, not both")
     if attribute_guidance is not None:
         if model.config.layout_plan:
             raise ValueError("attribute_guidance is not available for a model that writes layout plans")
@@ -194,12 +197,18 @@ def generate_image_codes(model: "EvoTokMLLM", prompts: Sequence[str], guidance_s
             anchor_rows = [anchor_row([tok.decode([i]) for i in plan], len(prefix), len(seqs[k]), cfg.grid_size)
                            for k, (prefix, plan) in enumerate(zip(prefixes, plans))]
             anchor_rows += [[-1] * len(seq) for seq in seqs[b:]]
+            planned = [parse_plan(tok.decode(plan), cfg.grid_size) or [] for plan in plans]
+            if place_guidance is not None:
+                moved = [planned_sequence(model, p, plan_text(moved_plan(entries, cfg.grid_size))) if entries
+                         else (seqs[k], anchor_rows[k]) for k, (p, entries) in enumerate(zip(prompts, planned))]
+                seqs[b:b] = [seq for seq, _ in moved]
+                anchor_rows[b:b] = [row for _, row in moved]
+                mix = PlaceMix(b, guidance_scale, place_guidance)
             if region_guidance is not None:
-                planned = [parse_plan(tok.decode(plan), cfg.grid_size) or [] for plan in plans]
                 weights = region_weights(planned, cfg.grid_size)
-                objects, object_anchors = object_branches(model, planned, weights.shape[-1])
-                seqs[b:b] += objects
-                anchor_rows[b:b] += object_anchors
+                objects = object_branches(model, planned, weights.shape[-1], seqs[-1])
+                seqs[b:b] = [seq for seq, _ in objects]
+                anchor_rows[b:b] = [row for _, row in objects]
                 mix = RegionMix(b, guidance_scale, region_guidance, weights)
             if cfg.plan_anchors:
                 anchors = left_pad(anchor_rows, -1, model.device)[0]
@@ -210,26 +219,22 @@ def generate_image_codes(model: "EvoTokMLLM", prompts: Sequence[str], guidance_s
                             logits_trace, anchors)
 
 
-def object_branches(model: "EvoTokMLLM", planned: Sequence[Sequence], m: int) -> tuple[list[list[int]], list[list[int]]]:
-    """Region guidance's ``m`` object branches, ``len(planned)`` rows each: the sequence of entry
-    ``i`` of each plan, its object's prompt and that one entry up to ``<boi>`` (the unconditional
-    sequence where a plan has fewer entries), and each sequence's ``anchor_cells`` row."""
-    cfg, tok, n = model.config, model.text, model.config.num_cells
-    unconditional = encode_generation(tok, "", n, cfg.max_prompt_tokens, include_grid=False).input_ids
-    seqs, anchors = [], []
-    for i in range(m):
-        for plan in planned:
-            if i >= len(plan):
-                seqs.append(unconditional)
-                anchors.append([-1] * len(unconditional))
-                continue
-            entry = plan[i].text()
-            encoded = encode_generation(tok, object_prompt(plan[i]), n, cfg.max_prompt_tokens, include_grid=False,
-                                        plan=entry)
-            pieces = [tok.decode([t]) for t in tok.encode(entry)]
-            seqs.append(encoded.input_ids)
-            anchors.append(anchor_row(pieces, encoded.answer_starts[0], len(encoded), cfg.grid_size))
-    return seqs, anchors
+def planned_sequence(model: "EvoTokMLLM", prompt: str, plan: str) -> tuple[list[int], list[int]]:
+    """A drawing's sequence up to ``<boi>`` with ``plan`` written after ``prompt``, and its
+    ``anchor_cells`` row."""
+    cfg, tok = model.config, model.text
+    encoded = encode_generation(tok, prompt, cfg.num_cells, cfg.max_prompt_tokens, include_grid=False, plan=plan)
+    pieces = [tok.decode([t]) for t in tok.encode(plan)]
+    return encoded.input_ids, anchor_row(pieces, encoded.answer_starts[0], len(encoded), cfg.grid_size)
+
+
+def object_branches(model: "EvoTokMLLM", planned: Sequence[Sequence], m: int,
+                    unconditional: list[int]) -> list[tuple[list[int], list[int]]]:
+    """Region guidance's ``m`` object branches, ``len(planned)`` rows each (sequence and anchor
+    row): entry ``i`` of each plan after its object's prompt, or the ``unconditional`` sequence
+    where a plan has fewer entries."""
+    return [planned_sequence(model, object_prompt(plan[i]), plan[i].text()) if i < len(plan)
+            else (unconditional, [-1] * len(unconditional)) for i in range(m) for plan in planned]
 
 
 @torch.no_grad()

@@ -1,23 +1,25 @@
-"""Region guidance: each planned object guides the drawing of the cells its plan gives it.
+"""Guidance from the layout plan: sampling that leans on where the plan puts each object.
 
 A model that writes layout plans (:mod:`evotok.mllm.layout_plan`) gets the count, the binding and
-the places right in text, and then draws as if it had no plan: teacher-forced, the cells already
-drawn tell where an object is, so its training loss hardly asks it to read the plan's place. Region
-guidance uses the plan at sampling time instead, as layout-grounded samplers of diffusion models do.
-Each planned object gets a guidance branch of its own, the prompt cut down to that object ("a red
-star") followed by its single plan entry; the cells the entry covers (an object of its size centred
-on its cell, :func:`evotok.mllm.cell_attributes.object_cells`) mix their logits as
+the places right in text, and then draws much as if it had no plan: teacher-forced, the cells
+already drawn tell where an object is, so its training loss hardly asks it to read the plan's
+place. Two ways to lean on the plan while sampling, each with the unconditional branch ``u``, the
+prompt with its whole plan ``c`` and the guidance scale ``g``:
 
-    u + g (c − u) + r (o_i − u)
+* **Place guidance** (``place_guidance = p``) contrasts the plan with the same plan moved half the
+  grid away (:func:`moved_plan`), ``c̃``, at every cell: ``u + g (c − u) + p (c − c̃)``. Both
+  branches name the same objects, so what the contrast amplifies is only where they go.
+* **Region guidance** (``region_guidance = r``), as layout-grounded samplers of diffusion models do,
+  gives each planned object a branch of its own, the prompt cut down to that object ("a red star")
+  followed by its single plan entry, ``o_i``; the cells the entry covers (an object of its size
+  centred on its cell, :func:`planned_cells`) mix ``u + g (c − u) + r (o_i − u)``, the others plain
+  guidance. Where planned objects overlap, the later one (drawn on top in the scene world) guides.
 
-where ``u`` is the unconditional branch, ``c`` the prompt with its whole plan, ``o_i`` the branch of
-the object planned over the cell, ``g`` the guidance scale and ``r`` the region guidance. Every other
-cell mixes ``u + g (c − u)``, plain guidance. All branches receive the same sampled codes, so each
-object branch sees the whole drawing so far. Where planned objects overlap, the later one (drawn on
-top in the scene world) guides the cell. A plan that does not parse guides nothing.
+All branches receive the same sampled codes. A plan that does not parse adds nothing.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 import numpy as np
@@ -28,7 +30,27 @@ from .cell_attributes import object_cells
 from .layout_plan import PlannedObject
 from .prompt_parts import fix_articles
 
-__all__ = ["object_prompt", "planned_cells", "region_weights", "RegionMix"]
+__all__ = ["moved_plan", "PlaceMix", "object_prompt", "planned_cells", "region_weights", "RegionMix"]
+
+
+def moved_plan(plan: Sequence[PlannedObject], grid: int) -> list[PlannedObject]:
+    """The plan with every entry moved half the grid away, down and right (wrapping round)."""
+    half = grid // 2
+    return [dataclasses.replace(p, row=(p.row + half) % grid, col=(p.col + half) % grid) for p in plan]
+
+
+class PlaceMix:
+    """Mixes the logits of ``3 · b`` rows, in the order: the prompts with their plans, with their
+    moved plans, the unconditional branch: ``u + g (c − u) + p (c − c̃)``."""
+
+    branches = 3
+
+    def __init__(self, b: int, guidance_scale: float, place_guidance: float):
+        self.b, self.guidance_scale, self.place_guidance = b, guidance_scale, place_guidance
+
+    def __call__(self, logits: torch.Tensor, cell: int | None = None) -> torch.Tensor:
+        cond, moved, uncond = logits.float().split(self.b)
+        return uncond + self.guidance_scale * (cond - uncond) + self.place_guidance * (cond - moved)
 
 
 def object_prompt(planned: PlannedObject) -> str:

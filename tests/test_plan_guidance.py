@@ -1,5 +1,5 @@
-"""Region guidance (evotok.mllm.region_guidance): which cells each planned object guides, the
-object branches, and the mix while sampling."""
+"""Guidance from the layout plan (evotok.mllm.plan_guidance): the moved plan and the place mix,
+which cells each planned object guides, the object branches, and both while sampling."""
 from __future__ import annotations
 
 import pytest
@@ -8,12 +8,25 @@ import torch
 import evotok.mllm.generate as generate_module
 from evotok.mllm.generate import LogitMix, generate_image_codes, object_branches
 from evotok.mllm.layout_plan import PlannedObject, parse_plan
-from evotok.mllm.region_guidance import RegionMix, object_prompt, planned_cells, region_weights
+from evotok.mllm.plan_guidance import PlaceMix, RegionMix, moved_plan, object_prompt, planned_cells, region_weights
 from test_layout_plan import bundled_text  # noqa: F401 (fixture)
 from test_mllm import build, image_tok  # noqa: F401 (fixture)
 
 STAR = PlannedObject("small", "red", "star", 0, 0)
 CROSS = PlannedObject("large", "orange", "cross", 2, 2)
+
+
+def test_the_moved_plan_keeps_the_objects_and_moves_each_half_the_grid():
+    assert moved_plan([STAR, CROSS], 4) == [PlannedObject("small", "red", "star", 2, 2),
+                                            PlannedObject("large", "orange", "cross", 0, 0)]
+    assert moved_plan([], 4) == []
+
+
+def test_the_place_mix_amplifies_the_plan_against_the_moved_plan():
+    cond, moved, uncond = torch.randn(2, 5), torch.randn(2, 5), torch.randn(2, 5)
+    mixed = PlaceMix(2, 3.0, 2.0)(torch.cat([cond, moved, uncond]), 7)
+    assert torch.allclose(mixed, uncond + 3.0 * (cond - uncond) + 2.0 * (cond - moved))
+    assert PlaceMix.branches == 3
 
 
 def test_each_planned_object_guides_the_cells_its_size_covers_at_its_cell():
@@ -51,14 +64,14 @@ def test_the_mix_adds_each_object_branch_on_its_own_cells_only():
 def test_object_branches_hold_each_entry_after_its_own_prompt(image_tok, bundled_text):  # noqa: F811
     model = build(image_tok, bundled_text, layout_plan=True, plan_anchors=True)
     tok = model.text
-    seqs, anchors = object_branches(model, [[STAR, CROSS], [CROSS]], 2)
-    assert len(seqs) == len(anchors) == 4  # branch-major: entry 0 of both plans, then entry 1
+    unconditional = [1, 2, 3]
+    seqs, anchors = zip(*object_branches(model, [[STAR, CROSS], [CROSS]], 2, unconditional))
+    assert len(seqs) == 4  # branch-major: entry 0 of both plans, then entry 1
     assert tok.decode(seqs[0]).count("a red star") == 1 and "small red star 0 0" in tok.decode(seqs[0])
     assert "large orange cross 2 2" in tok.decode(seqs[1]) and "large orange cross 2 2" in tok.decode(seqs[2])
     assert seqs[0][-1] == tok.ids["boi"]
     assert [a for a in anchors[0] if a >= 0] == [0] and [a for a in anchors[1] if a >= 0] == [2 * 4 + 2]
-    assert tok.ids["assistant"] in seqs[3] and set(anchors[3]) == {-1}  # the second plan has one entry
-    assert "cross" not in tok.decode(seqs[3])
+    assert seqs[3] == unconditional and anchors[3] == [-1] * 3  # the second plan has one entry
 
 
 def test_sampling_with_region_guidance(image_tok, bundled_text, monkeypatch):  # noqa: F811
@@ -80,8 +93,20 @@ def test_sampling_with_region_guidance(image_tok, bundled_text, monkeypatch):  #
     assert guided[0] and not guided.all() and len(region_trace) == len(plain_trace)
     # cell 0 is drawn from the same (empty) grid in both runs: the star's branch moves its logits
     assert not torch.allclose(region_trace[0], plain_trace[0], atol=1e-4)
+    place_trace = []
+    placed = generate_image_codes(model, ["a red star and an orange cross"], 3.0, seed=2, place_guidance=0.0,
+                                  logits_trace=place_trace)
+    assert torch.equal(placed, plain) and all(torch.allclose(x, y, atol=1e-4) for x, y in zip(plain_trace, place_trace))
+    place_trace = []
+    generate_image_codes(model, ["a red star and an orange cross"], 3.0, seed=2, place_guidance=2.0,
+                         logits_trace=place_trace)
+    assert not torch.allclose(place_trace[0], plain_trace[0], atol=1e-4)  # the plan's place, amplified
     with pytest.raises(ValueError, match="needs a model that writes layout plans"):
         generate_image_codes(build(image_tok, bundled_text), ["a red star"], 3.0, region_guidance=1.0)
+    with pytest.raises(ValueError, match="needs a model that writes layout plans"):
+        generate_image_codes(build(image_tok, bundled_text), ["a red star"], 3.0, place_guidance=1.0)
+    with pytest.raises(ValueError, match="not both"):
+        generate_image_codes(model, ["a red star"], 3.0, place_guidance=1.0, region_guidance=1.0)
     with pytest.raises(ValueError, match="give a guidance_scale"):
         generate_image_codes(model, ["a red star"], None, region_guidance=1.0)
     with pytest.raises(ValueError, match="≥ 0"):

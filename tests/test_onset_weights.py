@@ -99,3 +99,31 @@ def test_the_code_objective_is_the_weighted_mean_and_the_reported_loss_stays_pla
     assert torch.allclose(weighted.depth_loss, plain.depth_loss)  # the logged code loss stays comparable
     assert torch.allclose(weighted.loss, weighted.lm_loss + by_hand, atol=1e-5)
     assert not torch.allclose(weighted.loss, plain.loss)
+
+
+def test_swapped_input_cells_are_whole_real_cells_and_the_targets_stay_true(image_tok, text_tok):  # noqa: F811
+    from evotok.mllm.input_noise import swap_cells
+
+    codes = torch.arange(2 * 4 * 4 * 3).view(2, 4, 4, 3)
+    generator = torch.Generator().manual_seed(0)
+    swapped = swap_cells(codes, 0.5, generator)
+    cells, originals = swapped.reshape(-1, 3), codes.reshape(-1, 3)
+    changed = (cells != originals).any(1)
+    assert 0 < int(changed.sum()) < 32
+    assert all(any(torch.equal(c, o) for o in originals) for c in cells)  # every input is some real cell
+    assert torch.equal(swap_cells(codes, 0.0), codes) and torch.equal(codes.reshape(-1, 3), originals)
+    with pytest.raises(ValueError, match="noise rate"):
+        swap_cells(codes, 1.5)
+
+    torch.manual_seed(0)
+    model = build(image_tok, text_tok)
+    records = [{"caption": "a red square", "label": None, "qa": [],
+                "objects": [{"shape": "square", "colour": "red", "size": "large", "centre": [0.5, 0.5]}]}] * 4
+    pool_codes = np.random.default_rng(0).integers(0, model.config.codebook_size, (4, 4, 4, 4)).astype(np.int16)
+    data = ChatDataset({"scenes": ImagePool("scenes", pool_codes, records, {})}, {"scene_t2i": 1.0}, model.text,
+                       model.config.num_cells, model.config.pixel_depth, cfg_dropout=0.0)
+    batch = tensors(collate([data[i] for i in range(3)], model.text.ids["pad"]))
+    with torch.no_grad():
+        plain = model(**batch)
+        noisy = model(**batch, input_code_noise=1.0)
+    assert torch.allclose(noisy.lm_loss, plain.lm_loss) and not torch.allclose(noisy.depth_loss, plain.depth_loss)

@@ -30,6 +30,7 @@ from .config import MLLMConfig
 from .depth_transformer import DepthTransformer
 from .generate import batch_answers, generate_image_codes, stream_answer
 from .grid_rope import cell_index_of, grid_position_ids, install_grid_rope
+from .input_noise import swap_cells
 from .text_tokenizer import TextTokenizer
 
 TEXT_TOKENIZER_DIR = "text_tokenizer"
@@ -418,7 +419,7 @@ class EvoTokMLLM(nn.Module, PretrainedMixin):
                 gen_codes: torch.Tensor | None = None, depth_loss_weight: float = 1.0,
                 answer_exclusions: torch.Tensor | None = None, cell_targets: torch.Tensor | None = None,
                 cell_attribute_weight: float = 0.0, anchor_cells: torch.Tensor | None = None,
-                cell_weights: torch.Tensor | None = None) -> MLLMOutput:
+                cell_weights: torch.Tensor | None = None, input_code_noise: float = 0.0) -> MLLMOutput:
         """Joint loss of a mixed batch (see :func:`evotok.mllm.data.collate`): LM cross-entropy on
         answer tokens plus the depth transformer's cross-entropy over the codes of every cell.
 
@@ -428,10 +429,15 @@ class EvoTokMLLM(nn.Module, PretrainedMixin):
         loss of the drawing hidden states (``evotok.mllm.cell_attributes``; needs the head).
         ``anchor_cells``: see :meth:`embed_inputs`. ``cell_weights`` (``n_drawings × cells``) makes
         the code loss in ``loss`` a weighted mean over cells (``evotok.mllm.onset_weights``);
-        ``depth_loss`` and its stages stay the plain mean, comparable across runs."""
+        ``depth_loss`` and its stages stay the plain mean, comparable across runs.
+        ``input_code_noise``: the share of drawn cells whose input codes are swapped for another
+        cell's, the targets staying true (``evotok.mllm.input_noise``; training only)."""
         if image_features is None and image_codes is not None and image_codes.numel():
             image_features = self.image_features(image_codes)
-        embeds = self.embed_inputs(input_ids, image_mask, image_features, gen_mask, gen_codes, anchor_cells)
+        input_codes = gen_codes
+        if input_code_noise > 0 and gen_codes is not None:
+            input_codes = swap_cells(gen_codes, input_code_noise)
+        embeds = self.embed_inputs(input_ids, image_mask, image_features, gen_mask, input_codes, anchor_cells)
         hidden, _ = self.backbone(embeds, attention_mask, cell_index=self.cell_index(image_mask, gen_mask))
 
         targets = labels[:, 1:]

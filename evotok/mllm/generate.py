@@ -197,19 +197,12 @@ def generate_image_codes(model: "EvoTokMLLM", prompts: Sequence[str], guidance_s
             anchor_rows = [anchor_row([tok.decode([i]) for i in plan], len(prefix), len(seqs[k]), cfg.grid_size)
                            for k, (prefix, plan) in enumerate(zip(prefixes, plans))]
             anchor_rows += [[-1] * len(seq) for seq in seqs[b:]]
-            planned = [parse_plan(tok.decode(plan), cfg.grid_size) or [] for plan in plans]
-            if place_guidance is not None:
-                moved = [planned_sequence(model, p, plan_text(moved_plan(entries, cfg.grid_size))) if entries
-                         else (seqs[k], anchor_rows[k]) for k, (p, entries) in enumerate(zip(prompts, planned))]
-                seqs[b:b] = [seq for seq, _ in moved]
-                anchor_rows[b:b] = [row for _, row in moved]
-                mix = PlaceMix(b, guidance_scale, place_guidance)
-            if region_guidance is not None:
-                weights = region_weights(planned, cfg.grid_size)
-                objects = object_branches(model, planned, weights.shape[-1], seqs[-1])
-                seqs[b:b] = [seq for seq, _ in objects]
-                anchor_rows[b:b] = [row for _, row in objects]
-                mix = RegionMix(b, guidance_scale, region_guidance, weights)
+            if place_guidance is not None or region_guidance is not None:
+                planned = [parse_plan(tok.decode(plan), cfg.grid_size) or [] for plan in plans]
+                extra, mix = plan_guidance_branches(model, prompts, planned, seqs, anchor_rows, guidance_scale,
+                                                    place_guidance, region_guidance)
+                seqs[b:b] = [seq for seq, _ in extra]  # between the prompts' rows and the unconditional ones
+                anchor_rows[b:b] = [row for _, row in extra]
             if cfg.plan_anchors:
                 anchors = left_pad(anchor_rows, -1, model.device)[0]
             if plan_trace is not None:
@@ -217,6 +210,22 @@ def generate_image_codes(model: "EvoTokMLLM", prompts: Sequence[str], guidance_s
         ids, mask = left_pad(seqs, tok.ids["pad"], model.device)
         return _sample_grid(model, ids, mask, mix, temperature, top_k, top_p, seed, callback, use_cache,
                             logits_trace, anchors)
+
+
+def plan_guidance_branches(model: "EvoTokMLLM", prompts: Sequence[str], planned: Sequence[Sequence],
+                           seqs: Sequence[list[int]], anchor_rows: Sequence[list[int]], guidance_scale: float,
+                           place_guidance: float | None, region_guidance: float | None):
+    """The rows place or region guidance adds (sequence and anchor row each) and the mix that reads
+    them (:mod:`evotok.mllm.plan_guidance`). ``seqs`` and ``anchor_rows``: the prompts' rows with
+    their written plans, then the unconditional ones; ``planned``: the parsed plans."""
+    b, grid = len(prompts), model.config.grid_size
+    if place_guidance is not None:  # a prompt without a plan to move contrasts with itself
+        moved = [planned_sequence(model, p, plan_text(moved_plan(entries, grid))) if entries
+                 else (seqs[k], anchor_rows[k]) for k, (p, entries) in enumerate(zip(prompts, planned))]
+        return moved, PlaceMix(b, guidance_scale, place_guidance)
+    weights = region_weights(planned, grid)
+    return object_branches(model, planned, weights.shape[-1], seqs[-1]), RegionMix(b, guidance_scale,
+                                                                                    region_guidance, weights)
 
 
 def planned_sequence(model: "EvoTokMLLM", prompt: str, plan: str) -> tuple[list[int], list[int]]:

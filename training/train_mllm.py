@@ -317,7 +317,7 @@ def main(argv: list[str] | None = None) -> dict:
     log_every, eval_every, save_every = (int(train_cfg.get(k, d)) for k, d in
                                          (("log_every", 10), ("eval_every", 500), ("save_every", 500)))
     depth_weight = float(train_cfg.get("depth_loss_weight", 1.0))
-    input_noise = float(train_cfg.get("input_code_noise", 0.0))  # drawn cells swapped as inputs (evotok.mllm.input_noise)
+    input_noise = float(train_cfg.get("input_code_noise", 0.0))  # swapped input cells (evotok.mllm.input_noise)
 
     def save(final: bool = False) -> None:
         state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),

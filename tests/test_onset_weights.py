@@ -74,15 +74,21 @@ def test_prompted_scene_drawings_carry_their_onset_weights(text_tok):  # noqa: F
         ChatDataset({"scenes": pool}, {"scene_t2i": 1.0}, text_tok, 64, 4, onset_weight=-1.0)
 
 
+def square_batch(model, **dataset_options) -> dict:
+    """A batch of three drawings of one large red square (random codes on the model's grid)."""
+    records = [{"caption": "a red square", "label": None, "qa": [],
+                "objects": [{"shape": "square", "colour": "red", "size": "large", "centre": [0.5, 0.5]}]}] * 4
+    g = model.config.grid_size
+    codes = np.random.default_rng(0).integers(0, model.config.codebook_size, (4, g, g, 4)).astype(np.int16)
+    data = ChatDataset({"scenes": ImagePool("scenes", codes, records, {})}, {"scene_t2i": 1.0}, model.text,
+                       model.config.num_cells, model.config.pixel_depth, cfg_dropout=0.0, **dataset_options)
+    return tensors(collate([data[i] for i in range(3)], model.text.ids["pad"]))
+
+
 def test_the_code_objective_is_the_weighted_mean_and_the_reported_loss_stays_plain(image_tok, text_tok):  # noqa: F811
     torch.manual_seed(0)
     model = build(image_tok, text_tok)
-    records = [{"caption": "a red square", "label": None, "qa": [],
-                "objects": [{"shape": "square", "colour": "red", "size": "large", "centre": [0.5, 0.5]}]}] * 4
-    codes = np.random.default_rng(0).integers(0, model.config.codebook_size, (4, 4, 4, 4)).astype(np.int16)
-    data = ChatDataset({"scenes": ImagePool("scenes", codes, records, {})}, {"scene_t2i": 1.0}, model.text,
-                       model.config.num_cells, model.config.pixel_depth, cfg_dropout=0.0, onset_weight=8.0)
-    batch = tensors(collate([data[i] for i in range(3)], model.text.ids["pad"]))
+    batch = square_batch(model, onset_weight=8.0)
     weights = batch.pop("cell_weights")
     assert weights.shape == (3, model.config.num_cells) and (weights > 1).any()
     with torch.no_grad():
@@ -117,12 +123,7 @@ def test_swapped_input_cells_are_whole_real_cells_and_the_targets_stay_true(imag
 
     torch.manual_seed(0)
     model = build(image_tok, text_tok)
-    records = [{"caption": "a red square", "label": None, "qa": [],
-                "objects": [{"shape": "square", "colour": "red", "size": "large", "centre": [0.5, 0.5]}]}] * 4
-    pool_codes = np.random.default_rng(0).integers(0, model.config.codebook_size, (4, 4, 4, 4)).astype(np.int16)
-    data = ChatDataset({"scenes": ImagePool("scenes", pool_codes, records, {})}, {"scene_t2i": 1.0}, model.text,
-                       model.config.num_cells, model.config.pixel_depth, cfg_dropout=0.0)
-    batch = tensors(collate([data[i] for i in range(3)], model.text.ids["pad"]))
+    batch = square_batch(model)
     with torch.no_grad():
         plain = model(**batch)
         noisy = model(**batch, input_code_noise=1.0)

@@ -334,8 +334,8 @@ class ChatDataset(torch.utils.data.Dataset):
         if onset_weight <= 0:
             raise ValueError(f"onset_weight must be positive, got {onset_weight}")
         self.onset_weight = float(onset_weight)
-        weighs_onsets = self.onset_weight != 1.0
-        if (resample_scene_questions or cell_attributes or layout_plan or weighs_onsets) and "scenes" in self.pools:
+        if (resample_scene_questions or cell_attributes or layout_plan or self.onset_weight != 1.0) \
+                and "scenes" in self.pools:
             scenes = self.pools["scenes"]
             if scenes.records and "objects" not in scenes.records[0]:
                 needs = ("resample_scene_questions" if resample_scene_questions
@@ -386,11 +386,13 @@ class ChatDataset(torch.utils.data.Dataset):
                     if self.plan_anchors:
                         pieces = [self.tok.decode([i]) for i in plan_ids]
                         item["anchor_cells"] = anchor_row(pieces, start, len(encoded), codes.shape[0])
-                objects = [SceneObject.from_any(o) for o in record.get("objects", ())]
-                if self.cell_attributes and source == "scenes":
-                    item["cell_targets"] = cell_attribute_targets(objects, codes.shape[0])
-                if self.onset_weight != 1.0 and prompt and source == "scenes":
-                    item["cell_weights"] = onset_weights(objects, codes.shape[0], self.onset_weight)
+                weigh_onsets = self.onset_weight != 1.0 and bool(prompt)
+                if source == "scenes" and (self.cell_attributes or weigh_onsets):
+                    objects = [SceneObject.from_any(o) for o in record["objects"]]
+                    if self.cell_attributes:
+                        item["cell_targets"] = cell_attribute_targets(objects, codes.shape[0])
+                    if weigh_onsets:
+                        item["cell_weights"] = onset_weights(objects, codes.shape[0], self.onset_weight)
             else:
                 turns = self.conversation(source, record, rng)
                 encoded = encode_chat(self.tok, turns, self.num_cells, self.max_prompt_tokens, truncate=True)

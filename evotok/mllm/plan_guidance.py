@@ -15,7 +15,9 @@ prompt with its whole plan ``c`` and the guidance scale ``g``:
   centred on its cell, :func:`planned_cells`) mix ``u + g (c − u) + r (o_i − u)``, the others plain
   guidance. Where planned objects overlap, the later one (drawn on top in the scene world) guides.
 
-All branches receive the same sampled codes. A plan that does not parse adds nothing.
+All branches receive the same sampled codes. A plan that does not parse adds nothing. Measured
+(the model card): place guidance did not help; region guidance helped composition on stage 18's
+seen pairs (0.369 against 0.333) and not on held-out pairs or on stage 19, so both are off by default.
 """
 from __future__ import annotations
 

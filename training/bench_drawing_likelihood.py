@@ -58,9 +58,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from evotok.data.scenes import COLOURS, SHAPES, SceneWorld  # noqa: E402
 from evotok.images import pil_to_tensor  # noqa: E402
 from evotok.mllm import EvoTokMLLM, encode_generation  # noqa: E402
-from evotok.mllm.generate import left_pad, positions_of  # noqa: E402
-from evotok.mllm.layout_plan import PlannedObject, anchor_row, centre_cell, plan_text  # noqa: E402
 from evotok.mllm.cell_attributes import object_cells  # noqa: E402
+from evotok.mllm.generate import encoded_anchor_row, left_pad, positions_of  # noqa: E402
+from evotok.mllm.layout_plan import PlannedObject, centre_cell, plan_text  # noqa: E402
 from evotok.mllm.onset_weights import onset_cells  # noqa: E402
 from evotok.mllm.plan_guidance import moved_plan  # noqa: E402
 from evotok.mllm.prompt_parts import colours_only, fix_articles, shapes_only  # noqa: E402
@@ -92,8 +92,7 @@ def drawing_pass(model: EvoTokMLLM, prompts: Sequence[str], codes: torch.Tensor,
     gen = left_pad([e.gen_mask for e in encoded], False, model.device, dtype=torch.bool)[0]
     anchors = None
     if cfg.plan_anchors:
-        anchors = left_pad([anchor_row([tok.decode([i]) for i in tok.encode(plan)], e.answer_starts[0], len(e),
-                                       cfg.grid_size) if plan else [-1] * len(e)
+        anchors = left_pad([encoded_anchor_row(model, e, plan) if plan else [-1] * len(e)
                             for e, plan in zip(encoded, plans)], -1, model.device)[0]
     codes = codes[..., : cfg.pixel_depth].to(model.device)
     embeds = model.embed_inputs(ids, gen_mask=gen, gen_codes=codes, anchor_cells=anchors)

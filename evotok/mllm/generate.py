@@ -223,7 +223,7 @@ def plan_guidance_branches(model: "EvoTokMLLM", prompts: Sequence[str], planned:
         moved = [planned_sequence(model, p, plan_text(moved_plan(entries, grid))) if entries
                  else (seqs[k], anchor_rows[k]) for k, (p, entries) in enumerate(zip(prompts, planned))]
         return moved, PlaceMix(b, guidance_scale, place_guidance)
-    weights = region_weights(planned, grid)
+    weights = region_weights(planned, grid).to(model.device)  # read at every sampling step
     return object_branches(model, planned, weights.shape[-1], seqs[-1]), RegionMix(b, guidance_scale,
                                                                                     region_guidance, weights)
 
@@ -233,8 +233,14 @@ def planned_sequence(model: "EvoTokMLLM", prompt: str, plan: str) -> tuple[list[
     ``anchor_cells`` row."""
     cfg, tok = model.config, model.text
     encoded = encode_generation(tok, prompt, cfg.num_cells, cfg.max_prompt_tokens, include_grid=False, plan=plan)
-    pieces = [tok.decode([t]) for t in tok.encode(plan)]
-    return encoded.input_ids, anchor_row(pieces, encoded.answer_starts[0], len(encoded), cfg.grid_size)
+    return encoded.input_ids, encoded_anchor_row(model, encoded, plan)
+
+
+def encoded_anchor_row(model: "EvoTokMLLM", encoded, plan: str) -> list[int]:
+    """The ``anchor_cells`` row of a sequence from :func:`evotok.mllm.chat.encode_generation` with
+    ``plan`` (its entries' closing tokens anchored to their cells)."""
+    pieces = [model.text.decode([t]) for t in model.text.encode(plan)]
+    return anchor_row(pieces, encoded.answer_starts[0], len(encoded), model.config.grid_size)
 
 
 def object_branches(model: "EvoTokMLLM", planned: Sequence[Sequence], m: int,

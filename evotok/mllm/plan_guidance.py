@@ -86,6 +86,7 @@ class RegionMix:
     ``m`` object branches, the unconditional branch, into one row per image for cell ``cell``."""
 
     def __init__(self, b: int, guidance_scale: float, region_guidance: float, weights: torch.Tensor):
+        """``weights``: :func:`region_weights`, on the device the logits will be on."""
         if weights.shape[0] != b:
             raise ValueError(f"region weights for {weights.shape[0]} images, {b} prompts")
         self.b, self.guidance_scale, self.region_guidance = b, guidance_scale, region_guidance
@@ -96,7 +97,7 @@ class RegionMix:
         rows = logits.float().split(self.b)
         cond, objects, uncond = rows[0], rows[1:-1], rows[-1]
         mixed = uncond + self.guidance_scale * (cond - uncond)
-        weights = self.weights[:, cell].to(mixed.device)  # b × m
+        weights = self.weights[:, cell]  # b × m
         for i, branch in enumerate(objects):
             mixed = mixed + self.region_guidance * weights[:, i, None] * (branch - uncond)
         return mixed

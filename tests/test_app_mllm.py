@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from evotok.mllm.layout_plan import parse_plan
 from test_app import BUNDLED, BUNDLED_MLLM, OFFLINE_ENV, ROOT, free_port, shared_app
 
 pytest.importorskip("gradio_client")
@@ -88,6 +89,17 @@ def test_candidates_keep_the_models_own_pick(app):
     client, _, _ = app
     image, gallery, note = client.predict("a red circle", 3.0, 1.0, 0, 7, 2, api_name="/generate")
     assert Path(image).is_file() and "Best of 2 candidates" in note and "kept candidate" in note
+
+
+@pytest.mark.skipif(not TRAINED, reason="needs the bundled checkpoints")
+def test_the_bundled_model_shows_the_layout_plan_it_wrote(app):
+    """The bundled model writes a plan before drawing; the note shows it, and it names what was asked."""
+    client, _, _ = app
+    _, _, note = generate(client, "a red circle", seed=5)
+    match = re.search(r"\*\*Layout plan\*\*[^`]*`([^`]*)`", note)
+    assert match, note
+    plan = parse_plan(match.group(1), grid=8)
+    assert plan is not None and [(entry.colour, entry.shape) for entry in plan] == [("red", "circle")], plan
 
 
 def test_an_empty_prompt_draws_an_unconditional_sample(app):

@@ -13,8 +13,8 @@ Measured (200 scenes: cells of 140 images fitted, of 60 scored): on stage 8
 (runs/mllm_grid_rope/final) the row reads 1.000, 0.991, 0.931, 0.807, 0.740 after the embedding and
 layers 1-4, the column 1.000, 0.994, 0.922, 0.809, 0.703; on stage 7 (runs/mllm_place/final) row
 1.000-0.673, column 1.000-0.656. The cells hold both equally, while stage 8's answer reads the row
-and not the column (``bench_position_probe.py --questions place``); the bundled stage 11 reads both
-at the answer.
+and not the column (``bench_position_probe.py --questions place``); stage 11 (bundled until
+stage 19) reads both at the answer.
 
     python training/bench_cell_position_probe.py --model assets/mllm
     python training/bench_cell_position_probe.py --model runs/mllm_grid_rope/final --json cells.json

@@ -12,9 +12,9 @@ Measured on stage 7 (runs/mllm_place/final; defaults: 3000 seen-pair scenes, 126
 axis, each pair asked both ways round, so the majority class is 0.500): left or right, the model's
 own choice 0.482 and the probe 0.500, 0.479, 0.489, 0.479, 0.508 after the embedding and layers
 1-4; above or below, 0.518 and 0.500, 0.497, 0.524, 0.576, 0.529. The relation is not computed
-(stage 6 read the same: 0.489-0.505 and 0.500-0.553; stage 8: 0.482-0.508 and 0.518-0.545). The
-bundled stage 11 computes above or below (model 0.955, probe 0.526-0.961) but not yet left or
-right (0.553, probe 0.497-0.603).
+(stage 6 read the same: 0.489-0.505 and 0.500-0.553; stage 8: 0.482-0.508 and 0.518-0.545).
+Stage 11 (bundled until stage 19) computes above or below (model 0.955, probe 0.526-0.961) but not
+yet left or right (0.553, probe 0.497-0.603).
 
 ``--questions place`` asks the one-object place questions instead ("Is the red star left or right of the
 middle of the image?", ``evotok.data.scenes.place_questions``), the stepping stone to the relations.

@@ -65,7 +65,7 @@ def test_object_branches_hold_each_entry_after_its_own_prompt(image_tok, bundled
     model = build(image_tok, bundled_text, layout_plan=True, plan_anchors=True)
     tok = model.text
     unconditional = [1, 2, 3]
-    seqs, anchors = zip(*object_branches(model, [[STAR, CROSS], [CROSS]], 2, unconditional))
+    seqs, anchors, entries = zip(*object_branches(model, [[STAR, CROSS], [CROSS]], 2, unconditional))
     assert len(seqs) == 4  # branch-major: entry 0 of both plans, then entry 1
     assert tok.decode(seqs[0]).count("a red star") == 1 and "small red star 0 0" in tok.decode(seqs[0])
     assert "large orange cross 2 2" in tok.decode(seqs[1]) and "large orange cross 2 2" in tok.decode(seqs[2])

@@ -242,6 +242,23 @@ def test_a_later_stage_can_start_writing_layout_plans(root):
     assert EvoTokMLLM.from_pretrained(root / "plan_anchored" / "final").config.plan_anchors
 
 
+def test_a_later_stage_can_add_the_plan_canvas_at_the_position_learning_rate(root):
+    run(root, "canvas_base", "data.layout_plan=true", "train.steps=1")
+    run(root, "canvas", f"model.init_from={root / 'canvas_base' / 'final'}", "data.layout_plan=true",
+        "model.plan_canvas=true", "train.position_lr_scale=10", "train.steps=2")
+    model = EvoTokMLLM.from_pretrained(root / "canvas" / "final")
+    assert model.config.plan_canvas
+    learned = weights(root / "canvas" / "final")
+    tables = {k for k in learned if k.startswith("plan_canvas.")}
+    assert tables == set(learned) - set(weights(root / "canvas_base" / "final"))  # the only new weights
+    assert float(learned["plan_canvas.colour.weight"].abs().sum()) > 0  # they learn from zero
+    groups = param_groups(model, 1e-3, 10.0)
+    assert {id(p) for p in model.plan_canvas.parameters()} <= {id(p) for p in groups[1]["params"]}
+    trace = []
+    model.generate_image("a red circle", seed=0, plan_trace=trace)
+    assert len(trace) == 1
+
+
 def test_onset_weights_change_the_objective_and_not_the_logged_code_loss(root):
     summary = run(root, "onset", "data.onset_weight=8", "train.steps=2", "train.log_every=1")
     # scene drawings in every batch: the weighted code objective differs from the logged plain mean

@@ -60,8 +60,9 @@ from evotok.images import pil_to_tensor  # noqa: E402
 from evotok.mllm import EvoTokMLLM, encode_generation  # noqa: E402
 from evotok.mllm.cell_attributes import object_cells  # noqa: E402
 from evotok.mllm.generate import encoded_anchor_row, left_pad, positions_of  # noqa: E402
-from evotok.mllm.layout_plan import PlannedObject, centre_cell, plan_text  # noqa: E402
+from evotok.mllm.layout_plan import PlannedObject, centre_cell, parse_plan, plan_text  # noqa: E402
 from evotok.mllm.onset_weights import onset_cells  # noqa: E402
+from evotok.mllm.plan_canvas import canvas_ids, stack_canvases  # noqa: E402
 from evotok.mllm.plan_guidance import moved_plan  # noqa: E402
 from evotok.mllm.prompt_parts import colours_only, fix_articles, shapes_only  # noqa: E402
 
@@ -94,8 +95,12 @@ def drawing_pass(model: EvoTokMLLM, prompts: Sequence[str], codes: torch.Tensor,
     if cfg.plan_anchors:
         anchors = left_pad([encoded_anchor_row(model, e, plan) if plan else [-1] * len(e)
                             for e, plan in zip(encoded, plans)], -1, model.device)[0]
+    canvas = None
+    if cfg.plan_canvas:
+        canvas = stack_canvases([canvas_ids(parse_plan(plan, cfg.grid_size) or [], cfg.grid_size) if plan else None
+                                 for plan in plans], n)
     codes = codes[..., : cfg.pixel_depth].to(model.device)
-    embeds = model.embed_inputs(ids, gen_mask=gen, gen_codes=codes, anchor_cells=anchors)
+    embeds = model.embed_inputs(ids, gen_mask=gen, gen_codes=codes, anchor_cells=anchors, canvas_ids=canvas)
     hidden, _ = model.backbone(embeds, mask, positions_of(mask), cell_index=model.cell_index(None, gen))
     states = model.drawing_states(hidden, gen)
     logits, targets = model.code_logits(states, codes)

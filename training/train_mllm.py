@@ -41,7 +41,7 @@ from training.common import (STATE_FILE, Logger, append_jsonl, copy_config, fini
                              set_rng_state, set_seed, to_float_dict)
 
 TENSOR_KEYS = ("input_ids", "attention_mask", "labels", "image_mask", "gen_mask", "image_codes", "gen_codes",
-               "answer_exclusions", "cell_targets", "anchor_cells", "cell_weights")
+               "answer_exclusions", "cell_targets", "anchor_cells", "cell_weights", "canvas_ids")
 
 
 def build_pools(tokenizer: EvoTok, data_cfg: dict, split: str, counts: dict[str, int], accelerator: Accelerator,
@@ -100,6 +100,8 @@ def build_model(config: dict, tokenizer: EvoTok, pools: dict, run_dir: Path, res
             model.config.layout_plan = True
         if model_cfg.get("plan_anchors"):  # ...and anchors their entries to cells (no new weights)
             model.config.plan_anchors = True
+        if model_cfg.get("plan_canvas") and not model.config.plan_canvas:
+            model.add_plan_canvas()
         if "grid_rope_stride" in model_cfg:  # a later stage may respace the row and column streams
             # through the config's own checks (a stride below 1 is refused there)
             model.config = dataclasses.replace(model.config, grid_rope_stride=int(model_cfg["grid_rope_stride"]))
@@ -126,6 +128,8 @@ def build_model(config: dict, tokenizer: EvoTok, pools: dict, run_dir: Path, res
         adapters["layout_plan"] = True
     if model_cfg.get("plan_anchors"):
         adapters["plan_anchors"] = True
+    if model_cfg.get("plan_canvas"):
+        adapters["plan_canvas"] = True
     if model_cfg.get("lm_name_or_path"):
         return EvoTokMLLM.build(tokenizer, text_tok, image_tokenizer_path=model_cfg["image_tokenizer"],
                                 lm_name_or_path=model_cfg["lm_name_or_path"], **adapters)
@@ -140,16 +144,22 @@ def cell_attribute_weight(config: dict) -> float:
 
 
 POSITION_PARAMS = ("grid_pos", "grid_rows", "grid_cols")
+POSITION_PREFIXES = ("plan_canvas.",)  # the plan canvas's tables are added to the same inputs
+
+
+def is_position_param(name: str) -> bool:
+    return name in POSITION_PARAMS or name.startswith(POSITION_PREFIXES)
 
 
 def param_groups(model: EvoTokMLLM, lr: float, position_lr_scale: float) -> list[dict]:
-    """The trainable parameters; the grid-position ones (``POSITION_PARAMS``) at ``position_lr_scale`` × lr.
+    """The trainable parameters; the grid-position ones (``POSITION_PARAMS``, the plan canvas) at
+    ``position_lr_scale`` × lr.
 
     Why a scale: Adam moves a parameter by about lr per step whatever its gradient's size, and
     the projected image features they are added to are ~10× the size of a text embedding."""
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    position = [p for name, p in named if name in POSITION_PARAMS]
-    rest = [p for name, p in named if name not in POSITION_PARAMS]
+    position = [p for name, p in named if is_position_param(name)]
+    rest = [p for name, p in named if not is_position_param(name)]
     if position_lr_scale == 1.0 or not position:  # one group, in the order older runs' optimizer states have
         return [{"params": [p for _, p in named]}]
     return [{"params": rest}, {"params": position, "lr": lr * position_lr_scale}]
@@ -171,7 +181,7 @@ def make_dataset(pools: dict, data_cfg: dict, model: EvoTokMLLM, seed: int, task
                        place_questions=training and bool(data_cfg.get("place_questions", False)),
                        attribute_dropout=float(data_cfg.get("attribute_dropout", 0.0)) if training else 0.0,
                        cell_attributes=training and cell_attributes, layout_plan=model.config.layout_plan,
-                       plan_anchors=model.config.plan_anchors,
+                       plan_anchors=model.config.plan_anchors, plan_canvas=model.config.plan_canvas,
                        onset_weight=float(data_cfg.get("onset_weight", 1.0)) if training else 1.0)
 
 

@@ -57,6 +57,9 @@ class MLLMConfig:
             and centre cell, then draws (``evotok.mllm.layout_plan``); ``max_plan_tokens`` caps it.
         plan_anchors: the token that closes each plan entry also gets the position vector of the
             entry's cell (``evotok.mllm.layout_plan``); needs ``layout_plan``.
+        plan_canvas: each drawn cell's input also gets learned vectors of the colour, shape and
+            size of the plan entries that cover it and of its offset from their centre cells
+            (``evotok.mllm.plan_canvas``); needs ``layout_plan``.
     Prompts:
         max_prompt_tokens: longest prompt or question accepted, in text tokens.
         max_answer_tokens: longest answer ``answer`` produces unless asked otherwise.
@@ -89,6 +92,7 @@ class MLLMConfig:
     layout_plan: bool = False
     max_plan_tokens: int = 32
     plan_anchors: bool = False
+    plan_canvas: bool = False
 
     max_prompt_tokens: int = 64
     max_answer_tokens: int = 32
@@ -103,6 +107,8 @@ class MLLMConfig:
             raise ValueError(f"projector_context_layers must be >= 0, got {self.projector_context_layers!r}")
         if self.plan_anchors and not self.layout_plan:
             raise ValueError("plan_anchors marks the cells of layout plan entries: set layout_plan too")
+        if self.plan_canvas and not self.layout_plan:
+            raise ValueError("plan_canvas draws what the layout plan puts at each cell: set layout_plan too")
         if self.depth_head not in DEPTH_HEADS:
             raise ValueError(f"depth_head must be one of {DEPTH_HEADS}, got {self.depth_head!r}")
         if self.depth_width % self.depth_heads:

@@ -26,7 +26,8 @@ from ..data.scenes import (COUNT_WORDS, IMAGE_MIDDLE, SceneObject, is_place_ques
 from .answer_gaps import caption_gaps, gap_answers, words
 from .cell_attributes import IGNORE_CELL, cell_attribute_targets
 from .chat import IGNORE, encode_chat, encode_generation
-from .layout_plan import anchor_row, plan_of, plan_text
+from .layout_plan import anchor_row, parse_plan, plan_of, plan_text
+from .plan_canvas import canvas_ids, stack_canvases
 from .onset_weights import onset_weights
 from .prompt_parts import colours_only, shapes_only
 from .text_tokenizer import TextTokenizer
@@ -290,7 +291,8 @@ class ChatDataset(torch.utils.data.Dataset):
     one). With ``mask_answer_gaps`` or ``mask_caption_gaps`` the plan's shape words are masked like
     a caption's, so that copying a new pair from the prompt is not taught against. ``plan_anchors``:
     those drawings also carry ``anchor_cells`` (per token, the cell of the plan entry it closes, -1
-    elsewhere; ``MLLMConfig.plan_anchors``). ``onset_weight`` (other than 1): scene drawings with a
+    elsewhere; ``MLLMConfig.plan_anchors``) and with ``plan_canvas`` ``canvas_ids``, the plan
+    entries covering each cell (:mod:`evotok.mllm.plan_canvas`). ``onset_weight`` (other than 1): scene drawings with a
     prompt carry ``cell_weights``, that weight on the cells where each object begins and 1 elsewhere
     (:mod:`evotok.mllm.onset_weights`).
     """
@@ -301,7 +303,7 @@ class ChatDataset(torch.utils.data.Dataset):
                  mask_answer_gaps: bool = False, mask_caption_gaps: bool = False,
                  resample_scene_questions: bool = False, place_questions: bool = False,
                  attribute_dropout: float = 0.0, cell_attributes: bool = False, layout_plan: bool = False,
-                 plan_anchors: bool = False, onset_weight: float = 1.0):
+                 plan_anchors: bool = False, onset_weight: float = 1.0, plan_canvas: bool = False):
         unknown = sorted(set(task_weights) - set(TASKS))
         if unknown:
             raise ValueError(f"unknown tasks {unknown}; expected some of {sorted(TASKS)}")
@@ -331,6 +333,9 @@ class ChatDataset(torch.utils.data.Dataset):
         if plan_anchors and not layout_plan:
             raise ValueError("plan_anchors marks the cells of layout plan entries: set layout_plan too")
         self.plan_anchors = plan_anchors
+        if plan_canvas and not layout_plan:
+            raise ValueError("plan_canvas draws what the layout plan puts at each cell: set layout_plan too")
+        self.plan_canvas = plan_canvas
         if onset_weight <= 0:
             raise ValueError(f"onset_weight must be positive, got {onset_weight}")
         self.onset_weight = float(onset_weight)
@@ -362,7 +367,7 @@ class ChatDataset(torch.utils.data.Dataset):
         task = self.task_of(rng)
         source, kind = TASKS[task]
         item: dict[str, Any] = {"task": task, "image_codes": None, "gen_codes": None, "cell_targets": None,
-                                "cell_weights": None, "exclusions": [], "anchor_cells": None}
+                                "cell_weights": None, "exclusions": [], "anchor_cells": None, "canvas_ids": None}
         if kind == "text":
             q, a = self.text_pairs[int(rng.integers(len(self.text_pairs)))]
             encoded = encode_chat(self.tok, [(q, a)], 0, self.max_prompt_tokens, truncate=True)
@@ -386,6 +391,8 @@ class ChatDataset(torch.utils.data.Dataset):
                     if self.plan_anchors:
                         pieces = [self.tok.decode([i]) for i in plan_ids]
                         item["anchor_cells"] = anchor_row(pieces, start, len(encoded), codes.shape[0])
+                    if self.plan_canvas:
+                        item["canvas_ids"] = canvas_ids(parse_plan(plan, codes.shape[0]), codes.shape[0])
                 weigh_onsets = self.onset_weight != 1.0 and bool(prompt)
                 if source == "scenes" and (self.cell_attributes or weigh_onsets):
                     objects = [SceneObject.from_any(o) for o in record["objects"]]
@@ -541,6 +548,10 @@ def collate(items: Sequence[Mapping[str, Any]], pad_id: int) -> dict[str, Any]:
         batch["cell_weights"] = torch.from_numpy(np.stack([np.ones(cells, dtype=np.float32)
                                                            if it.get("cell_weights") is None
                                                            else it["cell_weights"] for it in drawings]))
+    batch["canvas_ids"] = None  # drawings without a plan get an empty canvas
+    if any(it.get("canvas_ids") is not None for it in drawings):
+        cells = drawings[0]["gen_codes"].shape[0] * drawings[0]["gen_codes"].shape[1]
+        batch["canvas_ids"] = stack_canvases([it.get("canvas_ids") for it in drawings], cells)
     return batch
 
 

@@ -10,6 +10,7 @@ import torch
 
 from .chat import encode_chat, encode_generation, plan_prefix
 from .layout_plan import anchor_row, closed_entry_cell, parse_plan, plan_text
+from .plan_canvas import canvas_ids, stack_canvases
 from .plan_guidance import PlaceMix, RegionMix, moved_plan, object_prompt, region_weights
 from .prompt_parts import attribute_parts
 
@@ -187,7 +188,7 @@ def generate_image_codes(model: "EvoTokMLLM", prompts: Sequence[str], guidance_s
     seqs = [encode_generation(tok, p, n, cfg.max_prompt_tokens, include_grid=False).input_ids
             for branch in branches for p in branch]
     mix = LogitMix(b, guidance_scale, attribute_guidance)
-    anchors = None
+    anchors = canvas = None
     with thread_scope(model, cpu_threads):
         if cfg.layout_plan:
             plans = write_plans(model, prompts, use_cache)
@@ -197,31 +198,36 @@ def generate_image_codes(model: "EvoTokMLLM", prompts: Sequence[str], guidance_s
             anchor_rows = [anchor_row([tok.decode([i]) for i in plan], len(prefix), len(seqs[k]), cfg.grid_size)
                            for k, (prefix, plan) in enumerate(zip(prefixes, plans))]
             anchor_rows += [[-1] * len(seq) for seq in seqs[b:]]
+            planned = [parse_plan(tok.decode(plan), cfg.grid_size) or [] for plan in plans]
+            row_plans = planned + [[]] * (len(seqs) - b)  # the unconditional rows draw without a plan
             if place_guidance is not None or region_guidance is not None:
-                planned = [parse_plan(tok.decode(plan), cfg.grid_size) or [] for plan in plans]
                 extra, mix = plan_guidance_branches(model, prompts, planned, seqs, anchor_rows, guidance_scale,
                                                     place_guidance, region_guidance)
-                seqs[b:b] = [seq for seq, _ in extra]  # between the prompts' rows and the unconditional ones
-                anchor_rows[b:b] = [row for _, row in extra]
+                seqs[b:b] = [seq for seq, _, _ in extra]  # between the prompts' rows and the unconditional ones
+                anchor_rows[b:b] = [row for _, row, _ in extra]
+                row_plans[b:b] = [entries for _, _, entries in extra]
             if cfg.plan_anchors:
                 anchors = left_pad(anchor_rows, -1, model.device)[0]
+            if cfg.plan_canvas:
+                canvas = model.canvas_vectors(stack_canvases([canvas_ids(p, cfg.grid_size) for p in row_plans], n))
             if plan_trace is not None:
                 plan_trace.extend(tok.decode(plan).strip() for plan in plans)
         ids, mask = left_pad(seqs, tok.ids["pad"], model.device)
         return _sample_grid(model, ids, mask, mix, temperature, top_k, top_p, seed, callback, use_cache,
-                            logits_trace, anchors)
+                            logits_trace, anchors, canvas)
 
 
 def plan_guidance_branches(model: "EvoTokMLLM", prompts: Sequence[str], planned: Sequence[Sequence],
                            seqs: Sequence[list[int]], anchor_rows: Sequence[list[int]], guidance_scale: float,
                            place_guidance: float | None, region_guidance: float | None):
-    """The rows place or region guidance adds (sequence and anchor row each) and the mix that reads
-    them (:mod:`evotok.mllm.plan_guidance`). ``seqs`` and ``anchor_rows``: the prompts' rows with
-    their written plans, then the unconditional ones; ``planned``: the parsed plans."""
+    """The rows place or region guidance adds (sequence, anchor row and plan entries each) and the
+    mix that reads them (:mod:`evotok.mllm.plan_guidance`). ``seqs`` and ``anchor_rows``: the
+    prompts' rows with their written plans, then the unconditional ones; ``planned``: the parsed plans."""
     b, grid = len(prompts), model.config.grid_size
     if place_guidance is not None:  # a prompt without a plan to move contrasts with itself
-        moved = [planned_sequence(model, p, plan_text(moved_plan(entries, grid))) if entries
-                 else (seqs[k], anchor_rows[k]) for k, (p, entries) in enumerate(zip(prompts, planned))]
+        moved = [(*planned_sequence(model, p, plan_text(moved_plan(entries, grid))), moved_plan(entries, grid))
+                 if entries else (seqs[k], anchor_rows[k], entries)
+                 for k, (p, entries) in enumerate(zip(prompts, planned))]
         return moved, PlaceMix(b, guidance_scale, place_guidance)
     weights = region_weights(planned, grid).to(model.device)  # read at every sampling step
     return object_branches(model, planned, weights.shape[-1], seqs[-1]), RegionMix(b, guidance_scale,
@@ -244,12 +250,12 @@ def encoded_anchor_row(model: "EvoTokMLLM", encoded, plan: str) -> list[int]:
 
 
 def object_branches(model: "EvoTokMLLM", planned: Sequence[Sequence], m: int,
-                    unconditional: list[int]) -> list[tuple[list[int], list[int]]]:
-    """Region guidance's ``m`` object branches, ``len(planned)`` rows each (sequence and anchor
-    row): entry ``i`` of each plan after its object's prompt, or the ``unconditional`` sequence
-    where a plan has fewer entries."""
-    return [planned_sequence(model, object_prompt(plan[i]), plan[i].text()) if i < len(plan)
-            else (unconditional, [-1] * len(unconditional)) for i in range(m) for plan in planned]
+                    unconditional: list[int]) -> list[tuple[list[int], list[int], list]]:
+    """Region guidance's ``m`` object branches, ``len(planned)`` rows each (sequence, anchor row
+    and plan entries): entry ``i`` of each plan after its object's prompt, or the ``unconditional``
+    sequence where a plan has fewer entries."""
+    return [(*planned_sequence(model, object_prompt(plan[i]), plan[i].text()), [plan[i]]) if i < len(plan)
+            else (unconditional, [-1] * len(unconditional), []) for i in range(m) for plan in planned]
 
 
 @torch.no_grad()
@@ -305,11 +311,17 @@ class LogitMix:
 def _sample_grid(model: "EvoTokMLLM", ids: torch.Tensor, mask: torch.Tensor, mix: LogitMix,
                  temperature: float, top_k: int | None, top_p: float | None, seed: int | None,
                  callback: Callable[[int, torch.Tensor], None] | None, use_cache: bool,
-                 logits_trace: list | None, anchor_cells: torch.Tensor | None = None) -> torch.Tensor:
+                 logits_trace: list | None, anchor_cells: torch.Tensor | None = None,
+                 canvas: torch.Tensor | None = None) -> torch.Tensor:
+    """``canvas`` (``rows × cells × hidden``, :meth:`EvoTokMLLM.canvas_vectors`): added to the input
+    that draws each cell, ``<boi>`` (the last position of the left-padded rows) for the first."""
     cfg, device = model.config, model.device
     n, depth, grid = cfg.num_cells, cfg.pixel_depth, cfg.grid_size
     b, branches = mix.b, mix.branches
-    stepper = _Stepper(model, model.embed_inputs(ids, anchor_cells=anchor_cells), mask, use_cache)
+    embeds = model.embed_inputs(ids, anchor_cells=anchor_cells)
+    if canvas is not None:
+        embeds = torch.cat([embeds[:, :-1], embeds[:, -1:] + canvas[:, :1].to(embeds.dtype)], 1)
+    stepper = _Stepper(model, embeds, mask, use_cache)
     generator = make_generator(seed, device)
     codes = torch.zeros(b, n, depth, dtype=torch.long, device=device)
     positions = model.cell_positions()
@@ -325,8 +337,10 @@ def _sample_grid(model: "EvoTokMLLM", ids: torch.Tensor, mask: torch.Tensor, mix
         codes[:, cell] = prefix
         if cell + 1 < n:
             latent = model.code_latents(prefix)
-            embed = model.latent_in(latent.to(stepper.last.dtype)) + positions[cell]
-            stepper.step(embed.repeat(branches, 1), cell=cell)
+            embed = (model.latent_in(latent.to(stepper.last.dtype)) + positions[cell]).repeat(branches, 1)
+            if canvas is not None:
+                embed = embed + canvas[:, cell + 1].to(embed.dtype)
+            stepper.step(embed, cell=cell)
         if callback is not None and (cell + 1) % grid == 0:
             callback((cell + 1) // grid, codes.view(b, grid, grid, depth).clone())
     return codes.view(b, grid, grid, depth)

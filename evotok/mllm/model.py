@@ -31,6 +31,7 @@ from .depth_transformer import DepthTransformer
 from .generate import batch_answers, generate_image_codes, stream_answer
 from .grid_rope import cell_index_of, grid_position_ids, install_grid_rope
 from .input_noise import swap_cells
+from .plan_canvas import PlanCanvas
 from .text_tokenizer import TextTokenizer
 
 TEXT_TOKENIZER_DIR = "text_tokenizer"
@@ -102,6 +103,7 @@ class EvoTokMLLM(nn.Module, PretrainedMixin):
                                       head=config.depth_head, code_dim=config.code_dim,
                                       head_width=config.depth_head_width)
         self.cell_attributes = CellAttributeHead(hidden) if config.cell_attribute_head else None
+        self.plan_canvas = PlanCanvas(hidden) if config.plan_canvas else None
         self.text_tokenizer = text_tokenizer
         self.__dict__["image_tokenizer"] = None  # attached, never a submodule: not saved, not trained
         self._embedding_hooks: list = []
@@ -321,6 +323,23 @@ class EvoTokMLLM(nn.Module, PretrainedMixin):
         self.config.cell_attribute_head = True
         self.cell_attributes = CellAttributeHead(self.config.hidden_size).to(self.grid_pos.device)
 
+    def add_plan_canvas(self) -> None:
+        """Give a trained planning model the plan canvas (``evotok.mllm.plan_canvas``); its tables
+        start at zero, so it draws as before until they learn."""
+        if not self.config.layout_plan:
+            raise ValueError("the plan canvas draws what the layout plan puts at each cell: the model must write plans")
+        if self.config.plan_canvas:
+            raise ValueError("this model already has the plan canvas")
+        self.config.plan_canvas = True
+        self.plan_canvas = PlanCanvas(self.config.hidden_size).to(self.grid_pos.device, self.grid_pos.dtype)
+
+    def canvas_vectors(self, canvas_ids: torch.Tensor) -> torch.Tensor:
+        """``n × cells × slots × 4`` plan-canvas indices (``evotok.mllm.plan_canvas.canvas_ids``) ->
+        ``n × cells × hidden``: what is added to the input that draws each cell."""
+        if self.plan_canvas is None:
+            raise ValueError("this model has no plan canvas (config.plan_canvas)")
+        return self.plan_canvas(canvas_ids.to(self.grid_pos.device))
+
     def add_grid_rope(self) -> None:
         """Switch a trained model to row-and-column rotary positions on grid cells
         (``evotok.mllm.grid_rope``); no new weights, text positions unchanged."""
@@ -363,11 +382,14 @@ class EvoTokMLLM(nn.Module, PretrainedMixin):
 
     def embed_inputs(self, input_ids: torch.Tensor, image_mask: torch.Tensor | None = None,
                      image_features: torch.Tensor | None = None, gen_mask: torch.Tensor | None = None,
-                     gen_codes: torch.Tensor | None = None, anchor_cells: torch.Tensor | None = None) -> torch.Tensor:
+                     gen_codes: torch.Tensor | None = None, anchor_cells: torch.Tensor | None = None,
+                     canvas_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings with projected image features spliced in at ``<image>`` positions and
         projected code latents at generated grid cells (both in raster order, one per cell).
         ``anchor_cells`` (``B L``, -1 elsewhere) adds a cell's position vector to the plan tokens
-        that close an entry (``config.plan_anchors``, ``evotok.mllm.layout_plan``)."""
+        that close an entry (``config.plan_anchors``, ``evotok.mllm.layout_plan``). ``canvas_ids``
+        (one row per drawing, see :meth:`canvas_vectors`) adds each cell's canvas vector to the
+        input that draws it (``config.plan_canvas``)."""
         embeds = self.lm.get_input_embeddings()(input_ids)
         if anchor_cells is not None and bool((anchor_cells >= 0).any()):
             anchored = anchor_cells >= 0
@@ -388,6 +410,8 @@ class EvoTokMLLM(nn.Module, PretrainedMixin):
             latents = self.code_latents(gen_codes[..., : self.config.pixel_depth]).flatten(1, 2)
             values = (self.latent_in(latents.to(embeds.dtype)) + self.cell_positions()).flatten(0, 1).to(embeds.dtype)
             embeds = _splice(embeds, gen_mask, values, "generated grid cells", n)
+            if canvas_ids is not None and self.plan_canvas is not None:
+                embeds = _splice_add(embeds, _drawing_sources(gen_mask), self.canvas_vectors(canvas_ids).flatten(0, 1))
         return embeds
 
     def backbone(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -419,7 +443,8 @@ class EvoTokMLLM(nn.Module, PretrainedMixin):
                 gen_codes: torch.Tensor | None = None, depth_loss_weight: float = 1.0,
                 answer_exclusions: torch.Tensor | None = None, cell_targets: torch.Tensor | None = None,
                 cell_attribute_weight: float = 0.0, anchor_cells: torch.Tensor | None = None,
-                cell_weights: torch.Tensor | None = None, input_code_noise: float = 0.0) -> MLLMOutput:
+                cell_weights: torch.Tensor | None = None, input_code_noise: float = 0.0,
+                canvas_ids: torch.Tensor | None = None) -> MLLMOutput:
         """Joint loss of a mixed batch (see :func:`evotok.mllm.data.collate`): LM cross-entropy on
         answer tokens plus the depth transformer's cross-entropy over the codes of every cell.
 
@@ -431,13 +456,15 @@ class EvoTokMLLM(nn.Module, PretrainedMixin):
         the code loss in ``loss`` a weighted mean over cells (``evotok.mllm.onset_weights``);
         ``depth_loss`` and its stages stay the plain mean, comparable across runs.
         ``input_code_noise``: the share of drawn cells whose input codes are swapped for another
-        cell's, the targets staying true (``evotok.mllm.input_noise``; training only)."""
+        cell's, the targets staying true (``evotok.mllm.input_noise``; training only).
+        ``canvas_ids``: see :meth:`embed_inputs`."""
         if image_features is None and image_codes is not None and image_codes.numel():
             image_features = self.image_features(image_codes)
         input_codes = gen_codes
         if input_code_noise > 0 and gen_codes is not None:
             input_codes = swap_cells(gen_codes, input_code_noise)
-        embeds = self.embed_inputs(input_ids, image_mask, image_features, gen_mask, input_codes, anchor_cells)
+        embeds = self.embed_inputs(input_ids, image_mask, image_features, gen_mask, input_codes, anchor_cells,
+                                   canvas_ids)
         hidden, _ = self.backbone(embeds, attention_mask, cell_index=self.cell_index(image_mask, gen_mask))
 
         targets = labels[:, 1:]
@@ -482,9 +509,7 @@ class EvoTokMLLM(nn.Module, PretrainedMixin):
     def drawing_states(self, hidden: torch.Tensor, gen_mask: torch.Tensor) -> torch.Tensor:
         """The hidden state that draws each generated cell (the one *before* it): ``N × hidden``,
         cells in batch then raster order."""
-        source = torch.zeros_like(gen_mask)
-        source[:, :-1] = gen_mask[:, 1:]
-        return hidden[source]
+        return hidden[_drawing_sources(gen_mask)]
 
     def code_logits(self, states: torch.Tensor, gen_codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher-forced depth-transformer logits of every generated cell from its drawing state
@@ -587,6 +612,22 @@ def _splice(embeds: torch.Tensor, mask: torch.Tensor, values: torch.Tensor, what
         raise ValueError(f"{count} {what} in the batch but {values.shape[0]} embeddings to put there "
                          f"({per_image} per image expected)")
     return embeds.masked_scatter(mask.unsqueeze(-1), values)
+
+
+def _splice_add(embeds: torch.Tensor, mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``embeds`` with ``values`` (one row per ``True`` of ``mask``, in order) added where ``mask`` is set."""
+    if int(mask.sum()) != values.shape[0]:
+        raise ValueError(f"{int(mask.sum())} drawn cells in the batch but {values.shape[0]} plan-canvas vectors "
+                         "(one canvas per drawing, one vector per cell expected)")
+    added = torch.zeros_like(embeds).masked_scatter(mask.unsqueeze(-1), values.to(embeds.dtype))
+    return embeds + added
+
+
+def _drawing_sources(gen_mask: torch.Tensor) -> torch.Tensor:
+    """``B L``: the positions whose hidden state draws a generated cell (each cell's predecessor)."""
+    source = torch.zeros_like(gen_mask)
+    source[:, :-1] = gen_mask[:, 1:]
+    return source
 
 
 def _semantic_dim(tokenizer: nn.Module) -> int:

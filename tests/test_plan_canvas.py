@@ -82,7 +82,7 @@ def test_prompted_scene_drawings_carry_the_canvas_of_their_plan(text_tok):  # no
         ChatDataset({"scenes": pool}, {"scene_t2i": 1.0}, text_tok, 64, 4, plan_canvas=True)
 
 
-def test_the_model_refuses_a_canvas_without_plans_and_keeps_it_when_saved(image_tok, bundled_text, tmp_path):  # noqa: F811
+def test_a_canvas_needs_plans_and_is_saved(image_tok, bundled_text, tmp_path):  # noqa: F811
     with pytest.raises(ValueError, match="set layout_plan too"):
         MLLMConfig(lm_config={"model_type": "qwen2"}, plan_canvas=True)
     with pytest.raises(ValueError, match="must write plans"):
@@ -101,7 +101,8 @@ def test_sampling_adds_each_cells_vector_where_training_does(image_tok, bundled_
     model = build(image_tok, bundled_text, layout_plan=True, plan_anchors=True, plan_canvas=True)
     tok, grid, n = model.text, model.config.grid_size, model.config.num_cells
     plan = "small red star 0 0, large orange cross 2 2"
-    monkeypatch.setattr(generate_module, "write_plans", lambda m, prompts, use_cache=True: [tok.encode(plan)] * len(prompts))
+    written = tok.encode(plan)
+    monkeypatch.setattr(generate_module, "write_plans", lambda m, prompts, use_cache=True: [written] * len(prompts))
     prompt = "a red star and an orange cross"
     untouched = []
     generate_image_codes(model, [prompt], None, seed=5, logits_trace=untouched)

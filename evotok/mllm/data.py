@@ -27,8 +27,8 @@ from .answer_gaps import caption_gaps, gap_answers, words
 from .cell_attributes import IGNORE_CELL, cell_attribute_targets
 from .chat import IGNORE, encode_chat, encode_generation
 from .layout_plan import anchor_row, parse_plan, plan_of, plan_text
-from .plan_canvas import canvas_ids, stack_canvases
 from .onset_weights import onset_weights
+from .plan_canvas import canvas_ids, stack_canvases
 from .prompt_parts import colours_only, shapes_only
 from .text_tokenizer import TextTokenizer
 
@@ -292,9 +292,9 @@ class ChatDataset(torch.utils.data.Dataset):
     a caption's, so that copying a new pair from the prompt is not taught against. ``plan_anchors``:
     those drawings also carry ``anchor_cells`` (per token, the cell of the plan entry it closes, -1
     elsewhere; ``MLLMConfig.plan_anchors``) and with ``plan_canvas`` ``canvas_ids``, the plan
-    entries covering each cell (:mod:`evotok.mllm.plan_canvas`). ``onset_weight`` (other than 1): scene drawings with a
-    prompt carry ``cell_weights``, that weight on the cells where each object begins and 1 elsewhere
-    (:mod:`evotok.mllm.onset_weights`).
+    entries covering each cell (:mod:`evotok.mllm.plan_canvas`). ``onset_weight`` (other than 1):
+    scene drawings with a prompt carry ``cell_weights``, that weight on the cells where each object
+    begins and 1 elsewhere (:mod:`evotok.mllm.onset_weights`).
     """
 
     def __init__(self, pools: Mapping[str, ImagePool], task_weights: Mapping[str, float], text_tokenizer: TextTokenizer,

@@ -26,7 +26,7 @@ from ..data.scenes import (COUNT_WORDS, IMAGE_MIDDLE, SceneObject, is_place_ques
 from .answer_gaps import caption_gaps, gap_answers, words
 from .cell_attributes import IGNORE_CELL, cell_attribute_targets
 from .chat import IGNORE, encode_chat, encode_generation
-from .layout_plan import anchor_row, parse_plan, plan_of, plan_text
+from .layout_plan import PlannedObject, anchor_row, plan_of, plan_text
 from .onset_weights import onset_weights
 from .plan_canvas import canvas_ids, stack_canvases
 from .prompt_parts import colours_only, shapes_only
@@ -379,7 +379,8 @@ class ChatDataset(torch.utils.data.Dataset):
                 prompt = "" if rng.uniform() < self.cfg_dropout else record["caption"]
                 if prompt and source == "scenes" and self.attribute_dropout and rng.uniform() < self.attribute_dropout:
                     prompt = (shapes_only if rng.uniform() < 0.5 else colours_only)(prompt)
-                plan = self.plan(source, record, codes.shape[0]) if prompt and self.layout_plan else None
+                entries = self.plan(source, record, codes.shape[0]) if prompt and self.layout_plan else None
+                plan = None if entries is None else plan_text(entries)
                 encoded = encode_generation(self.tok, prompt, self.num_cells, self.max_prompt_tokens, truncate=True,
                                             plan=plan)
                 item["gen_codes"] = codes[..., : self.pixel_depth]
@@ -392,7 +393,7 @@ class ChatDataset(torch.utils.data.Dataset):
                         pieces = [self.tok.decode([i]) for i in plan_ids]
                         item["anchor_cells"] = anchor_row(pieces, start, len(encoded), codes.shape[0])
                     if self.plan_canvas:
-                        item["canvas_ids"] = canvas_ids(parse_plan(plan, codes.shape[0]), codes.shape[0])
+                        item["canvas_ids"] = canvas_ids(entries, codes.shape[0])
                 weigh_onsets = self.onset_weight != 1.0 and bool(prompt)
                 if source == "scenes" and (self.cell_attributes or weigh_onsets):
                     objects = [SceneObject.from_any(o) for o in record["objects"]]
@@ -439,13 +440,13 @@ class ChatDataset(torch.utils.data.Dataset):
                 out.append((start + k, token[0]))
         return out
 
-    def plan(self, source: str, record: Mapping[str, Any], grid: int) -> str:
-        """The layout plan a drawing of ``record`` writes: a scene's objects in the order its caption
-        names them; an empty plan for the other sources."""
+    def plan(self, source: str, record: Mapping[str, Any], grid: int) -> list[PlannedObject]:
+        """The layout plan's entries a drawing of ``record`` writes: a scene's objects in the order
+        its caption names them; an empty plan for the other sources."""
         if source != "scenes":
-            return ""
+            return []
         objects = [SceneObject.from_any(o) for o in record["objects"]]
-        return plan_text(plan_of(objects, record["caption"], grid))
+        return plan_of(objects, record["caption"], grid)
 
     def conversation(self, source: str, record: Mapping[str, Any], rng: np.random.Generator) -> list[tuple[str, str]]:
         """1..max_turns (question, answer) turns about one image."""

@@ -619,8 +619,9 @@ def _splice_add(embeds: torch.Tensor, mask: torch.Tensor, values: torch.Tensor) 
     if int(mask.sum()) != values.shape[0]:
         raise ValueError(f"{int(mask.sum())} drawn cells in the batch but {values.shape[0]} plan-canvas vectors "
                          "(one canvas per drawing, one vector per cell expected)")
-    added = torch.zeros_like(embeds).masked_scatter(mask.unsqueeze(-1), values.to(embeds.dtype))
-    return embeds + added
+    embeds = embeds.clone()
+    embeds[mask] = embeds[mask] + values.to(embeds.dtype)
+    return embeds
 
 
 def _drawing_sources(gen_mask: torch.Tensor) -> torch.Tensor:

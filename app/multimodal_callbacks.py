@@ -139,9 +139,12 @@ class MultimodalCallbacks:
         if result.candidate_scores:
             scores = ", ".join(f"{v:.2f}" for v in result.candidate_scores)
             picked = max(range(len(result.candidate_scores)), key=result.candidate_scores.__getitem__) + 1
+            judged = (f"under which the prompt is its likeliest caption (mean log-probability per token {scores}"
+                      if result.settings.get("judge") == "caption" else
+                      f"it reads as the prompt most surely rather than as a near miss of it (another colour, "
+                      f"shape, count or relation; log of the prompt's share of the caption probability {scores}")
             lines.append(f"Best of {len(result.candidate_scores)} candidates: the model read each drawing back and "
-                         f"kept the one under which the prompt is its likeliest caption (mean log-probability per "
-                         f"token {scores}; kept candidate {picked}). The preview showed candidate 1.")
+                         f"kept the one {judged}; kept candidate {picked}). The preview showed candidate 1.")
         if check.heldout_pairs:
             lines.append("Held out of training (never seen together): "
                          + ", ".join(f"{c} {s_}" for c, s_ in check.heldout_pairs) + ".")

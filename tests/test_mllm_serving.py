@@ -73,6 +73,13 @@ def test_candidates_keep_the_models_own_pick_and_report_the_scores(service):
     for bad in (0, 1.5, service.max_candidates + 1):
         with pytest.raises(ValueError, match="candidates"):
             service.generate("a red circle", seed=5, candidates=bad)
+    other = "contrast" if best.settings["judge"] == "caption" else "caption"
+    judged = service.generate("a red circle", seed=5, candidates=3, judge=other)
+    codes, scores = generate_best_of(service.model, ["a red circle"], 3, seed=5, guidance_scale=3.0, judge=other)
+    assert judged.settings["judge"] == other and torch.equal(judged.codes, codes[0])
+    assert judged.candidate_scores == pytest.approx(scores[0].tolist(), abs=1e-4)
+    with pytest.raises(ValueError, match="judge"):
+        service.generate("a red circle", seed=5, candidates=3, judge="oracle")
 
 
 def test_a_row_callback_can_cancel(service):

@@ -343,6 +343,16 @@ def test_benchmark_scores_generations_and_the_render_ceiling(oracle, tmp_path):
         assert pool[cat]["any"] >= picked["generated"][cat]["score"]
     assert "plans" not in result and "plan" not in result["prompts"][0]
 
+    both = main(["--model", str(model), "--oracle", str(tmp_path / "oracle"), "--per-category", "1",
+                 "--no-fid", "--batch-size", "6", "--threads", "1", "--best-of", "2", "--judge", "contrast", "caption"])
+    assert both["sampling"]["judge"] == "contrast" and both["sampling"]["judges"] == ["contrast", "caption"]
+    for cat in [*GENEVAL_CATEGORIES, "overall"]:  # each judge's picks are scored on the same candidates
+        picks = both["candidates"][cat]["picked_by"]
+        assert set(picks) == {"contrast", "caption"}
+        assert all(0.0 <= v <= both["candidates"][cat]["any"] for v in picks.values())
+    with pytest.raises(SystemExit):
+        main(["--model", str(model), "--oracle", str(tmp_path / "oracle"), "--best-of", "2", "--judge", "oracle"])
+
 
 def test_benchmark_reports_a_planning_models_plans(oracle, tmp_path):
     from training.bench_geneval import main

@@ -66,3 +66,48 @@ def test_candidates_are_drawn_per_prompt_and_picked_among_their_own(model):
         assert any(torch.equal(best[k], drawn[k, j]) for j in range(2)) and scores.shape == (2, 2)
     with pytest.raises(ValueError, match="prompts"):
         pick_best(model, ["a red circle"], drawn)
+
+
+def test_a_caption_total_is_its_mean_times_its_scored_tokens(model):
+    torch.manual_seed(1)
+    codes = torch.randint(0, model.config.codebook_size, (2, 4, 4, 4))
+    captions = ["a red circle", "two blue squares on a striped background"]
+    mean = caption_log_likelihood(model, codes, captions)
+    total = caption_log_likelihood(model, codes, captions, per_token=False)
+    for k, caption in enumerate(captions):
+        scored = (torch.tensor(encode_chat(model.text, [(DESCRIBE_QUESTIONS[0], caption)],
+                                           model.config.num_cells).labels) != -100).sum()
+        assert total[k].item() == pytest.approx(mean[k].item() * int(scored), rel=1e-5)
+
+
+def test_the_contrast_score_is_the_prompts_share_among_its_near_misses(model):
+    from evotok.mllm.near_miss import near_misses
+    from evotok.mllm.rerank import contrast_scores
+
+    torch.manual_seed(2)
+    codes = torch.randint(0, model.config.codebook_size, (3, 4, 4, 4))
+    prompts = ["a red circle", "a blue square left of a green star", "a cat on a mat"]
+    scores = contrast_scores(model, codes, prompts, images_per_batch=2)  # images split across batches
+    for k, prompt in enumerate(prompts[:2]):
+        group = [prompt] + near_misses(prompt)
+        totals = caption_log_likelihood(model, codes[k:k + 1].expand(len(group), -1, -1, -1), group, per_token=False)
+        assert scores[k].item() == pytest.approx((totals[0] - torch.logsumexp(totals, 0)).item(), abs=1e-4)
+        assert scores[k] < 0
+    assert scores[2] == 0  # no scene words, no near misses: nothing to contrast with
+    with pytest.raises(ValueError, match="prompts"):
+        contrast_scores(model, codes, prompts[:2])
+
+
+def test_the_contrast_judge_keeps_its_top_scored_candidate(model):
+    from evotok.mllm.rerank import contrast_scores, draw_candidates, pick_best
+
+    prompts = ["a red circle", "two blue squares"]
+    drawn = draw_candidates(model, prompts, 3, seed=5)
+    best, scores = pick_best(model, prompts, drawn, judge="contrast")
+    full = model.encode_images(model.decode_codes(drawn.flatten(0, 1)).clamp(-1, 1))
+    again = contrast_scores(model, full, [p for p in prompts for _ in range(3)]).view(2, 3)
+    assert torch.allclose(again, scores, atol=1e-4)
+    for k in range(2):
+        assert torch.equal(best[k], drawn[k, int(scores[k].argmax())])
+    with pytest.raises(ValueError, match="judge"):
+        pick_best(model, prompts, drawn, judge="oracle")

@@ -4,6 +4,7 @@
     python training/bench_geneval.py --model assets/mllm --per-category 50 --json geneval.json
     python training/bench_geneval.py --renders-only --per-category 200          # the oracle's ceiling alone
     python training/bench_geneval.py --model assets/mllm --best-of 4            # keep the model's own pick of 4
+    python training/bench_geneval.py --model assets/mllm --best-of 8 --judge contrast caption   # both judges, same candidates
 
 Prompts: ``evotok.oracle.geneval_prompts`` — six categories (single object, two objects, counting,
 colours, position, colour attribution), objects drawn only from ``HELDOUT_PAIRS`` (never seen in
@@ -50,6 +51,7 @@ from evotok.data.scenes import HELDOUT_PAIRS, TRAIN_PAIRS  # noqa: E402
 from evotok.hub import CheckpointError  # noqa: E402
 from evotok.images import pil_to_tensor, tensor_to_pil  # noqa: E402
 from evotok.mllm.layout_plan import parse_plan, plan_detections  # noqa: E402
+from evotok.mllm.rerank import DEFAULT_JUDGE, JUDGES  # noqa: E402
 from evotok.oracle import (GENEVAL_CATEGORIES, PromptSpec, SceneOracle, geneval_prompts, judge,  # noqa: E402
                            reference_renders, render_accuracy)
 
@@ -63,13 +65,16 @@ def load_oracle(path: str) -> SceneOracle:
 
 
 def generate(model: Any, specs: list[PromptSpec], args: argparse.Namespace
-             ) -> tuple[torch.Tensor, float, torch.Tensor, list[str] | None]:
+             ) -> tuple[torch.Tensor, float, torch.Tensor, list[str] | None, dict[str, torch.Tensor]]:
     """Decoded images ``n 3 H W`` in [-1, 1] for the specs' prompts, seconds per image (with
-    ``--best-of n``, per kept image: n drawn, read back and scored), every candidate's codes
-    (``n best_of h w L``) and, for a model that writes layout plans, each prompt's plan."""
+    ``--best-of n``, per kept image: n drawn, read back and scored by the first ``--judge``), every
+    candidate's codes (``n best_of h w L``), for a model that writes layout plans each prompt's
+    plan, and each judge's pick among each prompt's candidates (indices ``n``; the first judge's
+    picks are the kept images, the others' are scored on the same candidates, untimed)."""
     from evotok.mllm.rerank import draw_candidates, pick_best
 
     images, candidates = [], []
+    picks: dict[str, list[torch.Tensor]] = {name: [] for name in args.judge}
     trace: list[str] = []  # a planning model's plans, one per drawn candidate
     seconds = 0.0
     for first in range(0, len(specs), args.batch_size):
@@ -80,14 +85,19 @@ def generate(model: Any, specs: list[PromptSpec], args: argparse.Namespace
                                 attribute_guidance=args.attribute_guidance, seed=args.seed * 100_003 + first,
                                 plan_trace=trace, region_guidance=args.region_guidance,
                                 place_guidance=args.place_guidance)
-        images.append(model.decode_codes(pick_best(model, prompts, drawn)[0]).float().cpu())
+        kept, scores = pick_best(model, prompts, drawn, judge=args.judge[0])
+        images.append(model.decode_codes(kept).float().cpu())
         seconds += time.perf_counter() - start
+        picks[args.judge[0]].append(scores.argmax(1))
+        for name in args.judge[1:]:
+            picks[name].append(pick_best(model, prompts, drawn, judge=name)[1].argmax(1))
         candidates.append(drawn.cpu())
         done = first + len(prompts)
         print(f"  generated {done}/{len(specs)} ({seconds / done:.2f} s/image)", flush=True)
     # plans are written greedily: every candidate of a prompt shares one
     plans = trace[::args.best_of] if model.config.layout_plan else None
-    return torch.cat(images), seconds / len(specs), torch.cat(candidates), plans
+    return (torch.cat(images), seconds / len(specs), torch.cat(candidates), plans,
+            {name: torch.cat(p) for name, p in picks.items()})
 
 
 def judge_plans(specs: list[PromptSpec], plans: list[str], verdicts: list[bool], grid: int,
@@ -166,11 +176,13 @@ def plans_markdown(table: dict[str, dict[str, float]]) -> str:
     return "\n".join(rows)
 
 
-def judge_candidates(model: Any, oracle: SceneOracle, specs: list[PromptSpec],
-                     candidates: torch.Tensor) -> dict[str, dict[str, float]]:
+def judge_candidates(model: Any, oracle: SceneOracle, specs: list[PromptSpec], candidates: torch.Tensor,
+                     picks: dict[str, torch.Tensor] | None = None) -> dict[str, dict[str, Any]]:
     """Per category, of all ``best_of`` candidates drawn for each prompt: the share the oracle
-    accepts (one image's score, from ``best_of`` times the draws) and the share of prompts with at
-    least one accepted (what a perfect judge of the candidates would score)."""
+    accepts (one image's score, from ``best_of`` times the draws), the share of prompts with at
+    least one accepted (what a perfect judge of the candidates would score) and, under
+    ``picked_by``, the share each judge's picks (``picks``: judge -> candidate index per prompt)
+    that the oracle accepts."""
     n = candidates.shape[1]
     verdicts = []
     for first in range(0, len(specs), 8):
@@ -178,12 +190,17 @@ def judge_candidates(model: Any, oracle: SceneOracle, specs: list[PromptSpec],
         detections = oracle.detect(model.decode_codes(chunk.to(model.device)).clamp(-1, 1).float().cpu())
         verdicts += [judge(specs[first + k // n], d, oracle.config.position_margin) for k, d in enumerate(detections)]
     accepted = np.array(verdicts).reshape(len(specs), n)
-    table = {}
+    picked = {name: accepted[np.arange(len(specs)), index.numpy()] for name, index in (picks or {}).items()}
+    table: dict[str, dict[str, Any]] = {}
     for cat in dict.fromkeys(s.category for s in specs):
-        rows = accepted[[s.category == cat for s in specs]]
-        table[cat] = {"mean": float(rows.mean()), "any": float(rows.any(1).mean()), "n": len(rows)}
-    table["overall"] = {key: float(np.mean([t[key] for t in table.values()])) for key in ("mean", "any")}
-    table["overall"]["n"] = len(specs)
+        mine = np.array([s.category == cat for s in specs])
+        rows = accepted[mine]
+        table[cat] = {"mean": float(rows.mean()), "any": float(rows.any(1).mean()), "n": len(rows),
+                      "picked_by": {name: float(ok[mine].mean()) for name, ok in picked.items()}}
+    cats = list(table.values())
+    table["overall"] = {key: float(np.mean([t[key] for t in cats])) for key in ("mean", "any")}
+    table["overall"].update(n=len(specs), picked_by={name: float(np.mean([t["picked_by"][name] for t in cats]))
+                                                     for name in picked})
     return table
 
 
@@ -262,14 +279,21 @@ def breakdown_markdown(breakdown: dict[str, dict[str, float]]) -> str:
     return "\n".join(rows)
 
 
-def candidates_markdown(generated: dict, candidates: dict) -> str:
-    rows = ["| category | n | the model's pick | one candidate (mean of all) | any candidate (a perfect judge's pick) |",
-            "|" + "---|" * 5]
+def candidates_markdown(generated: dict, candidates: dict, judges: list[str]) -> str:
+    """The kept images' score (the first judge's picks), the other judges' picks on the same
+    candidates, one candidate's and a perfect judge's."""
+    others = judges[1:]
+    rows = [f"| category | n | the model's pick ({judges[0]} judge) | "
+            + "".join(f"{name} judge's pick | " for name in others)
+            + "one candidate (mean of all) | any candidate (a perfect judge's pick) |",
+            "|" + "---|" * (5 + len(others))]
     for cat in [*GENEVAL_CATEGORIES, "overall"]:
         if cat in candidates:
             c = candidates[cat]
             name = "**overall** (mean of categories)" if cat == "overall" else cat
-            rows.append(f"| {name} | {c['n']} | {generated[cat]['score']:.3f} | {c['mean']:.3f} | {c['any']:.3f} |")
+            rows.append(f"| {name} | {c['n']} | {generated[cat]['score']:.3f} | "
+                        + "".join(f"{c['picked_by'][j]:.3f} | " for j in others)
+                        + f"{c['mean']:.3f} | {c['any']:.3f} |")
     return "\n".join(rows)
 
 
@@ -318,6 +342,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--best-of", type=int, default=1,
                         help="draw this many candidates per prompt and keep the one under which the prompt is the "
                              "model's likeliest caption (evotok.mllm.rerank; 1: one image, as plain generation)")
+    parser.add_argument("--judge", choices=JUDGES, nargs="+", default=[DEFAULT_JUDGE],
+                        help="how the model picks among its --best-of candidates: the prompt's likelihood as their "
+                             "caption, or how much likelier the prompt is than its near misses (evotok.mllm.rerank). "
+                             "The first judge's picks are the kept images; any others are scored on the same "
+                             "candidates in the candidates table")
     parser.add_argument("--batch-size", type=int, default=8, help="prompts generated together")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -367,7 +396,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"attribute guidance {args.attribute_guidance}, place guidance {args.place_guidance}, "
               f"region guidance {args.region_guidance}, "
               f"batch {args.batch_size}, {args.threads} threads, {args.device})", flush=True)
-        images, seconds, candidates, plans = generate(model, specs, args)
+        images, seconds, candidates, plans, picks = generate(model, specs, args)
         detections: list[list[dict[str, Any]]] = []
         for first in range(0, len(images), 64):
             detections += oracle.detect(images[first:first + 64])
@@ -379,7 +408,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                        sampling={"guidance": args.guidance, "attribute_guidance": args.attribute_guidance,
                                  "place_guidance": args.place_guidance, "region_guidance": args.region_guidance,
                                  "temperature": args.temperature, "top_k": args.top_k,
-                                 "top_p": args.top_p, "best_of": args.best_of},
+                                 "top_p": args.top_p, "best_of": args.best_of,
+                                 "judge": args.judge[0], "judges": args.judge},
                        prompts=[{**s.to_dict(), "passed": v, "detections": d}
                                 for s, d, v in zip(specs, detections, verdicts)])
         if plans is not None:
@@ -389,7 +419,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 record.update(plan=text, plan_passed=ok)
             results["plan_following"] = plan_following(specs, plans, detections, model.config.grid_size)
         if args.best_of > 1:
-            results["candidates"] = judge_candidates(model, oracle, specs, candidates)
+            results["candidates"] = judge_candidates(model, oracle, specs, candidates, picks)
         if not args.no_fid:
             from evotok.metrics import fid_bundled
 
@@ -404,7 +434,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     title = f"GenEval-style score on {'held-out' if args.pairs == 'heldout' else 'training'} colour/shape pairs" + \
         ("" if model is None else f" — {args.model}, guidance {args.guidance}"
-         + (f", best of {args.best_of} by the model's own caption score" if args.best_of > 1 else ""))
+         + (f", best of {args.best_of} by the model's own {args.judge[0]} score" if args.best_of > 1 else ""))
     print(f"\n{title}\n\n{markdown(ceiling, generated, recon)}")
     if model is not None:
         print(f"\nWhat the oracle found in the generated images\n\n{breakdown_markdown(results['found'])}")
@@ -418,7 +448,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   f"{following_markdown(results['plan_following'])}")
         if "candidates" in results:
             print(f"\nAll {args.best_of} candidates of each prompt, judged by the oracle\n\n"
-                  f"{candidates_markdown(generated, results['candidates'])}")
+                  f"{candidates_markdown(generated, results['candidates'], args.judge)}")
         if "fid_bundled" in results:
             print(f"\nFID (bundled Inception) against the {len(specs)} reference renders: generations "
                   f"{results['fid_bundled']:.2f}; the tokenizer's reconstructions of the renders "

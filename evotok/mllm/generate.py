@@ -96,6 +96,14 @@ def left_pad(seqs: Sequence[Sequence], pad, device: torch.device, dtype=torch.lo
     return values, mask
 
 
+def right_pad(seqs: Sequence[Sequence], pad, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad lists of ids to one tensor; the attention mask is 0 on padding."""
+    length = max(len(s) for s in seqs)
+    values = torch.tensor([list(s) + [pad] * (length - len(s)) for s in seqs], dtype=torch.long, device=device)
+    mask = torch.tensor([[1] * len(s) + [0] * (length - len(s)) for s in seqs], dtype=torch.long, device=device)
+    return values, mask
+
+
 def positions_of(mask: torch.Tensor) -> torch.Tensor:
     """Position ids that start at 0 on each row's first real token (left padding)."""
     return (mask.cumsum(-1) - 1).clamp_min(0)

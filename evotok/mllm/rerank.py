@@ -15,6 +15,8 @@ import torch.nn.functional as F
 
 from .chat import IGNORE, encode_chat
 from .data import DESCRIBE_QUESTIONS, collate
+from .generate import right_pad
+from .near_miss import near_misses
 
 if TYPE_CHECKING:
     from .model import EvoTokMLLM
@@ -22,25 +24,32 @@ if TYPE_CHECKING:
 
 @torch.no_grad()
 def caption_log_likelihood(model: "EvoTokMLLM", image_codes: torch.Tensor, captions: Sequence[str],
-                           question: str = DESCRIBE_QUESTIONS[0]) -> torch.Tensor:
+                           question: str = DESCRIBE_QUESTIONS[0], per_token: bool = True) -> torch.Tensor:
     """Mean log-probability per token of each caption (and its end token) as the answer to
-    ``question`` about the matching image (full-depth codes ``b h w D``): a tensor of ``b``.
+    ``question`` about the matching image (full-depth codes ``b h w D``): a tensor of ``b``; with
+    ``per_token=False`` the caption's whole log-probability, the sum over its tokens.
 
     The same quantity the training loss averages: ``-caption_log_likelihood`` of one image equals
     the LM loss of that one-turn conversation."""
     if len(captions) != image_codes.shape[0]:
         raise ValueError(f"{image_codes.shape[0]} images but {len(captions)} captions")
+    return _caption_scores(model, model.image_features(image_codes.to(model.device)), captions, question, per_token)
+
+
+def _caption_scores(model: "EvoTokMLLM", features: torch.Tensor, captions: Sequence[str], question: str,
+                    per_token: bool) -> torch.Tensor:
+    """:func:`caption_log_likelihood` from the images' semantic features (``b N C``), so that one
+    image's features serve many captions."""
     tok, cfg = model.text, model.config
     items = []
-    for codes, caption in zip(image_codes.cpu().numpy(), captions):
+    for caption in captions:
         encoded = encode_chat(tok, [(question, caption)], cfg.num_cells, cfg.max_prompt_tokens, truncate=True)
-        items.append({"task": "score", "image_codes": codes, "gen_codes": None, "input_ids": encoded.input_ids,
+        items.append({"task": "score", "image_codes": None, "gen_codes": None, "input_ids": encoded.input_ids,
                       "labels": encoded.labels, "image_mask": encoded.image_mask, "gen_mask": encoded.gen_mask})
     batch = collate(items, tok.ids["pad"])
     device = model.device
     image_mask = batch["image_mask"].to(device)
-    embeds = model.embed_inputs(batch["input_ids"].to(device), image_mask,
-                                model.image_features(batch["image_codes"].to(device)))
+    embeds = model.embed_inputs(batch["input_ids"].to(device), image_mask, features)
     hidden, _ = model.backbone(embeds, batch["attention_mask"].to(device), cell_index=model.cell_index(image_mask))
     targets = batch["labels"][:, 1:].to(device)
     supervised = targets != IGNORE
@@ -48,7 +57,59 @@ def caption_log_likelihood(model: "EvoTokMLLM", image_codes: torch.Tensor, capti
     log_probs = F.log_softmax(model.text_logits(hidden[:, :-1][supervised]).float(), dim=-1)
     picked = torch.zeros(targets.shape, device=device)
     picked[supervised] = log_probs.gather(-1, targets[supervised].unsqueeze(-1)).squeeze(-1)
-    return picked.sum(1) / supervised.sum(1)
+    return picked.sum(1) / supervised.sum(1) if per_token else picked.sum(1)
+
+
+@torch.no_grad()
+def contrast_scores(model: "EvoTokMLLM", image_codes: torch.Tensor, prompts: Sequence[str],
+                    images_per_batch: int = 8) -> torch.Tensor:
+    """How surely each image (full-depth codes ``b h w D``) is read as its prompt rather than as
+    any near miss of it (:func:`evotok.mllm.near_miss.near_misses`): the log of the prompt's share of
+    the caption probability (whole captions, :func:`caption_log_likelihood` with ``per_token=False``)
+    among the prompt and its near misses, a tensor of ``b``, at most 0. A prompt without near
+    misses scores 0."""
+    if len(prompts) != image_codes.shape[0]:
+        raise ValueError(f"{image_codes.shape[0]} images but {len(prompts)} prompts")
+    out = torch.empty(len(prompts))
+    for first in range(0, len(prompts), images_per_batch):
+        groups = [[p] + near_misses(p) for p in prompts[first:first + images_per_batch]]
+        totals = _totals_after_one_prefix(model, image_codes[first:first + images_per_batch], groups,
+                                          DESCRIBE_QUESTIONS[0])
+        for k, scores in enumerate(totals):
+            out[first + k] = scores[0] - torch.logsumexp(scores, 0)
+    return out
+
+
+def _totals_after_one_prefix(model: "EvoTokMLLM", image_codes: torch.Tensor, groups: Sequence[Sequence[str]],
+                             question: str) -> list[torch.Tensor]:
+    """Each group's captions' whole log-probabilities as the answer to ``question`` about the
+    group's image: the image and the question run through the LM once per image (its KV cache
+    then serves every caption of the group), so a caption costs only its own few tokens."""
+    tok, cfg, device = model.text, model.config, model.device
+    prefix = encode_chat(tok, [(question, None)], cfg.num_cells, cfg.max_prompt_tokens, truncate=True)
+    b, length = len(groups), len(prefix.input_ids)
+    ids = torch.tensor([prefix.input_ids] * b, device=device)
+    image_mask = torch.tensor([prefix.image_mask] * b, device=device)
+    embeds = model.embed_inputs(ids, image_mask, model.image_features(image_codes.to(device)))
+    hidden, cache = model.backbone(embeds, torch.ones_like(ids), torch.arange(length, device=device)[None].expand(b, -1),
+                                   use_cache=True, cell_index=model.cell_index(image_mask))
+    # every caption continues its image's prefix: the answer's tokens and the end token, all scored
+    owner = torch.tensor([i for i, g in enumerate(groups) for _ in g], device=device)
+    answers = [tok.encode(caption) + [tok.ids["end"]] for g in groups for caption in g]
+    answer_ids, answer_mask = right_pad(answers, tok.ids["pad"], device)
+    cache.batch_select_indices(owner)
+    steps = answer_ids.shape[1]
+    after, _ = model.backbone(model.lm.get_input_embeddings()(answer_ids),
+                              torch.cat([torch.ones(len(answers), length, dtype=torch.long, device=device), answer_mask], 1),
+                              (length + torch.arange(steps, device=device))[None].expand(len(answers), -1),
+                              cache=cache, use_cache=True, cell_index=torch.full_like(answer_ids, -1))
+    # the state before each answer token: the prefix's last for the first, then the answer's own
+    states = torch.cat([hidden[owner, -1:], after[:, :-1]], 1)
+    scored = answer_mask.bool()
+    log_probs = F.log_softmax(model.text_logits(states[scored]).float(), dim=-1)
+    picked = torch.zeros(answer_ids.shape, device=device)
+    picked[scored] = log_probs.gather(-1, answer_ids[scored].unsqueeze(-1)).squeeze(-1)
+    return list(picked.sum(1).cpu().split([len(g) for g in groups]))
 
 
 @torch.no_grad()
@@ -63,10 +124,21 @@ def draw_candidates(model: "EvoTokMLLM", prompts: Sequence[str], n: int, seed: i
     return drawn.view(len(prompts), n, *drawn.shape[1:])
 
 
+JUDGES = ("caption", "contrast")
+DEFAULT_JUDGE = "caption"  # what the app uses (see the model card's best-of-8 figures)
+
+
 @torch.no_grad()
-def pick_best(model: "EvoTokMLLM", prompts: Sequence[str], candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def pick_best(model: "EvoTokMLLM", prompts: Sequence[str], candidates: torch.Tensor,
+              judge: str = DEFAULT_JUDGE) -> tuple[torch.Tensor, torch.Tensor]:
     """The candidate (codes ``b n h w pixel_depth``) of each prompt that the model reads back as the
-    prompt best: (codes ``b h w pixel_depth``, each candidate's caption score ``b n``; zeros for one)."""
+    prompt best: (codes ``b h w pixel_depth``, each candidate's score ``b n``; zeros for one).
+
+    ``judge="caption"`` scores the prompt's mean log-probability per token as the candidate's caption
+    (:func:`caption_log_likelihood`); ``"contrast"`` how surely the candidate is read as the prompt
+    rather than as a near miss of it (:func:`contrast_scores`)."""
+    if judge not in JUDGES:
+        raise ValueError(f"unknown judge {judge!r}; expected one of {JUDGES}")
     b, n = candidates.shape[:2]
     if len(prompts) != b:
         raise ValueError(f"{b} candidate sets but {len(prompts)} prompts")
@@ -74,13 +146,15 @@ def pick_best(model: "EvoTokMLLM", prompts: Sequence[str], candidates: torch.Ten
         return candidates[:, 0], torch.zeros(b, 1)
     flat = candidates.flatten(0, 1)
     full = model.encode_images(model.decode_codes(flat).clamp(-1, 1))  # read back as any image would be
-    scores = caption_log_likelihood(model, full, [p for p in prompts for _ in range(n)]).view(b, n).cpu()
+    repeated = [p for p in prompts for _ in range(n)]
+    score = caption_log_likelihood if judge == "caption" else contrast_scores
+    scores = score(model, full, repeated).view(b, n).cpu()
     return candidates[torch.arange(b), scores.argmax(1)], scores
 
 
 def generate_best_of(model: "EvoTokMLLM", prompts: Sequence[str], n: int, seed: int | None = None,
-                     **sampling) -> tuple[torch.Tensor, torch.Tensor]:
-    """For each prompt, the best of ``n`` drawn candidates: (codes ``b h w pixel_depth``, each
-    candidate's score ``b n``). ``sampling`` goes to :meth:`EvoTokMLLM.generate_image`; with
-    ``n = 1`` the result is that call's image."""
-    return pick_best(model, prompts, draw_candidates(model, prompts, n, seed=seed, **sampling))
+                     judge: str = DEFAULT_JUDGE, **sampling) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each prompt, the best of ``n`` drawn candidates by ``judge`` (see :func:`pick_best`):
+    (codes ``b h w pixel_depth``, each candidate's score ``b n``). ``sampling`` goes to
+    :meth:`EvoTokMLLM.generate_image`; with ``n = 1`` the result is that call's image."""
+    return pick_best(model, prompts, draw_candidates(model, prompts, n, seed=seed, **sampling), judge=judge)

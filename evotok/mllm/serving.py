@@ -23,7 +23,7 @@ from ..hub import resolve_checkpoint
 from ..images import tensor_to_pil
 from .chat import EmptyPromptError, PromptTooLongError, encode_chat, prompt_ids
 from .model import EvoTokMLLM, tokenizer_digest
-from .rerank import generate_best_of
+from .rerank import DEFAULT_JUDGE, JUDGES, generate_best_of
 from .text_tokenizer import words_of
 
 # Refused before tokenizing, so a pasted novel costs nothing; the token cap is the model's own.
@@ -74,7 +74,7 @@ class Generation:
     image: Image.Image
     stages: list[Image.Image]
     seconds: float
-    candidate_scores: list[float] = field(default_factory=list)  # best of n: each candidate's caption score
+    candidate_scores: list[float] = field(default_factory=list)  # best of n: each candidate's judge score
     plan: str | None = None  # the layout plan the model wrote first (models with config.layout_plan)
 
 
@@ -221,21 +221,24 @@ class MultimodalService:
 
     def generate(self, prompt: str | PromptCheck | None, guidance_scale: float = 3.0, temperature: float = 1.0,
                  top_k: int | None = None, seed: int | None = None,
-                 on_row: Callable[[int, Image.Image], None] | None = None, candidates: int = 1) -> Generation:
+                 on_row: Callable[[int, Image.Image], None] | None = None, candidates: int = 1,
+                 judge: str = DEFAULT_JUDGE) -> Generation:
         """Text to one image. ``seed`` None (or negative) draws one, reported in the result.
 
         ``on_row(rows_done, preview)`` runs after each finished grid row with the partial image
         (unfinished rows grey; with several candidates, the first one's); it may raise
         :class:`GenerationCancelled` to stop. ``candidates`` > 1 draws that many and keeps the one
-        the model itself reads back as the prompt best (:mod:`evotok.mllm.rerank`).
+        the model itself reads back as the prompt best, by ``judge`` (:func:`evotok.mllm.rerank.pick_best`).
         """
         check = prompt if isinstance(prompt, PromptCheck) else self.check_prompt(prompt)
         seed = self.pick_seed(seed)
         if int(candidates) != candidates or not 1 <= candidates <= MAX_CANDIDATES:
             raise ValueError(f"candidates must be a whole number from 1 to {MAX_CANDIDATES}, got {candidates}")
         top_k = int(top_k) if top_k else None
+        if judge not in JUDGES:
+            raise ValueError(f"unknown judge {judge!r}; expected one of {JUDGES}")
         settings = {"guidance_scale": float(guidance_scale), "temperature": float(temperature), "top_k": top_k,
-                    "candidates": int(candidates)}
+                    "candidates": int(candidates), "judge": judge}
         callback = None
         if on_row is not None:
             def callback(rows: int, codes: torch.Tensor) -> None:
@@ -244,7 +247,7 @@ class MultimodalService:
         plans: list[str] = []  # filled by a model that writes layout plans
         codes, scores = generate_best_of(self.model, [check.text], int(candidates), seed=seed,
                                          guidance_scale=float(guidance_scale), temperature=float(temperature),
-                                         top_k=top_k, callback=callback, plan_trace=plans)
+                                         top_k=top_k, callback=callback, plan_trace=plans, judge=judge)
         stages = self.model.decode_stages(codes)[:, 0].cpu()  # L 3 H W, the last one is the image
         seconds = time.perf_counter() - started
         return Generation(prompt=check, seed=seed, settings=settings, codes=codes[0].cpu(),

@@ -236,12 +236,16 @@ def test_candidate_table_counts_accepted_draws_and_prompts_with_any():
     model = SimpleNamespace(device="cpu", decode_codes=lambda codes: codes.flatten() / 100)
     oracle = SimpleNamespace(config=SimpleNamespace(position_margin=0.08),
                              detect=lambda images: [[right.get(round(float(i) * 100), det("white", "square"))] for i in images])
-    table = judge_candidates(model, oracle, specs, candidates)
-    assert table["single_object"] == {"mean": 0.5, "any": 1.0, "n": 2}  # 3 of 6 draws; both prompts have one
-    assert table["colours"] == {"mean": 0.0, "any": 0.0, "n": 1}
-    assert table["overall"] == {"mean": 0.25, "any": 0.5, "n": 3}
+    picks = {"caption": torch.tensor([0, 2, 1]), "contrast": torch.tensor([1, 1, 0])}  # a candidate per prompt
+    table = judge_candidates(model, oracle, specs, candidates, picks)
+    # 3 of 6 draws; both prompts have one; the caption picks find both, the contrast picks one
+    assert table["single_object"] == {"mean": 0.5, "any": 1.0, "n": 2, "picked_by": {"caption": 1.0, "contrast": 0.5}}
+    assert table["colours"] == {"mean": 0.0, "any": 0.0, "n": 1, "picked_by": {"caption": 0.0, "contrast": 0.0}}
+    assert table["overall"] == {"mean": 0.25, "any": 0.5, "n": 3, "picked_by": {"caption": 0.5, "contrast": 0.25}}
     generated = {"single_object": {"score": 0.5}, "colours": {"score": 0.0}, "overall": {"score": 0.25}}
-    assert "| single_object | 2 | 0.500 | 0.500 | 1.000 |" in candidates_markdown(generated, table)
+    assert "| single_object | 2 | 0.500 | 0.500 | 1.000 |" in candidates_markdown(generated, table, ["contrast"])
+    both = candidates_markdown(generated, table, ["contrast", "caption"])
+    assert "caption judge's pick" in both and "| single_object | 2 | 0.500 | 1.000 | 0.500 | 1.000 |" in both
 
 
 def test_judge_rules_on_handmade_detections():

@@ -44,7 +44,7 @@ def test_best_of_one_is_the_plain_image_and_best_of_n_keeps_the_top_scored(model
     one, _ = generate_best_of(model, prompts, 1, seed=3)
     assert torch.equal(one, plain)
 
-    best, scores = generate_best_of(model, prompts, 3, seed=3)
+    best, scores = generate_best_of(model, prompts, 3, seed=3, judge="caption")
     assert best.shape == plain.shape and scores.shape == (2, 3)
     drawn = model.generate_image([p for p in prompts for _ in range(3)], seed=3).view(2, 3, *plain.shape[1:])
     for k in range(2):
@@ -61,7 +61,7 @@ def test_candidates_are_drawn_per_prompt_and_picked_among_their_own(model):
 
     drawn = draw_candidates(model, ["a red circle", "a blue square"], 2, seed=4)
     assert drawn.shape[:2] == (2, 2)
-    best, scores = pick_best(model, ["a red circle", "a blue square"], drawn)
+    best, scores = pick_best(model, ["a red circle", "a blue square"], drawn)  # the default judge
     for k in range(2):  # each prompt keeps one of its own two drawings
         assert any(torch.equal(best[k], drawn[k, j]) for j in range(2)) and scores.shape == (2, 2)
     with pytest.raises(ValueError, match="prompts"):

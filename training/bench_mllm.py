@@ -15,7 +15,8 @@ Prints three tables:
    (held-out 10% of the pictures) and on Fashion-MNIST class questions (its test split).
 2. Speed on CPU, end to end: one text-to-image image (prompt -> decoded pixels, guidance 3), the
    same kept as the best of ``--best-of`` (4) candidates (``evotok.mllm.rerank``: all drawn, read
-   back and scored) and one answer (image tensor -> full answer text), median over ``--repeats``.
+   back and scored by the default judge; each other judge gets a row of its own) and one answer
+   (image tensor -> full answer text), median over ``--repeats``.
 3. With ``--fid N``: FID (bundled Inception) of N images generated from held-out scene captions
    against the N renders those captions describe.
 A GenEval-style score needs an oracle that reads generated scenes; it is not part of this script.
@@ -44,7 +45,7 @@ from evotok.data.scenes import SceneObject, SceneWorld, place_questions  # noqa:
 from evotok.images import pil_to_tensor  # noqa: E402
 from evotok.mllm import EvoTokMLLM  # noqa: E402
 from evotok.mllm.data import LABEL_QUESTIONS, load_or_skip  # noqa: E402
-from evotok.mllm.rerank import generate_best_of  # noqa: E402
+from evotok.mllm.rerank import DEFAULT_JUDGE, JUDGES, generate_best_of  # noqa: E402
 
 TRAINING_POOL_SEED = 0  # data.seed of the bundled configs: their scene pool is SceneWorld(seed=0, split="train")
 PLACE = "side of image middle"  # the category of place questions
@@ -110,20 +111,25 @@ def label_understanding(model: EvoTokMLLM, name: str, count: int, size: int, bat
 def speed(model: EvoTokMLLM, repeats: int, size: int, best_of: int = 4) -> dict[str, float]:
     sample = SceneWorld(size, seed=7, split="heldout")[0]
     image = pil_to_tensor(sample.image, size)
-    image_times, best_times, answer_times = [], [], []
+    judges = [DEFAULT_JUDGE] + [j for j in JUDGES if j != DEFAULT_JUDGE]
+    image_times, answer_times = [], []
+    best_times: dict[str, list[float]] = {j: [] for j in judges}
     model.generate_image("a red circle", seed=0)  # warm-up (lazy inits)
     for k in range(repeats):
         start = time.perf_counter()
         model.decode_codes(model.generate_image(sample.caption, guidance_scale=3.0, seed=k))
         image_times.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        model.decode_codes(generate_best_of(model, [sample.caption], best_of, seed=k, guidance_scale=3.0)[0])
-        best_times.append(time.perf_counter() - start)
+        for judge in judges:
+            start = time.perf_counter()
+            model.decode_codes(generate_best_of(model, [sample.caption], best_of, seed=k, guidance_scale=3.0,
+                                                judge=judge)[0])
+            best_times[judge].append(time.perf_counter() - start)
         start = time.perf_counter()
         "".join(model.answer(image, sample.qa[0][0]))
         answer_times.append(time.perf_counter() - start)
     return {"one image (s)": statistics.median(image_times),
-            f"one image, best of {best_of} (s)": statistics.median(best_times),
+            f"one image, best of {best_of} (s)": statistics.median(best_times[DEFAULT_JUDGE]),
+            **{f"one image, best of {best_of}, {j} judge (s)": statistics.median(best_times[j]) for j in judges[1:]},
             "one answer (s)": statistics.median(answer_times)}
 
 
@@ -161,7 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     model = EvoTokMLLM.from_pretrained(args.model, image_tokenizer=args.tokenizer).eval()
     size = model.tokenizer.config.image_size
-    results: dict = {"model": args.model, "threads": args.threads}
+    results: dict = {"model": args.model, "threads": args.threads, "judge": DEFAULT_JUDGE}
 
     scenes = scene_understanding(model, args.scenes, size, args.batch_size)
     columns = {}  # JSON key -> (column title, accuracies)
@@ -185,9 +191,10 @@ def main(argv: list[str] | None = None) -> dict:
     results["understanding"].update({key: table for key, (_, table) in columns.items()})
 
     timing = speed(model, args.repeats, size, args.best_of)
-    print(f"\nSpeed, end to end, {args.threads} CPU threads (median of {args.repeats})")
+    print(f"\nSpeed, end to end, {args.threads} CPU threads (median of {args.repeats}; best of n by the "
+          f"{DEFAULT_JUDGE} judge unless named)")
     for name, seconds in timing.items():
-        print(f"{name:32s} {seconds:9.3f}")
+        print(f"{name:42s} {seconds:9.3f}")
     results["speed"] = timing
 
     if args.fid:

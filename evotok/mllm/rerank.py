@@ -125,7 +125,7 @@ def draw_candidates(model: "EvoTokMLLM", prompts: Sequence[str], n: int, seed: i
 
 
 JUDGES = ("caption", "contrast")
-DEFAULT_JUDGE = "caption"  # what the app uses (see the model card's best-of-8 figures)
+DEFAULT_JUDGE = "contrast"  # what the app uses: level with "caption" on the bundled model (model card, best of 8)
 
 
 @torch.no_grad()

@@ -99,7 +99,7 @@ def test_the_contrast_score_is_the_prompts_share_among_its_near_misses(model):
 
 
 def test_the_contrast_judge_keeps_its_top_scored_candidate(model):
-    from evotok.mllm.rerank import contrast_scores, draw_candidates, pick_best
+    from evotok.mllm.rerank import contrast_scores, draw_candidates, pick_best, read_back
 
     prompts = ["a red circle", "two blue squares"]
     drawn = draw_candidates(model, prompts, 3, seed=5)
@@ -111,3 +111,7 @@ def test_the_contrast_judge_keeps_its_top_scored_candidate(model):
         assert torch.equal(best[k], drawn[k, int(scores[k].argmax())])
     with pytest.raises(ValueError, match="judge"):
         pick_best(model, prompts, drawn, judge="oracle")
+    # candidates read back once serve any judge: the same scores as reading them inside pick_best
+    read = read_back(model, drawn)
+    assert torch.equal(read.flatten(0, 1), full)
+    assert torch.allclose(pick_best(model, prompts, drawn, judge="contrast", read=read)[1], scores)

@@ -4,7 +4,7 @@
     python training/bench_geneval.py --model assets/mllm --per-category 50 --json geneval.json
     python training/bench_geneval.py --renders-only --per-category 200          # the oracle's ceiling alone
     python training/bench_geneval.py --model assets/mllm --best-of 4            # keep the model's own pick of 4
-    python training/bench_geneval.py --model assets/mllm --best-of 8 --judge contrast caption   # both judges, same candidates
+    python training/bench_geneval.py --model assets/mllm --best-of 8 --judge contrast caption   # two judges, same draws
 
 Prompts: ``evotok.oracle.geneval_prompts`` — six categories (single object, two objects, counting,
 colours, position, colour attribution), objects drawn only from ``HELDOUT_PAIRS`` (never seen in
@@ -71,7 +71,7 @@ def generate(model: Any, specs: list[PromptSpec], args: argparse.Namespace
     candidate's codes (``n best_of h w L``), for a model that writes layout plans each prompt's
     plan, and each judge's pick among each prompt's candidates (indices ``n``; the first judge's
     picks are the kept images, the others' are scored on the same candidates, untimed)."""
-    from evotok.mllm.rerank import draw_candidates, pick_best
+    from evotok.mllm.rerank import draw_candidates, pick_best, read_back
 
     images, candidates = [], []
     picks: dict[str, list[torch.Tensor]] = {name: [] for name in args.judge}
@@ -85,12 +85,13 @@ def generate(model: Any, specs: list[PromptSpec], args: argparse.Namespace
                                 attribute_guidance=args.attribute_guidance, seed=args.seed * 100_003 + first,
                                 plan_trace=trace, region_guidance=args.region_guidance,
                                 place_guidance=args.place_guidance)
-        kept, scores = pick_best(model, prompts, drawn, judge=args.judge[0])
+        read = read_back(model, drawn) if args.best_of > 1 else None  # once, for every judge
+        kept, scores = pick_best(model, prompts, drawn, judge=args.judge[0], read=read)
         images.append(model.decode_codes(kept).float().cpu())
         seconds += time.perf_counter() - start
         picks[args.judge[0]].append(scores.argmax(1))
         for name in args.judge[1:]:
-            picks[name].append(pick_best(model, prompts, drawn, judge=name)[1].argmax(1))
+            picks[name].append(pick_best(model, prompts, drawn, judge=name, read=read)[1].argmax(1))
         candidates.append(drawn.cpu())
         done = first + len(prompts)
         print(f"  generated {done}/{len(specs)} ({seconds / done:.2f} s/image)", flush=True)

@@ -25,7 +25,9 @@ _COLOUR = re.compile(rf"\b({'|'.join(COLOURS)})\b")
 # plurals first: "crosses" must not match as "cross" + "es"
 _SHAPE = re.compile(rf"\b({'|'.join(list(PLURALS.values()) + list(SHAPES))})\b")
 _COUNTS = range(2, len(COUNT_WORDS))  # the counts a plural can take: two to four
-_COUNT = re.compile(rf"\b({'|'.join(COUNT_WORDS[n] for n in _COUNTS)})\b(?= (?:\w+ )*?(?:{'|'.join(PLURALS.values())})\b)")
+# a count word, only when a plural shape follows it ("three small red stars")
+_COUNT = re.compile(rf"\b({'|'.join(COUNT_WORDS[n] for n in _COUNTS)})\b"
+                    rf"(?= (?:\w+ )*?(?:{'|'.join(PLURALS.values())})\b)")
 _PHRASE_RELATION = {phrase: relation for relation, phrases in RELATION_PHRASES.items() for phrase in phrases}
 # longest first: "to the left of" before "left of"
 _RELATION = re.compile(r"\b(" + "|".join(sorted(_PHRASE_RELATION, key=len, reverse=True)) + r")\b")

@@ -33,13 +33,6 @@ def caption_log_likelihood(model: "EvoTokMLLM", image_codes: torch.Tensor, capti
     the LM loss of that one-turn conversation."""
     if len(captions) != image_codes.shape[0]:
         raise ValueError(f"{image_codes.shape[0]} images but {len(captions)} captions")
-    return _caption_scores(model, model.image_features(image_codes.to(model.device)), captions, question, per_token)
-
-
-def _caption_scores(model: "EvoTokMLLM", features: torch.Tensor, captions: Sequence[str], question: str,
-                    per_token: bool) -> torch.Tensor:
-    """:func:`caption_log_likelihood` from the images' semantic features (``b N C``), so that one
-    image's features serve many captions."""
     tok, cfg = model.text, model.config
     items = []
     for caption in captions:
@@ -49,7 +42,7 @@ def _caption_scores(model: "EvoTokMLLM", features: torch.Tensor, captions: Seque
     batch = collate(items, tok.ids["pad"])
     device = model.device
     image_mask = batch["image_mask"].to(device)
-    embeds = model.embed_inputs(batch["input_ids"].to(device), image_mask, features)
+    embeds = model.embed_inputs(batch["input_ids"].to(device), image_mask, model.image_features(image_codes.to(device)))
     hidden, _ = model.backbone(embeds, batch["attention_mask"].to(device), cell_index=model.cell_index(image_mask))
     targets = batch["labels"][:, 1:].to(device)
     supervised = targets != IGNORE
@@ -91,17 +84,17 @@ def _totals_after_one_prefix(model: "EvoTokMLLM", image_codes: torch.Tensor, gro
     ids = torch.tensor([prefix.input_ids] * b, device=device)
     image_mask = torch.tensor([prefix.image_mask] * b, device=device)
     embeds = model.embed_inputs(ids, image_mask, model.image_features(image_codes.to(device)))
-    hidden, cache = model.backbone(embeds, torch.ones_like(ids), torch.arange(length, device=device)[None].expand(b, -1),
-                                   use_cache=True, cell_index=model.cell_index(image_mask))
+    positions = torch.arange(length, device=device)[None].expand(b, -1)
+    hidden, cache = model.backbone(embeds, torch.ones_like(ids), positions, use_cache=True,
+                                   cell_index=model.cell_index(image_mask))
     # every caption continues its image's prefix: the answer's tokens and the end token, all scored
     owner = torch.tensor([i for i, g in enumerate(groups) for _ in g], device=device)
     answers = [tok.encode(caption) + [tok.ids["end"]] for g in groups for caption in g]
     answer_ids, answer_mask = right_pad(answers, tok.ids["pad"], device)
     cache.batch_select_indices(owner)
-    steps = answer_ids.shape[1]
-    after, _ = model.backbone(model.lm.get_input_embeddings()(answer_ids),
-                              torch.cat([torch.ones(len(answers), length, dtype=torch.long, device=device), answer_mask], 1),
-                              (length + torch.arange(steps, device=device))[None].expand(len(answers), -1),
+    mask = torch.cat([answer_mask.new_ones(len(answers), length), answer_mask], 1)  # the prefix, then the answer
+    after, _ = model.backbone(model.lm.get_input_embeddings()(answer_ids), mask,
+                              length + torch.arange(answer_ids.shape[1], device=device)[None].expand(len(answers), -1),
                               cache=cache, use_cache=True, cell_index=torch.full_like(answer_ids, -1))
     # the state before each answer token: the prefix's last for the first, then the answer's own
     states = torch.cat([hidden[owner, -1:], after[:, :-1]], 1)
@@ -129,14 +122,23 @@ DEFAULT_JUDGE = "contrast"  # what the app uses: level with "caption" on the bun
 
 
 @torch.no_grad()
-def pick_best(model: "EvoTokMLLM", prompts: Sequence[str], candidates: torch.Tensor,
-              judge: str = DEFAULT_JUDGE) -> tuple[torch.Tensor, torch.Tensor]:
+def read_back(model: "EvoTokMLLM", candidates: torch.Tensor) -> torch.Tensor:
+    """Candidates (codes ``b n h w pixel_depth``) as the model reads any image: decoded at the pixel
+    depth and encoded again to full depth (codes ``b n h w D``)."""
+    full = model.encode_images(model.decode_codes(candidates.flatten(0, 1)).clamp(-1, 1))
+    return full.view(*candidates.shape[:2], *full.shape[1:])
+
+
+@torch.no_grad()
+def pick_best(model: "EvoTokMLLM", prompts: Sequence[str], candidates: torch.Tensor, judge: str = DEFAULT_JUDGE,
+              read: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The candidate (codes ``b n h w pixel_depth``) of each prompt that the model reads back as the
     prompt best: (codes ``b h w pixel_depth``, each candidate's score ``b n``; zeros for one).
 
     ``judge="caption"`` scores the prompt's mean log-probability per token as the candidate's caption
     (:func:`caption_log_likelihood`); ``"contrast"`` how surely the candidate is read as the prompt
-    rather than as a near miss of it (:func:`contrast_scores`)."""
+    rather than as a near miss of it (:func:`contrast_scores`). ``read``: the candidates already
+    read back (:func:`read_back`), so that several judges score them without reading them twice."""
     if judge not in JUDGES:
         raise ValueError(f"unknown judge {judge!r}; expected one of {JUDGES}")
     b, n = candidates.shape[:2]
@@ -144,8 +146,7 @@ def pick_best(model: "EvoTokMLLM", prompts: Sequence[str], candidates: torch.Ten
         raise ValueError(f"{b} candidate sets but {len(prompts)} prompts")
     if n == 1:
         return candidates[:, 0], torch.zeros(b, 1)
-    flat = candidates.flatten(0, 1)
-    full = model.encode_images(model.decode_codes(flat).clamp(-1, 1))  # read back as any image would be
+    full = (read_back(model, candidates) if read is None else read).flatten(0, 1)
     repeated = [p for p in prompts for _ in range(n)]
     score = caption_log_likelihood if judge == "caption" else contrast_scores
     scores = score(model, full, repeated).view(b, n).cpu()

@@ -265,3 +265,11 @@ def test_onset_weights_change_the_objective_and_not_the_logged_code_loss(root):
     assert all(abs(h["loss"] - (h["lm_loss"] + h["depth_loss"])) > 1e-4 for h in summary["history"])
     plain = run(root, "no_onset", "train.steps=2", "train.log_every=1")
     assert all(abs(h["loss"] - (h["lm_loss"] + h["depth_loss"])) < 1e-4 for h in plain["history"])
+
+
+def test_read_back_images_change_what_the_understanding_loss_sees_and_not_the_drawing(root):
+    plain = run(root, "no_read_back", "train.steps=1", "train.log_every=1")
+    read = run(root, "read_back", "train.read_back_rate=1.0", "train.steps=1", "train.log_every=1")
+    (first_plain,), (first_read,) = plain["history"], read["history"]
+    assert first_read["lm_loss"] != pytest.approx(first_plain["lm_loss"], abs=1e-6)
+    assert first_read["depth_loss"] == pytest.approx(first_plain["depth_loss"], abs=1e-6)

@@ -8,7 +8,9 @@ Prints three tables:
 1. Understanding: greedy exact-match answer accuracy on held-out scene questions (scenes built only
    from held-out colour-shape pairs) per question category (with ``--seen-scenes N``, beside it the
    accuracy on new scenes of training pairs; with ``--trained-scenes N``, on the first N scenes of the
-   training pool itself, which tells memorising from underfitting); a separate row asks on which side
+   training pool itself, which tells memorising from underfitting; with ``--read-back``, on the same
+   held-out scenes read back as the model's own drawings are, decoded at the pixel depth and
+   encoded again (``evotok.mllm.read_back``: the view its best-of-n judge gets)); a separate row asks on which side
    of the image's middle single objects lie ("side of image middle", ``place_questions``: the position
    questions' wording with the middle as the reference; not counted in "all scene questions", so that
    figure stays comparable with earlier runs); then on clip-art category questions
@@ -45,6 +47,7 @@ from evotok.data.scenes import SceneObject, SceneWorld, place_questions  # noqa:
 from evotok.images import pil_to_tensor  # noqa: E402
 from evotok.mllm import EvoTokMLLM  # noqa: E402
 from evotok.mllm.data import LABEL_QUESTIONS, load_or_skip  # noqa: E402
+from evotok.mllm.read_back import read_back_codes  # noqa: E402
 from evotok.mllm.rerank import DEFAULT_JUDGE, JUDGES, generate_best_of  # noqa: E402
 
 TRAINING_POOL_SEED = 0  # data.seed of the bundled configs: their scene pool is SceneWorld(seed=0, split="train")
@@ -52,17 +55,22 @@ PLACE = "side of image middle"  # the category of place questions
 
 
 def accuracy(model: EvoTokMLLM, images: torch.Tensor, questions: list[str], truths: list[str],
-             batch_size: int) -> list[int]:
+             batch_size: int, read_back: bool = False) -> list[int]:
+    """Greedy exact-match hits; ``read_back``: the images decoded at the pixel depth and encoded
+    again first, as the model reads its own drawings."""
     hits = []
     for start in range(0, len(questions), batch_size):
-        answers = model.answer_batch(images[start:start + batch_size], questions[start:start + batch_size],
-                                     max_new_tokens=12)
+        batch = images[start:start + batch_size]
+        codes = read_back_codes(model, model.encode_images(batch)) if read_back else None
+        answers = model.answer_batch(None if read_back else batch, questions[start:start + batch_size],
+                                     max_new_tokens=12, image_codes=codes)
         hits += [int(a.strip().lower() == t.strip().lower()) for a, t in zip(answers, truths[start:start + batch_size])]
     return hits
 
 
 def scene_understanding(model: EvoTokMLLM, count: int, size: int, batch_size: int,
-                        split: str = "heldout", seed: int = 4242) -> dict[str, tuple[float, int]]:
+                        split: str = "heldout", seed: int = 4242,
+                        read_back: bool = False) -> dict[str, tuple[float, int]]:
     """Accuracy per question category on ``count`` scenes of ``split`` (every question each scene keeps,
     and its place questions as the separate category ``PLACE``).
 
@@ -85,7 +93,7 @@ def scene_understanding(model: EvoTokMLLM, count: int, size: int, batch_size: in
             questions.append(q)
             truths.append(a)
             categories.append(PLACE)
-    hits = accuracy(model, torch.stack(images), questions, truths, batch_size)
+    hits = accuracy(model, torch.stack(images), questions, truths, batch_size, read_back)
     table: dict[str, list[int]] = {}
     for hit, category in zip(hits, categories):
         table.setdefault(category, []).append(hit)
@@ -155,6 +163,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="also this many new scenes of training colour-shape pairs (0 = skip)")
     parser.add_argument("--trained-scenes", type=int, default=0,
                         help="also the first N scenes of the training pool, seen in training (0 = skip)")
+    parser.add_argument("--read-back", action="store_true",
+                        help="also the held-out scenes read back as the model's own drawings are")
     parser.add_argument("--labels", type=int, default=500, help="clip-art / Fashion-MNIST images per source")
     parser.add_argument("--best-of", type=int, default=4, help="candidates of the timed best-of-n image")
     parser.add_argument("--repeats", type=int, default=5)
@@ -177,6 +187,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.trained_scenes:
         columns["scenes_trained"] = ("trained", scene_understanding(model, args.trained_scenes, size,
                                                                     args.batch_size, "train", TRAINING_POOL_SEED))
+    if args.read_back:
+        columns["scenes_read_back"] = ("read back", scene_understanding(model, args.scenes, size, args.batch_size,
+                                                                        read_back=True))
     labels = {name: label_understanding(model, name, args.labels, size, args.batch_size) if args.labels > 0 else None
               for name in ("clipart", "fashion_mnist")}  # --labels 0: skip them
     print("\nUnderstanding (greedy exact match)")

@@ -328,6 +328,7 @@ def main(argv: list[str] | None = None) -> dict:
                                          (("log_every", 10), ("eval_every", 500), ("save_every", 500)))
     depth_weight = float(train_cfg.get("depth_loss_weight", 1.0))
     input_noise = float(train_cfg.get("input_code_noise", 0.0))  # swapped input cells (evotok.mllm.input_noise)
+    read_back_rate = float(train_cfg.get("read_back_rate", 0.0))  # images read as drawings are (evotok.mllm.read_back)
 
     def save(final: bool = False) -> None:
         state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
@@ -358,7 +359,7 @@ def main(argv: list[str] | None = None) -> dict:
         batch = to_device(next(batches), device)
         with accelerator.autocast():
             out = wrapped(**batch, depth_loss_weight=depth_weight, cell_attribute_weight=cell_weight,
-                          input_code_noise=input_noise)
+                          input_code_noise=input_noise, read_back_rate=read_back_rate)
         opt.zero_grad(set_to_none=True)
         accelerator.backward(out.loss)
         if train_cfg.get("grad_clip"):

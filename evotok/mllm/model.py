@@ -32,6 +32,7 @@ from .generate import batch_answers, generate_image_codes, stream_answer
 from .grid_rope import cell_index_of, grid_position_ids, install_grid_rope
 from .input_noise import swap_cells
 from .plan_canvas import PlanCanvas
+from .read_back import read_back_some
 from .text_tokenizer import TextTokenizer
 
 TEXT_TOKENIZER_DIR = "text_tokenizer"
@@ -444,7 +445,7 @@ class EvoTokMLLM(nn.Module, PretrainedMixin):
                 answer_exclusions: torch.Tensor | None = None, cell_targets: torch.Tensor | None = None,
                 cell_attribute_weight: float = 0.0, anchor_cells: torch.Tensor | None = None,
                 cell_weights: torch.Tensor | None = None, input_code_noise: float = 0.0,
-                canvas_ids: torch.Tensor | None = None) -> MLLMOutput:
+                canvas_ids: torch.Tensor | None = None, read_back_rate: float = 0.0) -> MLLMOutput:
         """Joint loss of a mixed batch (see :func:`evotok.mllm.data.collate`): LM cross-entropy on
         answer tokens plus the depth transformer's cross-entropy over the codes of every cell.
 
@@ -457,8 +458,12 @@ class EvoTokMLLM(nn.Module, PretrainedMixin):
         ``depth_loss`` and its stages stay the plain mean, comparable across runs.
         ``input_code_noise``: the share of drawn cells whose input codes are swapped for another
         cell's, the targets staying true (``evotok.mllm.input_noise``; training only).
-        ``canvas_ids``: see :meth:`embed_inputs`."""
+        ``canvas_ids``: see :meth:`embed_inputs`. ``read_back_rate``: the share of the images to
+        understand that are first decoded at the pixel depth and encoded again, as the model's own
+        drawings are read (``evotok.mllm.read_back``; training only)."""
         if image_features is None and image_codes is not None and image_codes.numel():
+            if read_back_rate > 0:
+                image_codes = read_back_some(self, image_codes, read_back_rate)
             image_features = self.image_features(image_codes)
         input_codes = gen_codes
         if input_code_noise > 0 and gen_codes is not None:

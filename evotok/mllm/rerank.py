@@ -17,6 +17,7 @@ from .chat import IGNORE, encode_chat
 from .data import DESCRIBE_QUESTIONS, collate
 from .generate import right_pad
 from .near_miss import near_misses
+from .read_back import read_back_codes
 
 if TYPE_CHECKING:
     from .model import EvoTokMLLM
@@ -124,8 +125,8 @@ DEFAULT_JUDGE = "contrast"  # what the app uses: level with "caption" on the bun
 @torch.no_grad()
 def read_back(model: "EvoTokMLLM", candidates: torch.Tensor) -> torch.Tensor:
     """Candidates (codes ``b n h w pixel_depth``) as the model reads any image: decoded at the pixel
-    depth and encoded again to full depth (codes ``b n h w D``)."""
-    full = model.encode_images(model.decode_codes(candidates.flatten(0, 1)).clamp(-1, 1))
+    depth and encoded again to full depth (codes ``b n h w D``; :mod:`evotok.mllm.read_back`)."""
+    full = read_back_codes(model, candidates.flatten(0, 1))
     return full.view(*candidates.shape[:2], *full.shape[1:])
 
 

@@ -273,3 +273,13 @@ def test_read_back_images_change_what_the_understanding_loss_sees_and_not_the_dr
     (first_plain,), (first_read,) = plain["history"], read["history"]
     assert first_read["lm_loss"] != pytest.approx(first_plain["lm_loss"], abs=1e-6)
     assert first_read["depth_loss"] == pytest.approx(first_plain["depth_loss"], abs=1e-6)
+
+
+def test_train_only_changes_the_named_modules_and_nothing_else(root):
+    run(root, "only_base", "train.steps=0")
+    run(root, "only", "train.steps=2", f"model.init_from={root / 'only_base' / 'final'}", "train.train_only=[projector]")
+    before, after = weights(root / "only_base" / "final"), weights(root / "only" / "final")
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("projector.") for k in changed)
+    with pytest.raises(ValueError, match="match no parameter"):
+        run(root, "only_bad", "train.steps=1", "train.train_only=[projecter]")

@@ -165,6 +165,18 @@ def param_groups(model: EvoTokMLLM, lr: float, position_lr_scale: float) -> list
     return [{"params": rest}, {"params": position, "lr": lr * position_lr_scale}]
 
 
+def restrict_trainable(model: EvoTokMLLM, prefixes: list[str]) -> None:
+    """Freeze every parameter outside the named modules (``train.train_only``, e.g. ``[projector,
+    projector_context]``: the image-understanding input alone, so that drawing stays exactly as it was)."""
+    names = [name for name, _ in model.named_parameters()]
+    unknown = [pre for pre in prefixes if not any(n == pre or n.startswith(pre + ".") for n in names)]
+    if unknown:
+        raise ValueError(f"train.train_only names {unknown}, which match no parameter of the model")
+    for name, p in model.named_parameters():
+        if not any(name == pre or name.startswith(pre + ".") for pre in prefixes):
+            p.requires_grad_(False)
+
+
 def make_dataset(pools: dict, data_cfg: dict, model: EvoTokMLLM, seed: int, tasks: dict | None = None,
                  training: bool = True, cell_attributes: bool = False) -> ChatDataset:
     """``data.mask_answer_gaps``, ``data.mask_caption_gaps``, ``data.resample_scene_questions``,
@@ -279,6 +291,8 @@ def main(argv: list[str] | None = None) -> dict:
     resuming = args.resume and (run_dir / STATE_FILE).exists()
     model = build_model(config, tokenizer, pools, run_dir, resuming, accelerator)
     model.set_trainable(bool(train_cfg.get("train_lm", True)))
+    if train_cfg.get("train_only"):
+        restrict_trainable(model, list(train_cfg["train_only"]))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(param_groups(model, float(train_cfg["lr"]), float(train_cfg.get("position_lr_scale", 1.0))),
                             lr=float(train_cfg["lr"]), betas=tuple(train_cfg.get("betas", (0.9, 0.95))),

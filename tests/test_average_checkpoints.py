@@ -33,7 +33,8 @@ def test_weighted_mean_of_float_tensors_with_side_files_and_record(tmp_path):
 
     state, _ = read_weights(out)
     assert torch.equal(state["w"], torch.full((2, 3), 1.5))
-    assert state["b"].dtype == torch.bfloat16 and torch.equal(state["b"], torch.tensor([1.5, -1.5], dtype=torch.bfloat16))
+    assert state["b"].dtype == torch.bfloat16
+    assert torch.equal(state["b"], torch.tensor([1.5, -1.5], dtype=torch.bfloat16))
     assert torch.equal(state["steps"], torch.tensor([4, 5]))
     assert json.loads((out / "config.json").read_text()) == {"model_type": "toy", "width": 2}
     assert (out / "text_tokenizer" / "tokenizer.json").read_text() == "same vocabulary"

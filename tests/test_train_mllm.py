@@ -277,7 +277,8 @@ def test_read_back_images_change_what_the_understanding_loss_sees_and_not_the_dr
 
 def test_train_only_changes_the_named_modules_and_nothing_else(root):
     run(root, "only_base", "train.steps=0")
-    run(root, "only", "train.steps=2", f"model.init_from={root / 'only_base' / 'final'}", "train.train_only=[projector]")
+    run(root, "only", "train.steps=2", f"model.init_from={root / 'only_base' / 'final'}",
+        "train.train_only=[projector]")
     before, after = weights(root / "only_base" / "final"), weights(root / "only" / "final")
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(k.startswith("projector.") for k in changed)

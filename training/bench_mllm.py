@@ -10,10 +10,11 @@ Prints three tables:
    accuracy on new scenes of training pairs; with ``--trained-scenes N``, on the first N scenes of the
    training pool itself, which tells memorising from underfitting; with ``--read-back``, on the same
    held-out scenes read back as the model's own drawings are, decoded at the pixel depth and
-   encoded again (``evotok.mllm.read_back``: the view its best-of-n judge gets)); a separate row asks on which side
-   of the image's middle single objects lie ("side of image middle", ``place_questions``: the position
-   questions' wording with the middle as the reference; not counted in "all scene questions", so that
-   figure stays comparable with earlier runs); then on clip-art category questions
+   encoded again (``evotok.mllm.read_back``: the view its best-of-n judge gets)); a separate row
+   asks on which side of the image's middle single objects lie ("side of image middle",
+   ``place_questions``: the position questions' wording with the middle as the reference; not
+   counted in "all scene questions", so that figure stays comparable with earlier runs); then on
+   clip-art category questions
    (held-out 10% of the pictures) and on Fashion-MNIST class questions (its test split).
 2. Speed on CPU, end to end: one text-to-image image (prompt -> decoded pixels, guidance 3), the
    same kept as the best of ``--best-of`` (4) candidates (``evotok.mllm.rerank``: all drawn, read
@@ -188,8 +189,8 @@ def main(argv: list[str] | None = None) -> dict:
         columns["scenes_trained"] = ("trained", scene_understanding(model, args.trained_scenes, size,
                                                                     args.batch_size, "train", TRAINING_POOL_SEED))
     if args.read_back:
-        columns["scenes_read_back"] = ("read back", scene_understanding(model, args.scenes, size, args.batch_size,
-                                                                        read_back=True))
+        columns["scenes_read_back"] = ("read back", scene_understanding(model, args.scenes, size,
+                                                                        args.batch_size, read_back=True))
     labels = {name: label_understanding(model, name, args.labels, size, args.batch_size) if args.labels > 0 else None
               for name in ("clipart", "fashion_mnist")}  # --labels 0: skip them
     print("\nUnderstanding (greedy exact match)")

@@ -16,7 +16,7 @@ import gradio as gr
 from PIL import Image
 
 from evotok.explore import upscale_for_display
-from evotok.mllm.serving import Generation, GenerationCancelled, MultimodalService
+from evotok.mllm.serving import DEFAULT_TEMPERATURE, Generation, GenerationCancelled, MultimodalService
 
 from .callbacks import user_errors
 
@@ -69,7 +69,7 @@ class MultimodalCallbacks:
 
     # -- text to image ---------------------------------------------------------------------------
     @user_errors("generate an image")
-    def generate(self, prompt: str | None, guidance_scale: float = 3.0, temperature: float = 1.0,
+    def generate(self, prompt: str | None, guidance_scale: float = 3.0, temperature: float = DEFAULT_TEMPERATURE,
                  top_k: float | None = 0, seed: float | None = -1,
                  candidates: float | None = 1) -> Iterator[tuple[Any, Any, str]]:
         """Prompt + sampling settings -> (image, stage gallery, note), streamed row by row."""

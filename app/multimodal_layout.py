@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 import gradio as gr
 
-from evotok.mllm.serving import MAX_PROMPT_CHARS, example_prompts
+from evotok.mllm.serving import DEFAULT_TEMPERATURE, MAX_PROMPT_CHARS, example_prompts
 
 from .components import UploadedImage
 from .multimodal_callbacks import MultimodalCallbacks
@@ -90,7 +90,7 @@ def _text_to_image(callbacks: MultimodalCallbacks, model: dict[str, Any]) -> Non
                                      "are refused with a message). Empty = an unconditional sample.")
             guidance = gr.Slider(0, 10, value=3.0, step=0.5, label="Guidance scale",
                                  info="1 = the prompt's prediction alone; higher follows the prompt harder")
-            temperature = gr.Slider(0, 2, value=1.0, step=0.05, label="Temperature", info="0 = greedy")
+            temperature = gr.Slider(0, 2, value=DEFAULT_TEMPERATURE, step=0.05, label="Temperature", info="0 = greedy")
             top_k = gr.Slider(0, service.config.codebook_size, value=0, step=1, label="Top-k",
                               info=f"sample among the k likeliest codes of {service.config.codebook_size:,} (0 = off)")
             seed = gr.Number(value=-1, precision=0, label="Seed", minimum=-1,

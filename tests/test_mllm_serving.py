@@ -10,8 +10,8 @@ from PIL import Image
 from evotok.data.scenes import HELDOUT_PAIRS
 from evotok.images import ImageError
 from evotok.mllm import EmptyPromptError, PromptTooLongError
-from evotok.mllm.serving import (EXAMPLE_PROMPTS, MAX_PROMPT_CHARS, GenerationCancelled, MultimodalService,
-                                 example_prompts, heldout_pairs_in)
+from evotok.mllm.serving import (DEFAULT_TEMPERATURE, EXAMPLE_PROMPTS, MAX_PROMPT_CHARS, GenerationCancelled,
+                                 MultimodalService, example_prompts, heldout_pairs_in)
 from test_mllm import build, image_tok, text_tok, tiny_tokenizer  # noqa: F401  (fixtures)
 
 
@@ -67,7 +67,8 @@ def test_candidates_keep_the_models_own_pick_and_report_the_scores(service):
     assert one.candidate_scores == [] and one.settings["candidates"] == 1
     rows: list[int] = []
     best = service.generate("a red circle", seed=5, candidates=3, on_row=lambda r, im: rows.append(r))
-    codes, scores = generate_best_of(service.model, ["a red circle"], 3, seed=5, guidance_scale=3.0)
+    codes, scores = generate_best_of(service.model, ["a red circle"], 3, seed=5, guidance_scale=3.0,
+                                    temperature=DEFAULT_TEMPERATURE)
     assert torch.equal(best.codes, codes[0]) and best.candidate_scores == pytest.approx(scores[0].tolist())
     assert rows == list(range(1, service.grid_size + 1))  # the first candidate's rows were previewed
     for bad in (0, 1.5, service.max_candidates + 1):
@@ -75,7 +76,8 @@ def test_candidates_keep_the_models_own_pick_and_report_the_scores(service):
             service.generate("a red circle", seed=5, candidates=bad)
     other = "contrast" if best.settings["judge"] == "caption" else "caption"
     judged = service.generate("a red circle", seed=5, candidates=3, judge=other)
-    codes, scores = generate_best_of(service.model, ["a red circle"], 3, seed=5, guidance_scale=3.0, judge=other)
+    codes, scores = generate_best_of(service.model, ["a red circle"], 3, seed=5, guidance_scale=3.0, judge=other,
+                                    temperature=DEFAULT_TEMPERATURE)
     assert judged.settings["judge"] == other and torch.equal(judged.codes, codes[0])
     assert judged.candidate_scores == pytest.approx(scores[0].tolist(), abs=1e-4)
     with pytest.raises(ValueError, match="judge"):

@@ -74,5 +74,6 @@ def test_the_benchmark_answers_about_the_images_read_back(model):
     images = torch.rand(3, 3, 32, 32) * 2 - 1
     questions = ["What colour is the circle?", "How many squares are there?", "Is there a star?"]
     codes = read_back_codes(model, model.encode_images(images))
+    assert not torch.equal(codes, model.encode_images(images))  # the read-back view is another input
     expected = model.answer_batch(None, questions, max_new_tokens=12, image_codes=codes)
     assert accuracy(model, images, questions, expected, batch_size=2, read_back=True) == [1, 1, 1]

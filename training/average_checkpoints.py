@@ -27,19 +27,21 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from evotok.hub import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, CheckpointError, atomic_write_dir, read_weights, \
+from evotok.hub import CONFIG_NAME, INDEX_NAME, CheckpointError, atomic_write_dir, read_weights, \
     write_weights
 from evotok.mllm.text_tokenizer import WORDS_FILE
 
 RECORD_NAME = "averaged_from.json"
-_WEIGHT_FILES = {WEIGHTS_NAME, INDEX_NAME}
 
 
 def _side_files(folder: Path) -> list[Path]:
-    """Every file but the weights and the config, relative to ``folder``."""
-    return sorted(p.relative_to(folder) for p in folder.rglob("*") if p.is_file()
-                  and p.name != CONFIG_NAME and p.name != RECORD_NAME and p.name not in _WEIGHT_FILES
-                  and not (p.suffix == ".safetensors" and p.parent == folder))
+    """Every file but the top level's config, record and weights (one file or shards), relative to ``folder``."""
+    def averaged_or_rewritten(rel: Path) -> bool:
+        return rel.parent == Path(".") and (rel.name in {CONFIG_NAME, RECORD_NAME, INDEX_NAME}
+                                            or rel.suffix == ".safetensors")
+
+    return sorted(rel for rel in (p.relative_to(folder) for p in folder.rglob("*") if p.is_file())
+                  if not averaged_or_rewritten(rel))
 
 
 def _check_alike(first: Path, other: Path) -> None:

@@ -14,8 +14,8 @@ Prints three tables:
    asks on which side of the image's middle single objects lie ("side of image middle",
    ``place_questions``: the position questions' wording with the middle as the reference; not
    counted in "all scene questions", so that figure stays comparable with earlier runs); then on
-   clip-art category questions
-   (held-out 10% of the pictures) and on Fashion-MNIST class questions (its test split).
+   clip-art category questions (held-out 10% of the pictures) and on Fashion-MNIST class questions
+   (its test split).
 2. Speed on CPU, end to end: one text-to-image image (prompt -> decoded pixels, guidance 3), the
    same kept as the best of ``--best-of`` (4) candidates (``evotok.mllm.rerank``: all drawn, read
    back and scored by the default judge; each other judge gets a row of its own) and one answer

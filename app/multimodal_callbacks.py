@@ -16,11 +16,23 @@ import gradio as gr
 from PIL import Image
 
 from evotok.explore import upscale_for_display
+from evotok.mllm.rerank import DEFAULT_JUDGE
 from evotok.mllm.serving import DEFAULT_TEMPERATURE, Generation, GenerationCancelled, MultimodalService
 
 from .callbacks import user_errors
 
 UPSCALE = "nearest-neighbour"  # what upscale_for_display does: every generated pixel stays a sharp block
+# how the note words each judge's pick (evotok.mllm.rerank.pick_best); {scores}: every candidate's score
+JUDGE_NOTES = {
+    "caption": "under which the prompt is its likeliest caption (mean log-probability per token {scores}",
+    "contrast": "it reads as the prompt most surely rather than as a near miss of it (another colour, shape, "
+                "count or relation; log of the prompt's share of the caption probability {scores}",
+    "questions": "that it answers most surely as the prompt says, asked what the prompt settles (which objects "
+                 "are there, their colours, counts and sides; summed log-probability of those answers {scores}",
+    "contrast+questions": "that scores best on near misses and questions together (log of the prompt's share "
+                          "of the caption probability among its near misses plus the summed log-probability of "
+                          "the answers the prompt settles {scores}",
+}
 
 
 def history_pairs(messages: Sequence[dict] | None) -> list[tuple[str, str]]:
@@ -139,10 +151,7 @@ class MultimodalCallbacks:
         if result.candidate_scores:
             scores = ", ".join(f"{v:.2f}" for v in result.candidate_scores)
             picked = max(range(len(result.candidate_scores)), key=result.candidate_scores.__getitem__) + 1
-            judged = (f"under which the prompt is its likeliest caption (mean log-probability per token {scores}"
-                      if result.settings.get("judge") == "caption" else
-                      f"it reads as the prompt most surely rather than as a near miss of it (another colour, "
-                      f"shape, count or relation; log of the prompt's share of the caption probability {scores}")
+            judged = JUDGE_NOTES[result.settings.get("judge", DEFAULT_JUDGE)].format(scores=scores)
             lines.append(f"Best of {len(result.candidate_scores)} candidates: the model read each drawing back and "
                          f"kept the one {judged}; kept candidate {picked}). The preview showed candidate 1.")
         if check.heldout_pairs:

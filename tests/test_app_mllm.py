@@ -156,6 +156,15 @@ def test_bad_questions_and_images_get_a_clear_error(app, scene, tmp_path, kind, 
     assert proc.poll() is None
 
 
+def test_the_note_words_every_judge():
+    from app.multimodal_callbacks import JUDGE_NOTES
+    from evotok.mllm.rerank import JUDGES
+
+    assert set(JUDGE_NOTES) == set(JUDGES)
+    for note in JUDGE_NOTES.values():
+        assert note.format(scores="-1.00, -2.00").endswith("-1.00, -2.00")
+
+
 def test_chat_history_helpers():
     from app.multimodal_callbacks import history_pairs, messages_of
 

@@ -115,3 +115,39 @@ def test_the_contrast_judge_keeps_its_top_scored_candidate(model):
     read = read_back(model, drawn)
     assert torch.equal(read.flatten(0, 1), full)
     assert torch.allclose(pick_best(model, prompts, drawn, judge="contrast", read=read)[1], scores)
+
+
+def test_the_question_score_sums_the_log_probabilities_of_the_prompts_answers(model):
+    from evotok.mllm.prompt_checks import prompt_checks
+    from evotok.mllm.rerank import question_scores
+
+    torch.manual_seed(3)
+    codes = torch.randint(0, model.config.codebook_size, (3, 4, 4, 4))
+    prompts = ["three green crosses", "a red circle left of a blue square", "a cat on a mat"]
+    scores = question_scores(model, codes, prompts, images_per_batch=2)  # images split across batches
+    for k, prompt in enumerate(prompts[:2]):
+        checks = prompt_checks(prompt)
+        assert len(checks) >= 2
+        # each answer scored as a one-turn conversation's answer: its tokens and end token
+        expected = sum(caption_log_likelihood(model, codes[k:k + 1], [answer], question=question,
+                                              per_token=False).item() for question, answer in checks)
+        assert scores[k].item() == pytest.approx(expected, abs=1e-4)
+    assert scores[2] == 0  # no scene words: no checks
+    with pytest.raises(ValueError, match="prompts"):
+        question_scores(model, codes, prompts[:2])
+
+
+def test_the_question_judges_keep_their_top_scored_candidate(model):
+    from evotok.mllm.rerank import contrast_scores, draw_candidates, pick_best, question_scores, read_back
+
+    prompts = ["a red circle", "two blue squares"]
+    drawn = draw_candidates(model, prompts, 3, seed=6)
+    read = read_back(model, drawn)
+    repeated = [p for p in prompts for _ in range(3)]
+    questions = question_scores(model, read.flatten(0, 1), repeated).view(2, 3)
+    both = questions + contrast_scores(model, read.flatten(0, 1), repeated).view(2, 3)
+    for judge, expected in (("questions", questions), ("contrast+questions", both)):
+        best, scores = pick_best(model, prompts, drawn, judge=judge, read=read)
+        assert torch.allclose(scores, expected, atol=1e-5)
+        for k in range(2):
+            assert torch.equal(best[k], drawn[k, int(scores[k].argmax())])

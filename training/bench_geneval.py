@@ -5,6 +5,8 @@
     python training/bench_geneval.py --renders-only --per-category 200          # the oracle's ceiling alone
     python training/bench_geneval.py --model assets/mllm --best-of 4            # keep the model's own pick of 4
     python training/bench_geneval.py --model assets/mllm --best-of 8 --judge contrast caption   # two judges, same draws
+    python training/bench_geneval.py --model assets/mllm --best-of 8 --judge contrast+questions contrast questions
+    python training/bench_geneval.py --model assets/mllm --sample-seed 1        # the same prompts, another draw
 
 Prompts: ``evotok.oracle.geneval_prompts`` — six categories (single object, two objects, counting,
 colours, position, colour attribution), objects drawn only from ``HELDOUT_PAIRS`` (never seen in
@@ -82,7 +84,7 @@ def generate(model: Any, specs: list[PromptSpec], args: argparse.Namespace
         start = time.perf_counter()
         drawn = draw_candidates(model, prompts, args.best_of, guidance_scale=args.guidance,
                                 temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                attribute_guidance=args.attribute_guidance, seed=args.seed * 100_003 + first,
+                                attribute_guidance=args.attribute_guidance, seed=args.sample_seed * 100_003 + first,
                                 plan_trace=trace, region_guidance=args.region_guidance,
                                 place_guidance=args.place_guidance)
         read = read_back(model, drawn) if args.best_of > 1 else None  # once, for every judge
@@ -324,6 +326,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--oracle", default="assets/oracle", help="scene oracle folder (training/train_oracle.py)")
     parser.add_argument("--per-category", type=int, default=20, help="prompts per GenEval category")
     parser.add_argument("--seed", type=int, default=0, help="prompts, reference renders and sampling")
+    parser.add_argument("--sample-seed", type=int, default=None,
+                        help="sampling alone (default: --seed): another draw of the same prompts")
     parser.add_argument("--pairs", choices=("heldout", "train"), default="heldout",
                         help="colour/shape pairs of the prompts: held-out (the score) or seen in training "
                              "(separates composition from drawing quality)")
@@ -369,6 +373,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             parser.error(f"{flag} mixes guidance branches: it needs --guidance > 0")
     if args.place_guidance is not None and args.region_guidance is not None:
         parser.error("give --place-guidance or --region-guidance, not both")
+    if args.sample_seed is None:
+        args.sample_seed = args.seed
     torch.set_num_threads(args.threads)
 
     oracle = load_oracle(args.oracle)
@@ -385,7 +391,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ceiling = render_accuracy(oracle, specs, renders, seed=args.seed)
     results: dict[str, Any] = {"model": None if args.renders_only else args.model, "oracle": args.oracle,
                                "pairs": args.pairs,
-                               "per_category": args.per_category, "seed": args.seed, "image_size": size,
+                               "per_category": args.per_category, "seed": args.seed, "sample_seed": args.sample_seed,
+                               "image_size": size,
                                "renders": ceiling, "prompts": [s.to_dict() for s in specs]}
     generated = recon = None
     if model is not None:

@@ -13,10 +13,11 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 import torch.nn.functional as F
 
-from .chat import IGNORE, encode_chat
+from .chat import IGNORE, EncodedChat, encode_chat, prompt_ids
 from .data import DESCRIBE_QUESTIONS, collate
 from .generate import right_pad
 from .near_miss import near_misses
+from .prompt_checks import prompt_checks
 from .read_back import read_back_codes
 
 if TYPE_CHECKING:
@@ -79,8 +80,31 @@ def _totals_after_one_prefix(model: "EvoTokMLLM", image_codes: torch.Tensor, gro
     """Each group's captions' whole log-probabilities as the answer to ``question`` about the
     group's image: the image and the question run through the LM once per image (its KV cache
     then serves every caption of the group), so a caption costs only its own few tokens."""
-    tok, cfg, device = model.text, model.config, model.device
+    tok, cfg = model.text, model.config
     prefix = encode_chat(tok, [(question, None)], cfg.num_cells, cfg.max_prompt_tokens, truncate=True)
+    return _continuation_totals(model, image_codes, prefix, [[([], caption) for caption in g] for g in groups])
+
+
+def _answer_totals(model: "EvoTokMLLM", image_codes: torch.Tensor,
+                   groups: Sequence[Sequence[tuple[str, str]]]) -> list[torch.Tensor]:
+    """Each group's (question, answer) pairs about the group's image: each answer's whole
+    log-probability as the answer to its question, asked first in a conversation. The image runs
+    through the LM once; every question and answer continues its KV cache."""
+    tok, cfg = model.text, model.config
+    prefix = EncodedChat()
+    prefix.add([tok.ids["user"]])
+    prefix.add([tok.ids["image"]] * cfg.num_cells, image=True)
+    asked = [[(prompt_ids(tok, q, cfg.max_prompt_tokens, "question", truncate=True)
+               + [tok.ids["end"], tok.ids["assistant"]], answer) for q, answer in g] for g in groups]
+    return _continuation_totals(model, image_codes, prefix, asked)
+
+
+def _continuation_totals(model: "EvoTokMLLM", image_codes: torch.Tensor, prefix: EncodedChat,
+                         groups: Sequence[Sequence[tuple[list[int], str]]]) -> list[torch.Tensor]:
+    """The prefix (holding the image's placeholders) with each group's image runs through the LM
+    once; each (lead ids, answer) of the group continues its KV cache, and the answer's tokens and
+    end token are scored (the lead's are not): per group, each answer's whole log-probability."""
+    tok, device = model.text, model.device
     b, length = len(groups), len(prefix.input_ids)
     ids = torch.tensor([prefix.input_ids] * b, device=device)
     image_mask = torch.tensor([prefix.image_mask] * b, device=device)
@@ -88,22 +112,42 @@ def _totals_after_one_prefix(model: "EvoTokMLLM", image_codes: torch.Tensor, gro
     positions = torch.arange(length, device=device)[None].expand(b, -1)
     hidden, cache = model.backbone(embeds, torch.ones_like(ids), positions, use_cache=True,
                                    cell_index=model.cell_index(image_mask))
-    # every caption continues its image's prefix: the answer's tokens and the end token, all scored
     owner = torch.tensor([i for i, g in enumerate(groups) for _ in g], device=device)
-    answers = [tok.encode(caption) + [tok.ids["end"]] for g in groups for caption in g]
-    answer_ids, answer_mask = right_pad(answers, tok.ids["pad"], device)
+    leads = [lead for g in groups for lead, _ in g]
+    answers = [tok.encode(answer) + [tok.ids["end"]] for g in groups for _, answer in g]
+    cont_ids, cont_mask = right_pad([lead + answer for lead, answer in zip(leads, answers)], tok.ids["pad"], device)
+    scored, _ = right_pad([[0] * len(lead) + [1] * len(answer) for lead, answer in zip(leads, answers)], 0, device)
     cache.batch_select_indices(owner)
-    mask = torch.cat([answer_mask.new_ones(len(answers), length), answer_mask], 1)  # the prefix, then the answer
-    after, _ = model.backbone(model.lm.get_input_embeddings()(answer_ids), mask,
-                              length + torch.arange(answer_ids.shape[1], device=device)[None].expand(len(answers), -1),
-                              cache=cache, use_cache=True, cell_index=torch.full_like(answer_ids, -1))
-    # the state before each answer token: the prefix's last for the first, then the answer's own
+    mask = torch.cat([cont_mask.new_ones(len(answers), length), cont_mask], 1)  # the prefix, then the continuation
+    after, _ = model.backbone(model.lm.get_input_embeddings()(cont_ids), mask,
+                              length + torch.arange(cont_ids.shape[1], device=device)[None].expand(len(answers), -1),
+                              cache=cache, use_cache=True, cell_index=torch.full_like(cont_ids, -1))
+    # the state before each continuation token: the prefix's last for the first, then the continuation's own
     states = torch.cat([hidden[owner, -1:], after[:, :-1]], 1)
-    scored = answer_mask.bool()
+    scored = scored.bool()
     log_probs = F.log_softmax(model.text_logits(states[scored]).float(), dim=-1)
-    picked = torch.zeros(answer_ids.shape, device=device)
-    picked[scored] = log_probs.gather(-1, answer_ids[scored].unsqueeze(-1)).squeeze(-1)
+    picked = torch.zeros(cont_ids.shape, device=device)
+    picked[scored] = log_probs.gather(-1, cont_ids[scored].unsqueeze(-1)).squeeze(-1)
     return list(picked.sum(1).cpu().split([len(g) for g in groups]))
+
+
+@torch.no_grad()
+def question_scores(model: "EvoTokMLLM", image_codes: torch.Tensor, prompts: Sequence[str],
+                    images_per_batch: int = 8) -> torch.Tensor:
+    """How surely the model gives, about each image (full-depth codes ``b h w D``), the answers its
+    prompt settles (:func:`evotok.mllm.prompt_checks.prompt_checks`): the sum of those answers'
+    log-probabilities, a tensor of ``b``, at most 0. A prompt without checks scores 0."""
+    if len(prompts) != image_codes.shape[0]:
+        raise ValueError(f"{image_codes.shape[0]} images but {len(prompts)} prompts")
+    out = torch.zeros(len(prompts))
+    for first in range(0, len(prompts), images_per_batch):
+        chunk = [(k, checks) for k, p in enumerate(prompts[first:first + images_per_batch], first)
+                 if (checks := prompt_checks(p))]
+        if chunk:
+            totals = _answer_totals(model, image_codes[[k for k, _ in chunk]], [c for _, c in chunk])
+            for (k, _), scores in zip(chunk, totals):
+                out[k] = scores.sum()
+    return out
 
 
 @torch.no_grad()
@@ -118,7 +162,7 @@ def draw_candidates(model: "EvoTokMLLM", prompts: Sequence[str], n: int, seed: i
     return drawn.view(len(prompts), n, *drawn.shape[1:])
 
 
-JUDGES = ("caption", "contrast")
+JUDGES = ("caption", "contrast", "questions", "contrast+questions")
 DEFAULT_JUDGE = "contrast"  # the app's: 0.561 against "caption"'s 0.528 held-out, bundled model (model card)
 
 
@@ -138,8 +182,10 @@ def pick_best(model: "EvoTokMLLM", prompts: Sequence[str], candidates: torch.Ten
 
     ``judge="caption"`` scores the prompt's mean log-probability per token as the candidate's caption
     (:func:`caption_log_likelihood`); ``"contrast"`` how surely the candidate is read as the prompt
-    rather than as a near miss of it (:func:`contrast_scores`). ``read``: the candidates already
-    read back (:func:`read_back`), so that several judges score them without reading them twice."""
+    rather than as a near miss of it (:func:`contrast_scores`); ``"questions"`` how surely the model
+    gives the answers the prompt settles (:func:`question_scores`); ``"contrast+questions"`` the sum
+    of those two log-probabilities. ``read``: the candidates already read back (:func:`read_back`),
+    so that several judges score them without reading them twice."""
     if judge not in JUDGES:
         raise ValueError(f"unknown judge {judge!r}; expected one of {JUDGES}")
     b, n = candidates.shape[:2]
@@ -149,9 +195,17 @@ def pick_best(model: "EvoTokMLLM", prompts: Sequence[str], candidates: torch.Ten
         return candidates[:, 0], torch.zeros(b, 1)
     full = (read_back(model, candidates) if read is None else read).flatten(0, 1)
     repeated = [p for p in prompts for _ in range(n)]
-    score = caption_log_likelihood if judge == "caption" else contrast_scores
-    scores = score(model, full, repeated).view(b, n).cpu()
+    scores = _JUDGE_SCORES[judge](model, full, repeated).view(b, n).cpu()
     return candidates[torch.arange(b), scores.argmax(1)], scores
+
+
+_JUDGE_SCORES = {
+    "caption": caption_log_likelihood,
+    "contrast": contrast_scores,
+    "questions": question_scores,
+    "contrast+questions": lambda model, codes, prompts: (contrast_scores(model, codes, prompts)
+                                                        + question_scores(model, codes, prompts)),
+}
 
 
 def generate_best_of(model: "EvoTokMLLM", prompts: Sequence[str], n: int, seed: int | None = None,

@@ -237,7 +237,11 @@ def test_candidate_table_counts_accepted_draws_and_prompts_with_any():
     oracle = SimpleNamespace(config=SimpleNamespace(position_margin=0.08),
                              detect=lambda images: [[right.get(round(float(i) * 100), det("white", "square"))] for i in images])
     picks = {"caption": torch.tensor([0, 2, 1]), "contrast": torch.tensor([1, 1, 0])}  # a candidate per prompt
-    table = judge_candidates(model, oracle, specs, candidates, picks)
+    records = [{} for _ in specs]
+    table = judge_candidates(model, oracle, specs, candidates, picks, records)
+    # each prompt's record keeps its candidates' verdicts and the judges' picks, to compare judges prompt by prompt
+    assert records[0] == {"candidates_passed": [True, True, False], "picks": {"caption": 0, "contrast": 1}}
+    assert records[1]["candidates_passed"] == [False, False, True] and records[1]["picks"]["caption"] == 2
     # 3 of 6 draws; both prompts have one; the caption picks find both, the contrast picks one
     assert table["single_object"] == {"mean": 0.5, "any": 1.0, "n": 2, "picked_by": {"caption": 1.0, "contrast": 0.5}}
     assert table["colours"] == {"mean": 0.0, "any": 0.0, "n": 1, "picked_by": {"caption": 0.0, "contrast": 0.0}}

@@ -180,12 +180,14 @@ def plans_markdown(table: dict[str, dict[str, float]]) -> str:
 
 
 def judge_candidates(model: Any, oracle: SceneOracle, specs: list[PromptSpec], candidates: torch.Tensor,
-                     picks: dict[str, torch.Tensor] | None = None) -> dict[str, dict[str, Any]]:
+                     picks: dict[str, torch.Tensor] | None = None,
+                     records: list[dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
     """Per category, of all ``best_of`` candidates drawn for each prompt: the share the oracle
     accepts (one image's score, from ``best_of`` times the draws), the share of prompts with at
     least one accepted (what a perfect judge of the candidates would score) and, under
     ``picked_by``, the share each judge's picks (``picks``: judge -> candidate index per prompt)
-    that the oracle accepts."""
+    that the oracle accepts. ``records`` (one per spec) gain each candidate's verdict and each
+    judge's pick, so that judges can be compared prompt by prompt."""
     n = candidates.shape[1]
     verdicts = []
     for first in range(0, len(specs), 8):
@@ -194,6 +196,9 @@ def judge_candidates(model: Any, oracle: SceneOracle, specs: list[PromptSpec], c
         verdicts += [judge(specs[first + k // n], d, oracle.config.position_margin) for k, d in enumerate(detections)]
     accepted = np.array(verdicts).reshape(len(specs), n)
     picked = {name: accepted[np.arange(len(specs)), index.numpy()] for name, index in (picks or {}).items()}
+    for i, record in enumerate(records or []):
+        record.update(candidates_passed=accepted[i].tolist(),
+                      picks={name: int(index[i]) for name, index in (picks or {}).items()})
     table: dict[str, dict[str, Any]] = {}
     for cat in dict.fromkeys(s.category for s in specs):
         mine = np.array([s.category == cat for s in specs])
@@ -427,7 +432,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 record.update(plan=text, plan_passed=ok)
             results["plan_following"] = plan_following(specs, plans, detections, model.config.grid_size)
         if args.best_of > 1:
-            results["candidates"] = judge_candidates(model, oracle, specs, candidates, picks)
+            results["candidates"] = judge_candidates(model, oracle, specs, candidates, picks, results["prompts"])
         if not args.no_fid:
             from evotok.metrics import fid_bundled
 

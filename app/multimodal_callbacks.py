@@ -17,7 +17,8 @@ from PIL import Image
 
 from evotok.explore import upscale_for_display
 from evotok.mllm.rerank import DEFAULT_JUDGE
-from evotok.mllm.serving import DEFAULT_TEMPERATURE, Generation, GenerationCancelled, MultimodalService
+from evotok.mllm.serving import (DEFAULT_CANDIDATES, DEFAULT_TEMPERATURE, Generation, GenerationCancelled,
+                                 MultimodalService)
 
 from .callbacks import user_errors
 
@@ -83,7 +84,7 @@ class MultimodalCallbacks:
     @user_errors("generate an image")
     def generate(self, prompt: str | None, guidance_scale: float = 3.0, temperature: float = DEFAULT_TEMPERATURE,
                  top_k: float | None = 0, seed: float | None = -1,
-                 candidates: float | None = 1) -> Iterator[tuple[Any, Any, str]]:
+                 candidates: float | None = DEFAULT_CANDIDATES) -> Iterator[tuple[Any, Any, str]]:
         """Prompt + sampling settings -> (image, stage gallery, note), streamed row by row."""
         service = self.service
         check = service.check_prompt(prompt)

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 import gradio as gr
 
-from evotok.mllm.serving import DEFAULT_TEMPERATURE, MAX_PROMPT_CHARS, example_prompts
+from evotok.mllm.serving import DEFAULT_CANDIDATES, DEFAULT_TEMPERATURE, MAX_PROMPT_CHARS, example_prompts
 
 from .components import UploadedImage
 from .multimodal_callbacks import MultimodalCallbacks
@@ -96,9 +96,9 @@ def _text_to_image(callbacks: MultimodalCallbacks, model: dict[str, Any]) -> Non
             seed = gr.Number(value=-1, precision=0, label="Seed", minimum=-1,
                              info="-1 = a new random seed each time (the note says which); any other number "
                                   "gives the same image every time")
-            candidates = gr.Slider(1, service.max_candidates, value=1, step=1, label="Candidates",
+            candidates = gr.Slider(1, service.max_candidates, value=DEFAULT_CANDIDATES, step=1, label="Candidates",
                                    info="draw this many and keep the one the model itself reads back as the prompt "
-                                        "best (slower: each one is drawn)")
+                                        "best (8 take about twice as long as 1; 1 = plain sampling)")
             run = gr.Button("Generate", variant="primary", elem_id="evotok-generate")
             split = example_prompts()
             example_blocks = [

@@ -6,11 +6,13 @@
 
 Why: a drawing can be judged by asking the model that drew it the questions its prompt settles
 and scoring how surely it gives the prompt's answers (:func:`evotok.mllm.rerank.question_scores`),
-as TIFA does with a separate question answerer. Our model reads its own read-back drawings' counts
-and positions far better when asked (its training questions) than a whole caption's likelihood
-lets a judge see. Questions use the scene world's question wording (``QUESTION_TEMPLATES``), the
-phrasing the model was trained to answer. Only the scene world's words are read: a prompt naming
-no shape has no checks.
+as TIFA does with a separate question answerer. The model answers these questions about images
+read back through the tokenizer well (counts 0.945), so they were meant to read counts and sides
+off a drawing more surely than a whole caption's likelihood does. Measured on the bundled model,
+this judge alone picks worse than the near-miss one, and the two together a little better (model
+card). Questions use the scene world's question wording (``QUESTION_TEMPLATES``), the phrasing
+the model was trained to answer. Only the scene world's words are read: a prompt naming no shape
+has no checks.
 """
 from __future__ import annotations
 

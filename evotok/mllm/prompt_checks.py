@@ -9,8 +9,8 @@ and scoring how surely it gives the prompt's answers (:func:`evotok.mllm.rerank.
 as TIFA does with a separate question answerer. The model answers these questions about images
 read back through the tokenizer well (counts 0.945), so they were meant to read counts and sides
 off a drawing more surely than a whole caption's likelihood does. Measured on the bundled model,
-this judge alone picks worse than the near-miss one, and the two together a little better (model
-card). Questions use the scene world's question wording (``QUESTION_TEMPLATES``), the phrasing
+this judge alone picks worse than the near-miss one, and the two together as well as the
+near-miss one alone (model card). Questions use the scene world's question wording (``QUESTION_TEMPLATES``), the phrasing
 the model was trained to answer. Only the scene world's words are read: a prompt naming no shape
 has no checks.
 """

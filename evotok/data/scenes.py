@@ -183,6 +183,10 @@ RELATION_PHRASES: dict[str, tuple[str, ...]] = {
     "above": ("above",),
     "below": ("below", "underneath"),
 }
+# reading prompts back: the relation each phrase names, and the phrases longest first ("to the left of"
+# before "left of"), as one pattern
+RELATION_OF_PHRASE: dict[str, str] = {phrase: rel for rel, phrases in RELATION_PHRASES.items() for phrase in phrases}
+RELATION_PHRASE_PATTERN = re.compile(r"\b(" + "|".join(sorted(RELATION_OF_PHRASE, key=len, reverse=True)) + r")\b")
 QUESTION_TEMPLATES: dict[str, tuple[str, ...]] = {
     "shape_only": ("What shape is the object?", "What shape is shown?", "Which shape is in the image?"),
     "shape": ("What shape is {x}?", "What is the shape of {x}?"),

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import re
 
-from evotok.data.scenes import COLOURS, COUNT_WORDS, PLURALS, RELATION_PHRASES, RELATIONS, SHAPES
+from evotok.data.scenes import (COLOURS, COUNT_WORDS, PLURALS, RELATION_OF_PHRASE, RELATION_PHRASE_PATTERN,
+                                 RELATION_PHRASES, RELATIONS, SHAPES)
 
 from .prompt_parts import fix_articles
 
@@ -28,9 +29,6 @@ _COUNTS = range(2, len(COUNT_WORDS))  # the counts a plural can take: two to fou
 # a count word, only when a plural shape follows it ("three small red stars")
 _COUNT = re.compile(rf"\b({'|'.join(COUNT_WORDS[n] for n in _COUNTS)})\b"
                     rf"(?= (?:\w+ )*?(?:{'|'.join(PLURALS.values())})\b)")
-_PHRASE_RELATION = {phrase: relation for relation, phrases in RELATION_PHRASES.items() for phrase in phrases}
-# longest first: "to the left of" before "left of"
-_RELATION = re.compile(r"\b(" + "|".join(sorted(_PHRASE_RELATION, key=len, reverse=True)) + r")\b")
 
 
 def _swapped(text: str, match: re.Match, word: str) -> str:
@@ -55,8 +53,8 @@ def near_misses(prompt: str) -> list[str]:
     for m in _COUNT.finditer(prompt):
         n = COUNT_WORDS.index(m[1])
         out += [_swapped(prompt, m, COUNT_WORDS[k]) for k in (n - 1, n + 1) if k in _COUNTS]
-    for m in _RELATION.finditer(prompt):
-        relation = _PHRASE_RELATION[m[1]]
+    for m in RELATION_PHRASE_PATTERN.finditer(prompt):
+        relation = RELATION_OF_PHRASE[m[1]]
         phrases = RELATION_PHRASES[RELATIONS[relation]]  # the same wording where there is one
         out.append(_swapped(prompt, m, phrases[min(RELATION_PHRASES[relation].index(m[1]), len(phrases) - 1)]))
     colours = list(_COLOUR.finditer(prompt))

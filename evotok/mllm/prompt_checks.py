@@ -10,9 +10,9 @@ as TIFA does with a separate question answerer. The model answers these question
 read back through the tokenizer well (counts 0.945), so they were meant to read counts and sides
 off a drawing more surely than a whole caption's likelihood does. Measured on the bundled model,
 this judge alone picks worse than the near-miss one, and the two together as well as the
-near-miss one alone (model card). Questions use the scene world's question wording (``QUESTION_TEMPLATES``), the phrasing
-the model was trained to answer. Only the scene world's words are read: a prompt naming no shape
-has no checks.
+near-miss one alone (model card). Questions use the scene world's question wording
+(``QUESTION_TEMPLATES``), the phrasing the model was trained to answer. Only the scene world's
+words are read: a prompt naming no shape has no checks.
 """
 from __future__ import annotations
 
@@ -20,15 +20,15 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
-from evotok.data.scenes import COLOURS, COUNT_WORDS, PLURALS, QUESTION_TEMPLATES, RELATION_PHRASES, SIZES, SHAPES
+from evotok.data.scenes import (COLOURS, COUNT_WORDS, PLURALS, QUESTION_TEMPLATES, RELATION_OF_PHRASE,
+                                 RELATION_PHRASE_PATTERN, SHAPES, SIZES)
+
+from .prompt_parts import fix_articles
 
 __all__ = ["Mention", "mentions", "prompt_checks"]
 
 _SINGULAR_OF = {plural: shape for shape, plural in PLURALS.items()} | {shape: shape for shape in SHAPES}
 _WORD = re.compile(r"[a-z]+")
-_PHRASE_RELATION = {phrase: relation for relation, phrases in RELATION_PHRASES.items() for phrase in phrases}
-# longest first: "to the left of" before "left of"
-_RELATION = re.compile(r"\b(" + "|".join(sorted(_PHRASE_RELATION, key=len, reverse=True)) + r")\b")
 
 
 @dataclass(frozen=True)
@@ -66,10 +66,6 @@ def mentions(prompt: str) -> list[Mention]:
     return out
 
 
-def _article(phrase: str) -> str:
-    return ("an " if phrase[:1] in "aeiou" else "a ") + phrase
-
-
 def _reference(m: Mention) -> str:
     return f"the {m.colour} {m.shape}" if m.colour else f"the {m.shape}"
 
@@ -92,12 +88,12 @@ def prompt_checks(prompt: str) -> list[tuple[str, str]]:
             if m.colour and colours[m.colour] == 1:
                 checks.append((q["count_colour"][0].format(colour=m.colour), COUNT_WORDS[m.count]))
         elif m.count == 1 and m.colour:
-            checks.append((q["existence"][0].format(a=_article(f"{m.colour} {m.shape}")), "yes"))
+            checks.append((q["existence"][0].format(a=fix_articles(f"a {m.colour} {m.shape}")), "yes"))
             if shapes[m.shape] == 1:
                 checks.append((q["colour"][0].format(x=f"the {m.shape}"), m.colour))
-    relation = _RELATION.search(prompt.lower())
+    relation = RELATION_PHRASE_PATTERN.search(prompt.lower())
     if relation and len(named) == 2 and named[0].end <= relation.start() and named[0].count == named[1].count == 1:
-        side = _PHRASE_RELATION[relation[1]]
+        side = RELATION_OF_PHRASE[relation[1]]
         axis = "position_lr" if side in ("left of", "right of") else "position_ab"
         checks.append((q[axis][0].format(x=_reference(named[0]), y=_reference(named[1])), side.split()[0]))
     return list(dict.fromkeys(checks))

@@ -165,7 +165,15 @@ def draw_candidates(model: "EvoTokMLLM", prompts: Sequence[str], n: int, seed: i
     return drawn.view(len(prompts), n, *drawn.shape[1:])
 
 
-JUDGES = ("caption", "contrast", "questions", "contrast+questions")
+# each judge's score of full-depth codes ``b h w D`` for their prompts (see pick_best)
+_JUDGE_SCORES = {
+    "caption": caption_log_likelihood,
+    "contrast": contrast_scores,
+    "questions": question_scores,
+    "contrast+questions": lambda model, codes, prompts: (contrast_scores(model, codes, prompts)
+                                                        + question_scores(model, codes, prompts)),
+}
+JUDGES = tuple(_JUDGE_SCORES)
 # the app's. Temperature 0.8, the same candidates (model card): held-out 0.608, 0.656 and 0.597 on three runs,
 # "contrast+questions" 0.625, 0.653 and 0.600, "questions" 0.578, 0.611 and 0.575; seen 0.742, 0.719 and 0.731
 DEFAULT_JUDGE = "contrast"
@@ -202,15 +210,6 @@ def pick_best(model: "EvoTokMLLM", prompts: Sequence[str], candidates: torch.Ten
     repeated = [p for p in prompts for _ in range(n)]
     scores = _JUDGE_SCORES[judge](model, full, repeated).view(b, n).cpu()
     return candidates[torch.arange(b), scores.argmax(1)], scores
-
-
-_JUDGE_SCORES = {
-    "caption": caption_log_likelihood,
-    "contrast": contrast_scores,
-    "questions": question_scores,
-    "contrast+questions": lambda model, codes, prompts: (contrast_scores(model, codes, prompts)
-                                                        + question_scores(model, codes, prompts)),
-}
 
 
 def generate_best_of(model: "EvoTokMLLM", prompts: Sequence[str], n: int, seed: int | None = None,

@@ -158,6 +158,24 @@ def test_guidance_scale_one_equals_the_conditional_branch(model):
     assert not torch.allclose(trace_strong[0], trace_cond[0], atol=1e-4)
 
 
+def test_branch_trace_holds_each_branch_log_probability_of_the_drawn_codes(model):
+    traced, logits = [], []
+    codes = generate_image_codes(model, ["a red circle", "two blue squares"], guidance_scale=1.0, seed=3,
+                                 logits_trace=logits, branch_trace=traced)
+    assert torch.equal(codes, generate_image_codes(model, ["a red circle", "two blue squares"], guidance_scale=1.0,
+                                                   seed=3))  # tracing draws the same codes
+    cells, depth = model.config.num_cells, model.config.pixel_depth
+    (trace,) = traced
+    assert trace.shape == (4, cells, depth)  # two prompts' conditional rows, then their unconditional ones
+    assert (trace <= 0).all()
+    # at scale 1 the mixed logits are the conditional branch's own: its rows are their log-softmax at each drawn code
+    drawn = codes.view(2, cells, depth)
+    steps = torch.stack(logits).view(cells, depth, 2, -1).log_softmax(-1)
+    expected = steps.gather(-1, drawn.permute(1, 2, 0)[..., None])[..., 0].permute(2, 0, 1)
+    assert torch.allclose(trace[:2], expected, atol=1e-5)
+    assert not torch.allclose(trace[2:], trace[:2], atol=1e-3)
+
+
 def test_logit_mix_adds_each_attribute_branch_to_the_guided_logits():
     c, s, k, u = (torch.full((2, 3), v) for v in (5.0, 2.0, 1.0, 0.5))
     logits = torch.cat([c, s, k, u])

@@ -148,7 +148,7 @@ def generate_image_codes(model: "EvoTokMLLM", prompts: Sequence[str], guidance_s
                          use_cache: bool = True, logits_trace: list | None = None,
                          cpu_threads: int | None = None, attribute_guidance: float | None = None,
                          plan_trace: list | None = None, region_guidance: float | None = None,
-                         place_guidance: float | None = None) -> torch.Tensor:
+                         place_guidance: float | None = None, branch_trace: list | None = None) -> torch.Tensor:
     """Codes ``b h w L`` for ``prompts``; see :meth:`EvoTokMLLM.generate_image`.
 
     With guidance the batch holds ``b`` conditional rows then ``b`` unconditional (empty prompt)
@@ -157,7 +157,9 @@ def generate_image_codes(model: "EvoTokMLLM", prompts: Sequence[str], guidance_s
     alone (:func:`evotok.mllm.prompt_parts.attribute_parts`; the empty prompt where it names no
     coloured shape), and mixes ``u + g (c - u) + a ((s - u) + (k - u))``: a product of experts in
     which each attribute word pulls on its own. ``logits_trace`` (a list) collects the mixed
-    logits of every sampling step (for tests).
+    logits of every sampling step (for tests). ``branch_trace`` (a list) receives one tensor
+    ``branches · b × cells × L``, rows in the batch's order: each branch's own log-probability
+    (temperature 1, unmixed) of every code drawn.
 
     A model with ``config.layout_plan`` first writes each prompt's plan (greedily,
     :func:`write_plans`), and the conditional branch draws after it; the unconditional branch has
@@ -222,7 +224,7 @@ def generate_image_codes(model: "EvoTokMLLM", prompts: Sequence[str], guidance_s
                 plan_trace.extend(tok.decode(plan).strip() for plan in plans)
         ids, mask = left_pad(seqs, tok.ids["pad"], model.device)
         return _sample_grid(model, ids, mask, mix, temperature, top_k, top_p, seed, callback, use_cache,
-                            logits_trace, anchors, canvas)
+                            logits_trace, anchors, canvas, branch_trace)
 
 
 def plan_guidance_branches(model: "EvoTokMLLM", prompts: Sequence[str], planned: Sequence[Sequence],
@@ -320,9 +322,10 @@ def _sample_grid(model: "EvoTokMLLM", ids: torch.Tensor, mask: torch.Tensor, mix
                  temperature: float, top_k: int | None, top_p: float | None, seed: int | None,
                  callback: Callable[[int, torch.Tensor], None] | None, use_cache: bool,
                  logits_trace: list | None, anchor_cells: torch.Tensor | None = None,
-                 canvas: torch.Tensor | None = None) -> torch.Tensor:
+                 canvas: torch.Tensor | None = None, branch_trace: list | None = None) -> torch.Tensor:
     """``canvas`` (``rows × cells × hidden``, :meth:`EvoTokMLLM.canvas_vectors`): added to the input
-    that draws each cell, ``<boi>`` (the last position of the left-padded rows) for the first."""
+    that draws each cell, ``<boi>`` (the last position of the left-padded rows) for the first.
+    ``branch_trace``: see :func:`generate_image_codes`."""
     cfg, device = model.config, model.device
     n, depth, grid = cfg.num_cells, cfg.pixel_depth, cfg.grid_size
     b, branches = mix.b, mix.branches
@@ -333,15 +336,21 @@ def _sample_grid(model: "EvoTokMLLM", ids: torch.Tensor, mask: torch.Tensor, mix
     generator = make_generator(seed, device)
     codes = torch.zeros(b, n, depth, dtype=torch.long, device=device)
     positions = model.cell_positions()
+    branch_log_probs = torch.zeros(b * branches, n, depth) if branch_trace is not None else None
     for cell in range(n):
         hidden = stepper.last
         cells = torch.full((hidden.shape[0],), cell, dtype=torch.long, device=device)
         prefix = torch.zeros(b, 0, dtype=torch.long, device=device)
-        for _ in range(depth):
-            logits = mix(model.depth.next_logits(hidden, cells, prefix.repeat(branches, 1)), cell)
+        for stage in range(depth):
+            raw = model.depth.next_logits(hidden, cells, prefix.repeat(branches, 1))
+            logits = mix(raw, cell)
             if logits_trace is not None:
                 logits_trace.append(logits.float().cpu())
-            prefix = torch.cat([prefix, sample_logits(logits, temperature, top_k, top_p, generator)[:, None]], 1)
+            drawn = sample_logits(logits, temperature, top_k, top_p, generator)
+            if branch_log_probs is not None:
+                branch_log_probs[:, cell, stage] = raw.float().log_softmax(-1).gather(
+                    -1, drawn.repeat(branches)[:, None])[:, 0].cpu()
+            prefix = torch.cat([prefix, drawn[:, None]], 1)
         codes[:, cell] = prefix
         if cell + 1 < n:
             latent = model.code_latents(prefix)
@@ -351,6 +360,8 @@ def _sample_grid(model: "EvoTokMLLM", ids: torch.Tensor, mask: torch.Tensor, mix
             stepper.step(embed, cell=cell)
         if callback is not None and (cell + 1) % grid == 0:
             callback((cell + 1) // grid, codes.view(b, grid, grid, depth).clone())
+    if branch_trace is not None:
+        branch_trace.append(branch_log_probs)
     return codes.view(b, grid, grid, depth)
 
 

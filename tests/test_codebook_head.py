@@ -66,15 +66,21 @@ def test_the_head_needs_codebooks_of_its_shape():
 @pytest.mark.parametrize("head", ["free", "codebook"])
 def test_stage_by_stage_logits_equal_the_teacher_forced_ones(head):
     torch.manual_seed(1)
-    depth = DepthTransformer(lm_hidden=12, depth=3, codebook_size=20, num_cells=4, width=16, layers=1, heads=2,
+    depth = DepthTransformer(lm_hidden=12, depth=3, codebook_size=20, num_cells=4, width=16, layers=2, heads=2,
                              head=head, code_dim=5, head_width=8).eval()
     if depth.code_head is not None:
         depth.code_head.set_codebooks(torch.randn(3, 20, 5))
     hidden, cells, codes = torch.randn(6, 12), torch.randint(0, 4, (6,)), torch.randint(0, 20, (6, 3))
     with torch.no_grad():
         forced = depth(hidden, cells, codes)
+        cached = depth.start(hidden, cells)  # keys and values kept: each stage runs alone
         for j in range(3):
             assert torch.allclose(depth.next_logits(hidden, cells, codes[:, :j]), forced[:, j], atol=1e-5)
+            if j:
+                cached.feed(codes[:, j - 1])
+            assert torch.allclose(cached.logits(), forced[:, j], atol=1e-5)
+        with pytest.raises(ValueError, match="already known"):
+            cached.feed(codes[:, 2])
 
 
 def test_unknown_heads_are_refused():

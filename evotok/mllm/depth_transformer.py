@@ -10,6 +10,7 @@ vector per code, ``head="codebook"`` scores codes by their vectors in the tokeni
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .codebook_head import CodebookHead
@@ -82,9 +83,60 @@ class DepthTransformer(nn.Module):
             raise ValueError(f"expected {self.depth} codes per position, got {codes.shape[1]}")
         return self._logits(self._run(self._inputs(hidden, cells, codes[:, :-1])))
 
+    def start(self, hidden: torch.Tensor, cells: torch.Tensor) -> "DepthCache":
+        """Begin sampling one position's stages with cached keys and values (:class:`DepthCache`):
+        the same logits as :meth:`next_logits`, but each stage runs only its own input through the
+        layers instead of every stage before it again."""
+        return DepthCache(self, self.cond(hidden) + self.cell_pos(cells))
+
     def next_logits(self, hidden: torch.Tensor, cells: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
         """Logits of stage ``j = prefix.shape[1]`` given the codes of stages ``< j``: ``N K``."""
         j = prefix.shape[1]
         if j >= self.depth:
             raise ValueError(f"all {self.depth} stages are already known")
         return self._logits(self._run(self._inputs(hidden, cells, prefix))[:, -1], j)
+
+
+class DepthCache:
+    """One position's stages sampled one at a time, each layer's keys and values kept.
+
+    ``logits()`` gives the current stage's logits (``N K``) and ``feed(codes)`` adds that stage's
+    drawn codes (``N``). A step computes what the layers compute for its stage alone, by their own
+    weights (pre-norm self-attention and feed-forward of ``nn.TransformerEncoderLayer``): the stage
+    attends to the cached stages before it, which is what the causal mask lets it see in
+    :meth:`DepthTransformer.next_logits`.
+    """
+
+    def __init__(self, depth: DepthTransformer, conditioning: torch.Tensor):
+        self.depth, self.c = depth, conditioning
+        self.stage = 0
+        self.keys: list[torch.Tensor | None] = [None] * len(depth.blocks.layers)
+        self.values: list[torch.Tensor | None] = [None] * len(depth.blocks.layers)
+        self._out = self._run(conditioning + depth.stage_pos[0])
+
+    def logits(self) -> torch.Tensor:
+        return self.depth._logits(self._out, self.stage)
+
+    def feed(self, codes: torch.Tensor) -> None:
+        d = self.depth
+        if self.stage + 1 >= d.depth:
+            raise ValueError(f"all {d.depth} stages are already known")
+        x = self.c + d.stage_pos[self.stage + 1] + d.code_emb[self.stage](codes)
+        self.stage += 1
+        self._out = self._run(x)
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        """One stage's input ``N W`` through every layer and the final norm."""
+        x = x[:, None]
+        for i, layer in enumerate(self.depth.blocks.layers):
+            attn = layer.self_attn
+            heads = attn.num_heads
+            q, k, v = F.linear(layer.norm1(x), attn.in_proj_weight, attn.in_proj_bias).chunk(3, -1)
+            q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))  # N heads 1 d
+            if self.keys[i] is not None:
+                k, v = torch.cat([self.keys[i], k], 2), torch.cat([self.values[i], v], 2)
+            self.keys[i], self.values[i] = k, v
+            mixed = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+            x = x + attn.out_proj(mixed)
+            x = x + layer.linear2(layer.activation(layer.linear1(layer.norm2(x))))
+        return self.depth.norm(x[:, 0])

@@ -157,7 +157,8 @@ def generate_image_codes(model: "EvoTokMLLM", prompts: Sequence[str], guidance_s
     alone (:func:`evotok.mllm.prompt_parts.attribute_parts`; the empty prompt where it names no
     coloured shape), and mixes ``u + g (c - u) + a ((s - u) + (k - u))``: a product of experts in
     which each attribute word pulls on its own. ``logits_trace`` (a list) collects the mixed
-    logits of every sampling step (for tests). ``branch_trace`` (a list) receives one tensor
+    logits of every sampling step (for tests). ``use_cache``: the LM's KV cache and the depth
+    transformer's (:class:`evotok.mllm.depth_transformer.DepthCache`). ``branch_trace`` (a list) receives one tensor
     ``branches · b × cells × L``, rows in the batch's order: each branch's own log-probability
     (temperature 1, unmixed) of every code drawn.
 
@@ -341,8 +342,14 @@ def _sample_grid(model: "EvoTokMLLM", ids: torch.Tensor, mask: torch.Tensor, mix
         hidden = stepper.last
         cells = torch.full((hidden.shape[0],), cell, dtype=torch.long, device=device)
         prefix = torch.zeros(b, 0, dtype=torch.long, device=device)
+        stages = model.depth.start(hidden, cells) if use_cache else None
         for stage in range(depth):
-            raw = model.depth.next_logits(hidden, cells, prefix.repeat(branches, 1))
+            if stages is None:
+                raw = model.depth.next_logits(hidden, cells, prefix.repeat(branches, 1))
+            else:
+                if stage:
+                    stages.feed(prefix[:, -1].repeat(branches))
+                raw = stages.logits()
             logits = mix(raw, cell)
             if logits_trace is not None:
                 logits_trace.append(logits.float().cpu())

@@ -158,9 +158,9 @@ def generate_image_codes(model: "EvoTokMLLM", prompts: Sequence[str], guidance_s
     coloured shape), and mixes ``u + g (c - u) + a ((s - u) + (k - u))``: a product of experts in
     which each attribute word pulls on its own. ``logits_trace`` (a list) collects the mixed
     logits of every sampling step (for tests). ``use_cache``: the LM's KV cache and the depth
-    transformer's (:class:`evotok.mllm.depth_transformer.DepthCache`). ``branch_trace`` (a list) receives one tensor
-    ``branches · b × cells × L``, rows in the batch's order: each branch's own log-probability
-    (temperature 1, unmixed) of every code drawn.
+    transformer's (:class:`evotok.mllm.depth_transformer.DepthCache`). ``branch_trace`` (a list)
+    receives one tensor ``branches · b × cells × L``, rows in the batch's order: each branch's own
+    log-probability (temperature 1, unmixed) of every code drawn.
 
     A model with ``config.layout_plan`` first writes each prompt's plan (greedily,
     :func:`write_plans`), and the conditional branch draws after it; the unconditional branch has
@@ -344,12 +344,8 @@ def _sample_grid(model: "EvoTokMLLM", ids: torch.Tensor, mask: torch.Tensor, mix
         prefix = torch.zeros(b, 0, dtype=torch.long, device=device)
         stages = model.depth.start(hidden, cells) if use_cache else None
         for stage in range(depth):
-            if stages is None:
-                raw = model.depth.next_logits(hidden, cells, prefix.repeat(branches, 1))
-            else:
-                if stage:
-                    stages.feed(prefix[:, -1].repeat(branches))
-                raw = stages.logits()
+            raw = model.depth.next_logits(hidden, cells, prefix.repeat(branches, 1)) if stages is None \
+                else stages.logits()
             logits = mix(raw, cell)
             if logits_trace is not None:
                 logits_trace.append(logits.float().cpu())
@@ -358,6 +354,8 @@ def _sample_grid(model: "EvoTokMLLM", ids: torch.Tensor, mask: torch.Tensor, mix
                 branch_log_probs[:, cell, stage] = raw.float().log_softmax(-1).gather(
                     -1, drawn.repeat(branches)[:, None])[:, 0].cpu()
             prefix = torch.cat([prefix, drawn[:, None]], 1)
+            if stages is not None and stage + 1 < depth:
+                stages.feed(drawn.repeat(branches))
         codes[:, cell] = prefix
         if cell + 1 < n:
             latent = model.code_latents(prefix)

@@ -98,7 +98,7 @@ def _text_to_image(callbacks: MultimodalCallbacks, model: dict[str, Any]) -> Non
                                   "gives the same image every time")
             candidates = gr.Slider(1, service.max_candidates, value=DEFAULT_CANDIDATES, step=1, label="Candidates",
                                    info="draw this many and keep the one the model itself reads back as the prompt "
-                                        "best (8 take about twice as long as 1; 1 = plain sampling)")
+                                        "best (16 take about three times as long as 1; 1 = plain sampling)")
             run = gr.Button("Generate", variant="primary", elem_id="evotok-generate")
             split = example_prompts()
             example_blocks = [

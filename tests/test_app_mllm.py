@@ -62,7 +62,7 @@ def test_generate_and_ask_endpoints_are_public(app):
     assert [p["parameter_name"] for p in api["/generate"]["parameters"]] == [
         "prompt", "guidance_scale", "temperature", "top_k", "seed", "candidates"]
     defaults = {p["parameter_name"]: p.get("parameter_default") for p in api["/generate"]["parameters"]}
-    assert defaults["guidance_scale"] == 3.0 and defaults["temperature"] == 0.8 and defaults["candidates"] == 8
+    assert defaults["guidance_scale"] == 3.0 and defaults["temperature"] == 0.8 and defaults["candidates"] == 16
     assert [p["parameter_name"] for p in api["/ask"]["parameters"]] == ["image", "question", "history"]
     assert len(api["/generate"]["returns"]) == 3 and len(api["/ask"]["returns"]) == 3
 

@@ -148,7 +148,8 @@ def generate_image_codes(model: "EvoTokMLLM", prompts: Sequence[str], guidance_s
                          use_cache: bool = True, logits_trace: list | None = None,
                          cpu_threads: int | None = None, attribute_guidance: float | None = None,
                          plan_trace: list | None = None, region_guidance: float | None = None,
-                         place_guidance: float | None = None, branch_trace: list | None = None) -> torch.Tensor:
+                         place_guidance: float | None = None, branch_trace: list | None = None,
+                         depth_cache: bool = True) -> torch.Tensor:
     """Codes ``b h w L`` for ``prompts``; see :meth:`EvoTokMLLM.generate_image`.
 
     With guidance the batch holds ``b`` conditional rows then ``b`` unconditional (empty prompt)
@@ -157,8 +158,10 @@ def generate_image_codes(model: "EvoTokMLLM", prompts: Sequence[str], guidance_s
     alone (:func:`evotok.mllm.prompt_parts.attribute_parts`; the empty prompt where it names no
     coloured shape), and mixes ``u + g (c - u) + a ((s - u) + (k - u))``: a product of experts in
     which each attribute word pulls on its own. ``logits_trace`` (a list) collects the mixed
-    logits of every sampling step (for tests). ``use_cache``: the LM's KV cache and the depth
-    transformer's (:class:`evotok.mllm.depth_transformer.DepthCache`). ``branch_trace`` (a list)
+    logits of every sampling step (for tests). ``use_cache``: the LM's KV cache and, unless
+    ``depth_cache`` is False, the depth transformer's (:class:`evotok.mllm.depth_transformer.DepthCache`;
+    without it each stage re-runs every stage before it, as before the cache: for benchmarks).
+    ``branch_trace`` (a list)
     receives one tensor ``branches · b × cells × L``, rows in the batch's order: each branch's own
     log-probability (temperature 1, unmixed) of every code drawn.
 
@@ -225,7 +228,7 @@ def generate_image_codes(model: "EvoTokMLLM", prompts: Sequence[str], guidance_s
                 plan_trace.extend(tok.decode(plan).strip() for plan in plans)
         ids, mask = left_pad(seqs, tok.ids["pad"], model.device)
         return _sample_grid(model, ids, mask, mix, temperature, top_k, top_p, seed, callback, use_cache,
-                            logits_trace, anchors, canvas, branch_trace)
+                            logits_trace, anchors, canvas, branch_trace, depth_cache)
 
 
 def plan_guidance_branches(model: "EvoTokMLLM", prompts: Sequence[str], planned: Sequence[Sequence],
@@ -323,10 +326,11 @@ def _sample_grid(model: "EvoTokMLLM", ids: torch.Tensor, mask: torch.Tensor, mix
                  temperature: float, top_k: int | None, top_p: float | None, seed: int | None,
                  callback: Callable[[int, torch.Tensor], None] | None, use_cache: bool,
                  logits_trace: list | None, anchor_cells: torch.Tensor | None = None,
-                 canvas: torch.Tensor | None = None, branch_trace: list | None = None) -> torch.Tensor:
+                 canvas: torch.Tensor | None = None, branch_trace: list | None = None,
+                 depth_cache: bool = True) -> torch.Tensor:
     """``canvas`` (``rows × cells × hidden``, :meth:`EvoTokMLLM.canvas_vectors`): added to the input
     that draws each cell, ``<boi>`` (the last position of the left-padded rows) for the first.
-    ``branch_trace``: see :func:`generate_image_codes`."""
+    ``branch_trace``, ``depth_cache``: see :func:`generate_image_codes`."""
     cfg, device = model.config, model.device
     n, depth, grid = cfg.num_cells, cfg.pixel_depth, cfg.grid_size
     b, branches = mix.b, mix.branches
@@ -342,7 +346,7 @@ def _sample_grid(model: "EvoTokMLLM", ids: torch.Tensor, mask: torch.Tensor, mix
         hidden = stepper.last
         cells = torch.full((hidden.shape[0],), cell, dtype=torch.long, device=device)
         prefix = torch.zeros(b, 0, dtype=torch.long, device=device)
-        stages = model.depth.start(hidden, cells) if use_cache else None
+        stages = model.depth.start(hidden, cells) if use_cache and depth_cache else None
         for stage in range(depth):
             raw = model.depth.next_logits(hidden, cells, prefix.repeat(branches, 1)) if stages is None \
                 else stages.logits()

@@ -547,7 +547,7 @@ class EvoTokMLLM(nn.Module, PretrainedMixin):
                        use_cache: bool = True, cpu_threads: int | None = None,
                        attribute_guidance: float | None = None, plan_trace: list | None = None,
                        region_guidance: float | None = None, place_guidance: float | None = None,
-                       branch_trace: list | None = None) -> torch.Tensor:
+                       branch_trace: list | None = None, depth_cache: bool = True) -> torch.Tensor:
         """Text to image codes ``b h w pixel_depth`` (decode with :meth:`decode_codes`).
 
         ``guidance_scale=None`` runs the conditional branch alone; any number runs the
@@ -558,7 +558,8 @@ class EvoTokMLLM(nn.Module, PretrainedMixin):
         first (``evotok.mllm.layout_plan``); ``plan_trace`` (a list) receives the plans' texts, and
         ``place_guidance`` or ``region_guidance`` lean on where the plan puts each object
         (``evotok.mllm.plan_guidance``); ``branch_trace`` (a list) receives each guidance branch's
-        log-probability of every drawn code (:func:`evotok.mllm.generate.generate_image_codes`).
+        log-probability of every drawn code, and ``depth_cache=False`` turns the depth transformer's
+        cache off (:func:`evotok.mllm.generate.generate_image_codes`).
         ``callback(rows_done, codes)`` is called after each finished grid row (unfinished rows are 0).
         ``cpu_threads``: intra-op threads while decoding on CPU (default: 1 for a small LM; see
         :func:`evotok.mllm.generate.thread_scope`).
@@ -568,7 +569,8 @@ class EvoTokMLLM(nn.Module, PretrainedMixin):
                                     top_k=top_k, top_p=top_p, seed=seed, callback=callback, use_cache=use_cache,
                                     cpu_threads=cpu_threads, attribute_guidance=attribute_guidance,
                                     plan_trace=plan_trace, region_guidance=region_guidance,
-                                    place_guidance=place_guidance, branch_trace=branch_trace)
+                                    place_guidance=place_guidance, branch_trace=branch_trace,
+                                    depth_cache=depth_cache)
 
     def answer(self, image: torch.Tensor | None, question: str, history: Sequence[tuple[str, str]] = (),
                max_new_tokens: int | None = None, stream: bool = True, temperature: float = 0.0,

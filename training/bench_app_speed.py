@@ -8,9 +8,10 @@ drawn at the app's settings (guidance 3, ``DEFAULT_TEMPERATURE``, ``DEFAULT_JUDG
 judged when there are several candidates, and decoded stage by stage as the app shows it
 (``MultimodalService.generate`` without the PIL conversion). The same seeds run with the depth
 transformer's cache (``evotok.mllm.depth_transformer.DepthCache``, the default) and without it
-(each stage re-runs every stage before it). A last row times one answer to a question about a
-held-out scene. Prints one table: median and maximum seconds per image, side by side, and the
-speed-up of the median. Each figure depends on the machine: compare rows of one run only.
+(each stage re-runs every stage before it), back to back on each prompt in alternating order, so
+that a machine whose speed drifts slows both alike. A last row times one answer to a question
+about a held-out scene. Prints one table: median and maximum seconds per image, side by side, and
+the speed-up of the median. Each figure depends on the machine: compare rows of one run only.
 """
 from __future__ import annotations
 
@@ -39,18 +40,20 @@ from evotok.oracle import geneval_prompts  # noqa: E402
 
 
 @torch.no_grad()
-def image_seconds(model: EvoTokMLLM, prompts: list[str], candidates: int, depth_cache: bool,
-                  repeats: int) -> list[float]:
-    """Seconds for each prompt (``repeats`` times, seeds 0, 1, ...) from text to the decoded stages."""
-    times = []
+def image_seconds(model: EvoTokMLLM, prompts: list[str], candidates: int, repeats: int) -> dict[str, list[float]]:
+    """Seconds for each prompt (``repeats`` times, seeds 0, 1, ...) from text to the decoded stages,
+    with the depth cache on and off: ``{"on": [...], "off": [...]}``. The two run back to back on
+    each prompt, in alternating order, so that a machine whose speed drifts slows both alike."""
+    times: dict[str, list[float]] = {"on": [], "off": []}
     for repeat in range(repeats):
-        for prompt in prompts:
-            start = time.perf_counter()
-            codes, _ = generate_best_of(model, [prompt], candidates, seed=repeat, guidance_scale=3.0,
-                                        temperature=DEFAULT_TEMPERATURE, judge=DEFAULT_JUDGE,
-                                        depth_cache=depth_cache)
-            model.decode_stages(codes)
-            times.append(time.perf_counter() - start)
+        for k, prompt in enumerate(prompts):
+            for mode in ("on", "off") if (k + repeat) % 2 == 0 else ("off", "on"):
+                start = time.perf_counter()
+                codes, _ = generate_best_of(model, [prompt], candidates, seed=repeat, guidance_scale=3.0,
+                                            temperature=DEFAULT_TEMPERATURE, judge=DEFAULT_JUDGE,
+                                            depth_cache=mode == "on")
+                model.decode_stages(codes)
+                times[mode].append(time.perf_counter() - start)
     return times
 
 
@@ -95,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows: dict[str, dict[str, list[float]]] = {}
     for n in args.candidates:
         name = "one image" if n == 1 else f"pick of {n}"
-        rows[name] = {mode: image_seconds(model, prompts, n, mode == "on", args.repeats) for mode in ("on", "off")}
+        rows[name] = image_seconds(model, prompts, n, args.repeats)
         print(f"  {name}: done", flush=True)
     if args.answers:
         rows["one answer"] = {"on": answer_seconds(model, args.answers)}

@@ -29,7 +29,7 @@ from .text_tokenizer import words_of
 # Refused before tokenizing, so a pasted novel costs nothing; the token cap is the model's own.
 MAX_PROMPT_CHARS = 500
 MAX_SEED = 2**31 - 1
-MAX_CANDIDATES = 16  # best of n in the app: all n drawn, read back and scored (16: 2.9 s, one: 1.0 s, 2 cores)
+MAX_CANDIDATES = 16  # best of n in the app: all n drawn, read back and scored (16: 2.9-4.2 s, one: 1.0-1.3 s, 2 cores)
 DEFAULT_TEMPERATURE = 0.8  # chosen on development prompts (prompt seed 1); benchmark figures in the card
 # the app's Candidates: its own pick of 16 scores 0.661 on 720 held-out prompts, of 8 0.603, one image 0.412
 # (model card); the library's generate keeps 1, plain sampling, unless asked

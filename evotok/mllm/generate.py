@@ -159,11 +159,10 @@ def generate_image_codes(model: "EvoTokMLLM", prompts: Sequence[str], guidance_s
     coloured shape), and mixes ``u + g (c - u) + a ((s - u) + (k - u))``: a product of experts in
     which each attribute word pulls on its own. ``logits_trace`` (a list) collects the mixed
     logits of every sampling step (for tests). ``use_cache``: the LM's KV cache and, unless
-    ``depth_cache`` is False, the depth transformer's (:class:`evotok.mllm.depth_transformer.DepthCache`;
-    without it each stage re-runs every stage before it, as before the cache: for benchmarks).
-    ``branch_trace`` (a list)
-    receives one tensor ``branches · b × cells × L``, rows in the batch's order: each branch's own
-    log-probability (temperature 1, unmixed) of every code drawn.
+    ``depth_cache`` is False, the depth transformer's (:class:`evotok.mllm.depth_transformer.DepthCache`);
+    without the latter each stage re-runs every stage before it (for benchmarks). ``branch_trace``
+    (a list) receives one tensor ``branches · b × cells × L``, rows in the batch's order: each
+    branch's own log-probability (temperature 1, unmixed) of every code drawn.
 
     A model with ``config.layout_plan`` first writes each prompt's plan (greedily,
     :func:`write_plans`), and the conditional branch draws after it; the unconditional branch has
@@ -354,12 +353,12 @@ def _sample_grid(model: "EvoTokMLLM", ids: torch.Tensor, mask: torch.Tensor, mix
             if logits_trace is not None:
                 logits_trace.append(logits.float().cpu())
             drawn = sample_logits(logits, temperature, top_k, top_p, generator)
+            every_row = drawn.repeat(branches)  # each branch continues from the same codes
             if branch_log_probs is not None:
-                branch_log_probs[:, cell, stage] = raw.float().log_softmax(-1).gather(
-                    -1, drawn.repeat(branches)[:, None])[:, 0].cpu()
+                branch_log_probs[:, cell, stage] = raw.float().log_softmax(-1).gather(-1, every_row[:, None])[:, 0].cpu()
             prefix = torch.cat([prefix, drawn[:, None]], 1)
             if stages is not None and stage + 1 < depth:
-                stages.feed(drawn.repeat(branches))
+                stages.feed(every_row)
         codes[:, cell] = prefix
         if cell + 1 < n:
             latent = model.code_latents(prefix)
